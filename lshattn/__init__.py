@@ -1,0 +1,31 @@
+"""lshattn: locality-sensitive-hashing attention for PyTorch.
+
+Every method is a frozen dataclass spec that is called like a function on ``(B, H, T, D)``
+queries and keys::
+
+    import lshattn
+    method = lshattn.SMYRF(num_hashes=2, q_cluster_size=32, k_cluster_size=32)
+    out = method(q, k, v, key_padding_mask=mask)          # == lshattn.attention(q, k, v, method)
+    lshattn.parse(str(method)) == method                  # string round-trip
+"""
+
+from lshattn.api import Method, attention, method_names, parse
+from lshattn.cost import Cost
+from lshattn.methods import SMYRF, Dense, DenseAux, Reformer, ReformerAux, SMYRFAux
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cost",
+    "Dense",
+    "DenseAux",
+    "Method",
+    "Reformer",
+    "ReformerAux",
+    "SMYRF",
+    "SMYRFAux",
+    "__version__",
+    "attention",
+    "method_names",
+    "parse",
+]

@@ -1,0 +1,282 @@
+"""Attention inside sorted blocks, and the merge of hash rounds: shared by Reformer and SMYRF.
+
+Both methods reduce to the same computation once their hash has given each round a query order
+and a key order: cut the sorted queries into blocks of ``q_block`` and the sorted keys into
+blocks of ``k_block``; block n of the queries attends to key blocks n - before … n + after of
+the same round (never wrapping around); softmax inside; unsort; merge the rounds by their
+log-sum-exp. Everything here is vectorised over batch, heads, rounds and blocks; the only Python
+loops run over the (before + 1 + after) window offsets and, for the duplicate correction, over
+the rounds.
+
+Shape legend: B batch, H heads, R rounds, Tp / Sp padded query / key length, N = Tp / q_block
+blocks per round, c = q_block, w = (before + 1 + after) · k_block keys per window, D, Dv dims.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lshattn.hashing import gather_rows, inverse_order
+
+__all__ = [
+    "SelfPairs",
+    "BlockResult",
+    "compute_dtype",
+    "pad_length",
+    "padded_valid",
+    "sorted_block_attention",
+    "softmax_with_lse",
+    "merge_rounds",
+    "finish_output",
+]
+
+# How a query's own position is treated (it needs T == S):
+#   "none":    like any other key.
+#   "exclude": never attended here; the caller falls back to it when nothing else is visible
+#              (Reformer's shared-QK rule).
+#   "column":  attended once per round through an extra score column, and removed from the
+#              blocks so it is never counted twice; causal attention then always has a key.
+SelfPairs = Literal["none", "exclude", "column"]
+
+
+class BlockResult(NamedTuple):
+    """Per-round outputs in the original token order.
+
+    Attributes:
+        out: `(B, H, R, Tp, Dv)`, zero where a query saw no key.
+        lse: `(B, H, R, Tp)` log-sum-exp of the attended logits, -inf where none.
+        dot_products: scores computed (B·H·R summed, padding slots included).
+    """
+
+    out: Tensor
+    lse: Tensor
+    dot_products: int
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in float32 at least (half inputs), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def pad_length(length: int, block: int) -> int:
+    """Smallest multiple of ``block`` that holds ``length``."""
+    return -(-length // block) * block
+
+
+def padded_valid(mask: Tensor | None, batch: int, length: int, padded: int, device: torch.device) -> Tensor:
+    """`(B, padded)` bool: True for real tokens; the internal padding past ``length`` is False."""
+    valid = torch.zeros(batch, padded, dtype=torch.bool, device=device)
+    valid[:, :length] = True if mask is None else mask
+    return valid
+
+
+def pad_tokens(x: Tensor, padded: int) -> Tensor:
+    """Zero-pad the token dim (-2) of `(B, H, L, E)` to ``padded``."""
+    return F.pad(x, (0, 0, 0, padded - x.shape[-2]))
+
+
+def sorted_block_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_order: Tensor,
+    k_order: Tensor,
+    k_valid: Tensor,
+    *,
+    q_block: int,
+    k_block: int,
+    before: int,
+    after: int,
+    causal: bool,
+    self_pairs: SelfPairs,
+    correct_duplicates: bool,
+    scale: float,
+    dropout_p: float,
+) -> BlockResult:
+    """Attention of sorted query blocks to windows of sorted key blocks, per round.
+
+    Args:
+        q: `(B, H, Tp, D)`, k: `(B, H, Sp, D)`, v: `(B, H, Sp, Dv)`, padded so that
+            Tp / q_block == Sp / k_block.
+        q_order: `(B, H, R, Tp)` sorted position -> query index. k_order: `(B, H, R, Sp)`.
+        k_valid: `(B, Sp)` bool, False for padded keys.
+        before, after: key blocks attended before and after a query block's own.
+        causal: a key is visible only at a position <= the query's.
+        self_pairs: how a query's own position is treated (see ``SelfPairs``).
+        correct_duplicates: subtract log(number of rounds attending the pair) from each logit,
+            so that the merged output is softmax over the union of attended pairs.
+        scale: logit scale. dropout_p: dropout on the probabilities.
+
+    Returns:
+        ``BlockResult`` with per-round outputs and log-sum-exps in token order.
+    """
+    B, H, R, Tp = q_order.shape
+    num_blocks = Tp // q_block
+    rows = B * H * R * num_blocks
+
+    def to_blocks(x: Tensor, block: int) -> Tensor:  # (B, H, R, L, E) -> (B, H, R, N, block, E)
+        return x.view(B, H, R, num_blocks, block, x.shape[-1])
+
+    q_pos = q_order.view(B, H, R, num_blocks, q_block)
+    q_blocks = to_blocks(gather_rows(q, q_order), q_block)
+    k_pos = block_windows(k_order.view(B, H, R, num_blocks, k_block, 1), before, after, fill=-1)[..., 0]
+    k_win = block_windows(to_blocks(gather_rows(k, k_order), k_block), before, after, fill=0)
+    v_win = block_windows(to_blocks(gather_rows(v, k_order), k_block), before, after, fill=0)
+    window = k_win.shape[-2]
+
+    scores = torch.matmul(q_blocks.reshape(rows, q_block, -1), k_win.reshape(rows, window, -1).transpose(1, 2))
+    scores = scores.view(B, H, R, num_blocks, q_block, window) * scale
+
+    # k_pos < 0 marks the blocks past either end of the sequence: never valid.
+    allowed = key_is_valid(k_valid, k_pos)[..., None, :]
+    if causal:
+        allowed = allowed & (k_pos[..., None, :] <= q_pos[..., :, None])
+    if self_pairs != "none":
+        allowed = allowed & (k_pos[..., None, :] != q_pos[..., :, None])
+    if correct_duplicates:
+        counts = duplicate_counts(q_order, k_order, q_pos, k_pos, q_block, k_block, before, after)
+        scores = scores - counts.to(scores.dtype).log()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+
+    values = v_win
+    if self_pairs == "column":
+        # The query's own key and value, as one more score column of every row.
+        k_self = gather_rows(k, q_order).view_as(q_blocks)
+        v_self = gather_rows(v, q_order).view(*q_blocks.shape[:-1], v.shape[-1])
+        self_score = (q_blocks * k_self).sum(-1) * scale
+        if correct_duplicates:
+            self_score = self_score - math.log(R)
+        self_score = self_score.masked_fill(~key_is_valid(k_valid, q_pos), float("-inf"))
+        scores = torch.cat([scores, self_score[..., None]], dim=-1)
+        values = torch.cat([v_win, v_self], dim=-2)
+
+    probs, lse = softmax_with_lse(scores)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    if self_pairs == "column":
+        out = torch.matmul(probs[..., :window], v_win) + probs[..., window:] * values[..., window:, :]
+    else:
+        out = torch.matmul(probs, values)
+
+    inverse = inverse_order(q_order)
+    out = gather_rows(out.reshape(B, H, R, Tp, -1), inverse)
+    lse = torch.gather(lse.reshape(B, H, R, Tp), -1, inverse)
+    return BlockResult(out, lse, scores.numel())
+
+
+def key_is_valid(k_valid: Tensor, positions: Tensor) -> Tensor:
+    """Validity of the keys at ``positions`` `(B, H, ...)` (negative: out of range, False)."""
+    B = k_valid.shape[0]
+    flat = positions.reshape(B, -1)
+    valid = torch.gather(k_valid, 1, flat.clamp_min(0)) & (flat >= 0)
+    return valid.view_as(positions)
+
+
+def block_windows(x: Tensor, before: int, after: int, fill: float) -> Tensor:
+    """Concatenate each block with its ``before`` predecessors and ``after`` successors.
+
+    Args:
+        x: `(..., N, c, E)`.
+        fill: value of the slots past either end (a window never wraps around).
+
+    Returns:
+        `(..., N, (before + 1 + after) · c, E)`, earlier blocks first.
+    """
+    if before == after == 0:
+        return x
+    num_blocks = x.shape[-3]
+    pad_shape = list(x.shape)
+    pad_shape[-3] = before
+    head = x.new_full(pad_shape, fill)
+    pad_shape[-3] = after
+    tail = x.new_full(pad_shape, fill)
+    padded = torch.cat([head, x, tail], dim=-3)
+    return torch.cat([padded[..., o : o + num_blocks, :, :] for o in range(before + after + 1)], dim=-2)
+
+
+def duplicate_counts(
+    q_order: Tensor,
+    k_order: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    q_block: int,
+    k_block: int,
+    before: int,
+    after: int,
+) -> Tensor:
+    """In how many rounds each (query, key) slot pair of the windows is attended, at least 1.
+
+    A pair is attended in round r' when the key's block minus the query's block in that round
+    lies in [-before, after]; the masks do not depend on the round, so this counts exactly the
+    rounds in which the pair contributes. Loops over rounds to keep memory at one score tensor.
+
+    Returns:
+        float `(B, H, R, N, c, w)`.
+    """
+    q_block_of = inverse_order(q_order) // q_block  # (B, H, R', Tp): block of each query per round
+    k_block_of = inverse_order(k_order) // k_block
+    counts = torch.zeros(q_pos.shape + k_pos.shape[-1:], device=q_pos.device)
+    k_index = k_pos.clamp_min(0)
+    for r in range(q_block_of.shape[2]):
+        q_blk = torch.gather(q_block_of[:, :, r : r + 1].expand_as(q_order), -1, q_order)
+        k_blk = torch.gather(
+            k_block_of[:, :, r : r + 1].expand(*k_index.shape[:3], -1), -1, k_index.flatten(-2, -1)
+        )
+        diff = k_blk.view_as(k_pos)[..., None, :] - q_blk.view_as(q_pos)[..., :, None]
+        counts += ((diff >= -before) & (diff <= after)).float()
+    return counts.clamp_min(1)
+
+
+def softmax_with_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over the last dim and its log-sum-exp, safe for rows that are all -inf.
+
+    Such rows get probabilities 0 and lse -inf, with finite gradients everywhere: the row max
+    is replaced by 0 before it is subtracted, and the log never sees an exact zero.
+
+    Returns:
+        probs like ``scores``, lse ``scores.shape[:-1]``.
+    """
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(-1, keepdim=True)
+    tiny = torch.finfo(total.dtype).tiny
+    probs = weights / total.clamp_min(tiny)
+    lse = torch.where(total > 0, row_max + total.clamp_min(tiny).log(), float("-inf"))
+    return probs, lse.squeeze(-1)
+
+
+def merge_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge hash rounds: ``Σ_r softmax_r(lse_r) · out_r`` (Reformer, SMYRF).
+
+    Equivalent to one softmax over all attended pairs of all rounds, a pair counted once per
+    round that attends it.
+
+    Args:
+        out: `(B, H, R, T, Dv)`. lse: `(B, H, R, T)`.
+
+    Returns:
+        out `(B, H, T, Dv)` (zero where no round saw a key) and lse `(B, H, T)`.
+    """
+    if out.shape[2] == 1:
+        return out[:, :, 0], lse[:, :, 0]
+    weights, merged_lse = softmax_with_lse(lse.transpose(2, 3))  # (B, H, T, R), (B, H, T)
+    merged = torch.einsum("bhtr,bhrtv->bhtv", weights, out)
+    return merged, merged_lse
+
+
+def finish_output(out: Tensor, length: int, query_valid: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Drop internal padding, zero padded queries, cast to the caller's dtype.
+
+    Args:
+        out: `(B, H, Tp, Dv)`. query_valid: `(B, T)` bool or None.
+    """
+    out = out[:, :, :length]
+    if query_valid is not None:
+        out = out * query_valid[:, None, :, None]
+    return out.to(dtype)

@@ -1,0 +1,8 @@
+"""One module per method, each with the same shape: an aux NamedTuple, a frozen spec dataclass
+with ``_attend`` (the algorithm) and ``cost`` (its analytic cost)."""
+
+from lshattn.methods.dense import Dense, DenseAux
+from lshattn.methods.reformer import Reformer, ReformerAux
+from lshattn.methods.smyrf import SMYRF, SMYRFAux
+
+__all__ = ["Dense", "DenseAux", "Reformer", "ReformerAux", "SMYRF", "SMYRFAux"]

@@ -1,0 +1,222 @@
+"""The properties every method must satisfy (DESIGN §4), run over every entry of the catalogue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from catalogue import CROSS_CASES, METHODS, SELF_CASES, Case, for_case
+
+from lshattn import testing
+
+
+def grid(*, cross: bool = True, with_pattern: bool = False, causal: bool = False):
+    """pytest params (name, case[, causal]) for every method and every case it accepts."""
+    params = []
+    for name, entry in METHODS.items():
+        if with_pattern and entry.pattern is None:
+            continue
+        for case in SELF_CASES + (CROSS_CASES if cross and entry.cross else []):
+            for is_causal in (False, True) if causal and case.T == case.S else (False,):
+                tag = f"{name}-{case.id}" + ("-causal" if is_causal else "")
+                params.append(pytest.param(name, case, is_causal, id=tag))
+    return params
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def masks_for(case: Case, seed: int = 1):
+    """Right-padding masks; with B >= 2 the last sequence is fully padded."""
+    fully = case.B - 1 if case.B >= 2 else None
+    keys = testing.make_padding_mask(case.B, case.S, seed=seed, fully_padded=fully)
+    queries = keys if case.S == case.T else testing.make_padding_mask(case.B, case.T, seed=seed + 1)
+    return keys, queries
+
+
+@pytest.mark.parametrize("name, case, causal", grid(causal=True))
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+def test_exact_limit(name, case, causal, padded):
+    """One block or cluster holding everything is exact attention (fp32, 1e-5)."""
+    entry = METHODS[name]
+    q, k, v = entry.inputs(case)
+    key_mask, query_mask = masks_for(case) if padded else (None, None)
+    kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
+    out = entry.exact(q, k, v, generator=gen(), **kw)
+    if entry.shared_qk:  # keys are the normalised queries and a token sees itself only if alone
+        everything = torch.ones(case.B, case.H, 1, case.T, case.S, dtype=torch.bool)
+        expected = testing.rounds_reference(q, entry.keys(q, k), v, everything, self_pairs="exclude", **kw)
+    else:
+        expected = testing.dense_reference(q, k, v, **kw)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, case, causal", grid(causal=True, with_pattern=True))
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+def test_brute_force(name, case, causal, padded):
+    """With the assignments from return_aux, a naive loop over the same pairs gives the output."""
+    entry = for_case(METHODS[name], case)
+    q, k, v = entry.inputs(case, seed=2)
+    key_mask, query_mask = masks_for(case) if padded else (None, None)
+    kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
+    out, aux = entry.method(q, k, v, generator=gen(3), return_aux=True, **kw)
+    expected = entry.rounds_reference(q, k, v, aux, **kw)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, case, causal", grid(causal=True))
+def test_pad_invariance(name, case, causal):
+    """Appending padded keys and queries does not change the real outputs."""
+    entry = for_case(METHODS[name], case)
+    q, k, v = entry.inputs(case, seed=4)
+    extra_q = extra_k = 13
+    if case.S != case.T:  # cross-attention: keep the numbers of query and key clusters equal
+        extra_q, extra_k = (2 * getattr(entry.method, f, 1) for f in ("q_cluster_size", "k_cluster_size"))
+
+    def append(x, extra):
+        return torch.cat([x, torch.randn(*x.shape[:2], extra, x.shape[3]) * 10], dim=2)
+
+    q2, k2, v2 = append(q, extra_q), append(k, extra_k), append(v, extra_k)
+    if entry.shared_qk:
+        k2 = q2
+    key_mask = torch.arange(case.S + extra_k).expand(case.B, -1) < case.S
+    query_mask = torch.arange(case.T + extra_q).expand(case.B, -1) < case.T
+    out = entry.method(q, k, v, generator=gen(5), causal=causal)
+    out_padded = entry.method(
+        q2, k2, v2, generator=gen(5), causal=causal, key_padding_mask=key_mask, query_padding_mask=query_mask
+    )
+    torch.testing.assert_close(out_padded[:, :, : case.T], out, atol=1e-6, rtol=1e-6)
+    assert torch.equal(out_padded[:, :, case.T :], torch.zeros_like(out_padded[:, :, case.T :]))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+def test_batch_independence(name, padded):
+    """Changing one sequence does not change another's output, bit for bit."""
+    entry = METHODS[name]
+    case = Case(3, 2, 45, 45, 16, 16)
+    q, k, v = entry.inputs(case, seed=6)
+    key_mask = torch.tensor([[True] * 45, [True] * 20 + [False] * 25, [True] * 33 + [False] * 12]) if padded else None
+    out = entry.method(q, k, v, generator=gen(7), key_padding_mask=key_mask, query_padding_mask=key_mask)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[1] = torch.randn_like(x[1]) * 3
+    if entry.shared_qk:
+        k2 = q2
+    out2 = entry.method(q2, k2, v2, generator=gen(7), key_padding_mask=key_mask, query_padding_mask=key_mask)
+    assert torch.equal(out[0], out2[0]) and torch.equal(out[2], out2[2])
+    assert not torch.equal(out[1], out2[1])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_causal_values(name):
+    """Causal: outputs at t never depend on the values, or (for strictly causal methods) on
+    anything at all, after t."""
+    entry = METHODS[name]
+    case = Case(2, 2, 50, 50, 16, 16)
+    q, k, v = entry.inputs(case, seed=8)
+    t = 29
+    out = entry.method(q, k, v, causal=True, generator=gen(9))
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    later = (q2, k2, v2) if entry.strictly_causal else (v2,)
+    for x in later:
+        x[:, :, t + 1 :] = torch.randn_like(x[:, :, t + 1 :])
+    if entry.shared_qk:
+        k2 = q2
+    out2 = entry.method(q2, k2, v2, causal=True, generator=gen(9))
+    torch.testing.assert_close(out2[:, :, : t + 1], out[:, :, : t + 1], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out2[:, :, t + 1 :], out[:, :, t + 1 :])
+
+
+@pytest.mark.parametrize("name", [n for n, e in METHODS.items() if not e.strictly_causal])
+def test_causal_pattern_sees_the_whole_sequence(name):
+    """Documents the limit of causal sort-and-chunk attention: which earlier keys share a query's
+    chunk or cluster is decided by sorting the whole sequence, so later tokens can change an
+    earlier output (never through a later key or value being attended: see above)."""
+    entry = METHODS[name]
+    case = Case(1, 4, 96, 96, 16, 16)
+    q, k, v = entry.inputs(case, seed=10)
+    t = 47
+    out = entry.method(q, k, v, causal=True, generator=gen(11))
+    q2, k2 = q.clone(), k.clone()
+    q2[:, :, t + 1 :], k2[:, :, t + 1 :] = torch.randn_like(q2[:, :, t + 1 :]), torch.randn_like(k2[:, :, t + 1 :])
+    out2 = entry.method(q2, q2 if entry.shared_qk else k2, v, causal=True, generator=gen(11))
+    assert not torch.allclose(out2[:, :, : t + 1], out[:, :, : t + 1])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_determinism(name, causal):
+    """The same generator state gives bit-identical outputs and gradients; another state
+    (for a hashing method) gives other outputs."""
+    entry = METHODS[name]
+    case = Case(2, 3, 40, 40, 16, 16)
+
+    def run(seed):
+        q, k, v = (x.requires_grad_() for x in entry.inputs(case, seed=12))
+        out = entry.method(q, q if entry.shared_qk else k, v, causal=causal, generator=gen(seed))
+        out.pow(2).sum().backward()
+        return out.detach(), q.grad, (q.grad if entry.shared_qk else k.grad), v.grad
+
+    first, second = run(13), run(13)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    if name != "dense":
+        assert not torch.equal(first[0], run(14)[0])
+
+
+@pytest.mark.parametrize("name, case, causal", grid(causal=True, with_pattern=True))
+def test_gradients_match_reference(name, case, causal):
+    """In float64, gradients equal those of the brute-force reference over the same pairs."""
+    if case.T * case.S * case.B * case.H > 20000:
+        case = Case(2, 2, case.T, case.S, 8, 8)
+    entry = for_case(METHODS[name], case)
+    q, k, v = entry.inputs(case, seed=15, dtype=torch.float64)
+    key_mask, query_mask = masks_for(case)
+    kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
+    weight = torch.randn(case.B, case.H, case.T, case.Dv, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        qq, kk, vv = leaves
+        out = fn(qq, qq if entry.shared_qk else kk, vv)
+        (out * weight).sum().backward()
+        return [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+
+    _, aux = entry.method(q, k, v, generator=gen(16), return_aux=True, **kw)
+    ours = grads(lambda a, b, c: entry.method(a, b, c, generator=gen(16), **kw))
+    expected = grads(lambda a, b, c: entry.rounds_reference(a, b, c, aux, **kw))
+    for label, a, b in zip("qkv", ours, expected):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=lambda m: f"grad {label}: {m}")
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_no_visible_key_gives_zeros(name, causal):
+    """A fully padded sequence outputs zeros, never NaN, and its gradients are finite."""
+    entry = METHODS[name]
+    case = Case(2, 2, 20, 20, 8, 8)
+    q, k, v = (x.requires_grad_() for x in entry.inputs(case, seed=17))
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1] = False
+    out = entry.method(q, q if entry.shared_qk else k, v, key_padding_mask=mask, causal=causal, generator=gen())
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, v))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_dtypes(name, dtype):
+    """Any float dtype works; the output has q's dtype and is close to the float32 result."""
+    entry = METHODS[name]
+    case = Case(2, 2, 33, 33, 16, 16)
+    q, k, v = entry.inputs(case, seed=18)
+    expected = entry.method(q, k, v, generator=gen(19))
+    out = entry.method(q.to(dtype), k.to(dtype), v.to(dtype), generator=gen(19))
+    assert out.dtype == dtype
+    tolerance = {torch.float16: 5e-3, torch.bfloat16: 5e-2, torch.float64: 1e-5}[dtype]
+    # A low-precision sort key may order a near-tie differently: allow a few rows to differ.
+    close = torch.isclose(out.float(), expected, atol=tolerance, rtol=tolerance).all(-1)
+    assert close.float().mean() >= (1.0 if dtype == torch.float64 else 0.9)
