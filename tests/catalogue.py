@@ -52,43 +52,54 @@ class Entry:
     Attributes:
         method: the spec.
         exact: a spec of the same method that, on inputs of at most ``MAX_EXACT`` tokens, is
-            in its exact limit (one block or cluster holding everything).
-        keys: maps (q, k) to the keys the method really attends with (Reformer's shared QK
-            normalises the queries).
-        pattern: maps (aux) to the `(B, H, R, T, S)` pairs each round puts together, or None
-            for a method with nothing to rebuild.
-        self_pairs: ``lshattn.blocks.SelfPairs`` of the method, given ``causal``.
+            in its exact limit (one block or cluster holding everything, all codes colliding).
+        exact_reference: ``(q, k, v, **call_kwargs) -> out`` float64, what ``exact`` must give.
+        brute_force: ``(method, q, k, v, aux, **call_kwargs) -> out`` float64, a naive loop over
+            the pairs ``aux`` says the method used; None for a method with nothing to rebuild.
+        shared_qk: the method needs ``k is q``.
         cross: whether T ≠ S is allowed.
         strictly_causal: whether its pattern depends on earlier tokens only (see
-            ``test_causal_pattern``).
+            ``test_causal_pattern_sees_the_whole_sequence``).
     """
 
     method: lshattn.Method
     exact: lshattn.Method
-    keys: Callable = lambda q, k: k
-    pattern: Callable | None = None
-    self_pairs: Callable = lambda causal: "none"
+    exact_reference: Callable = testing.dense_reference
+    brute_force: Callable | None = None
+    shared_qk: bool = False
     cross: bool = True
     strictly_causal: bool = True
-
-    @property
-    def shared_qk(self) -> bool:
-        return getattr(self.method, "shared_qk", False)
 
     def inputs(self, case: Case, seed: int = 0, dtype: torch.dtype = torch.float32):
         q, k, v = testing.make_qkv(case.B, case.H, case.T, case.S, case.D, case.Dv, seed=seed, dtype=dtype)
         return (q, q, v) if self.shared_qk else (q, k, v)
 
-    def rounds_reference(self, q, k, v, aux, **kw):
-        """The brute-force output over the pairs ``aux`` says the method attended."""
-        return testing.rounds_reference(
-            q, self.keys(q, k), v, self.pattern(aux),
-            self_pairs=self.self_pairs(kw.get("causal", False)),
-            correct_duplicates=getattr(self.method, "correct_duplicates", False), **kw,
-        )  # fmt: skip
+    def reference(self, q, k, v, aux, **kw):
+        """The brute-force output over the pairs ``aux`` says ``self.method`` attended."""
+        return self.brute_force(self.method, q, k, v, aux, **kw)
 
 
 MAX_EXACT = 128
+
+
+def _sorted_rounds_reference(pattern: Callable, self_pairs: Callable, keys: Callable = lambda q, k: k):
+    """brute_force for the sort-and-chunk methods: rebuild each round's pairs from aux."""
+
+    def reference(method, q, k, v, aux, **kw):
+        return testing.rounds_reference(
+            q, keys(q, k), v, pattern(method, aux),
+            self_pairs=self_pairs(kw.get("causal", False)),
+            correct_duplicates=method.correct_duplicates, **kw,
+        )  # fmt: skip
+
+    return reference
+
+
+def _shared_qk_dense(q, k, v, **kw):
+    """Exact shared-QK attention: keys are the normalised queries, a token sees itself only
+    when nothing else is visible."""
+    everything = torch.ones(q.shape[0], q.shape[1], 1, q.shape[2], k.shape[2], dtype=torch.bool)
+    return testing.rounds_reference(q, F.normalize(q, dim=-1), v, everything, self_pairs="exclude", **kw)
 
 
 def _reformer(**kw) -> Entry:
@@ -97,9 +108,13 @@ def _reformer(**kw) -> Entry:
     return Entry(
         method=method,
         exact=dataclasses.replace(method, bucket_size=MAX_EXACT),
-        keys=(lambda q, k: F.normalize(q, dim=-1)) if shared else (lambda q, k: k),
-        pattern=lambda aux: testing.reformer_rounds(aux, method.chunks_before, method.chunks_after),
-        self_pairs=(lambda causal: "exclude") if shared else (lambda causal: "column" if causal else "none"),
+        exact_reference=_shared_qk_dense if shared else testing.dense_reference,
+        brute_force=_sorted_rounds_reference(
+            pattern=lambda m, aux: testing.reformer_rounds(aux, m.chunks_before, m.chunks_after),
+            self_pairs=(lambda causal: "exclude") if shared else (lambda causal: "column" if causal else "none"),
+            keys=(lambda q, k: F.normalize(q, dim=-1)) if shared else (lambda q, k: k),
+        ),
+        shared_qk=shared,
         cross=False,
         strictly_causal=False,
     )
@@ -110,8 +125,10 @@ def _smyrf(**kw) -> Entry:
     return Entry(
         method=method,
         exact=dataclasses.replace(method, q_cluster_size=MAX_EXACT, k_cluster_size=MAX_EXACT),
-        pattern=testing.smyrf_rounds,
-        self_pairs=lambda causal: "column" if causal else "none",
+        brute_force=_sorted_rounds_reference(
+            pattern=lambda m, aux: testing.smyrf_rounds(aux),
+            self_pairs=lambda causal: "column" if causal else "none",
+        ),
         strictly_causal=False,
     )
 
@@ -128,20 +145,6 @@ METHODS = {
     "smyrf": _smyrf(num_hashes=3, q_cluster_size=8, k_cluster_size=8),
     "smyrf-dedup": _smyrf(num_hashes=2, q_cluster_size=4, k_cluster_size=4, correct_duplicates=True),
 }
-
-
-def method_params(*, cross: bool = False, with_pattern: bool = False):
-    """pytest params over METHODS (optionally only those allowing T ≠ S / having a pattern)."""
-    return [
-        pytest.param(name, id=name)
-        for name, entry in METHODS.items()
-        if (entry.cross or not cross) and (entry.pattern is not None or not with_pattern)
-    ]
-
-
-def case_params(*, cross: bool = True):
-    cases = SELF_CASES + (CROSS_CASES if cross else [])
-    return [pytest.param(c, id=c.id) for c in cases]
 
 
 def for_case(entry: Entry, case: Case) -> Entry:

@@ -13,7 +13,7 @@ def grid(*, cross: bool = True, with_pattern: bool = False, causal: bool = False
     """pytest params (name, case[, causal]) for every method and every case it accepts."""
     params = []
     for name, entry in METHODS.items():
-        if with_pattern and entry.pattern is None:
+        if with_pattern and entry.brute_force is None:
             continue
         for case in SELF_CASES + (CROSS_CASES if cross and entry.cross else []):
             for is_causal in (False, True) if causal and case.T == case.S else (False,):
@@ -43,11 +43,7 @@ def test_exact_limit(name, case, causal, padded):
     key_mask, query_mask = masks_for(case) if padded else (None, None)
     kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
     out = entry.exact(q, k, v, generator=gen(), **kw)
-    if entry.shared_qk:  # keys are the normalised queries and a token sees itself only if alone
-        everything = torch.ones(case.B, case.H, 1, case.T, case.S, dtype=torch.bool)
-        expected = testing.rounds_reference(q, entry.keys(q, k), v, everything, self_pairs="exclude", **kw)
-    else:
-        expected = testing.dense_reference(q, k, v, **kw)
+    expected = entry.exact_reference(q, k, v, **kw)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -60,7 +56,7 @@ def test_brute_force(name, case, causal, padded):
     key_mask, query_mask = masks_for(case) if padded else (None, None)
     kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
     out, aux = entry.method(q, k, v, generator=gen(3), return_aux=True, **kw)
-    expected = entry.rounds_reference(q, k, v, aux, **kw)
+    expected = entry.reference(q, k, v, aux, **kw)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -185,7 +181,7 @@ def test_gradients_match_reference(name, case, causal):
 
     _, aux = entry.method(q, k, v, generator=gen(16), return_aux=True, **kw)
     ours = grads(lambda a, b, c: entry.method(a, b, c, generator=gen(16), **kw))
-    expected = grads(lambda a, b, c: entry.rounds_reference(a, b, c, aux, **kw))
+    expected = grads(lambda a, b, c: entry.reference(a, b, c, aux, **kw))
     for label, a, b in zip("qkv", ours, expected):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=lambda m: f"grad {label}: {m}")
 
