@@ -31,6 +31,8 @@ __all__ = [
     "padded_valid",
     "sorted_block_attention",
     "softmax_with_lse",
+    "block_softmax",
+    "merge_softmax",
     "merge_rounds",
     "finish_output",
 ]
@@ -76,8 +78,8 @@ def padded_valid(mask: Tensor | None, batch: int, length: int, padded: int, devi
 
 
 def pad_tokens(x: Tensor, padded: int) -> Tensor:
-    """Zero-pad the token dim (-2) of `(B, H, L, E)` to ``padded``."""
-    return F.pad(x, (0, 0, 0, padded - x.shape[-2]))
+    """Zero-pad the token dim (-2) of `(B, H, L, E)` to ``padded`` (no copy when it fits)."""
+    return x if padded == x.shape[-2] else F.pad(x, (0, 0, 0, padded - x.shape[-2]))
 
 
 def sorted_block_attention(
@@ -124,49 +126,127 @@ def sorted_block_attention(
 
     q_pos = q_order.view(B, H, R, num_blocks, q_block)
     q_blocks = to_blocks(gather_rows(q, q_order), q_block)
+    # Key positions of every window slot (-1 past either end), then keys and values gathered
+    # straight into window layout: one copy each, no sorted intermediate to concatenate.
     k_pos = block_windows(k_order.view(B, H, R, num_blocks, k_block, 1), before, after, fill=-1)[..., 0]
-    k_win = block_windows(to_blocks(gather_rows(k, k_order), k_block), before, after, fill=0)
-    v_win = block_windows(to_blocks(gather_rows(v, k_order), k_block), before, after, fill=0)
-    window = k_win.shape[-2]
+    window = k_pos.shape[-1]
+    slots = k_pos.clamp_min(0).view(B, H, R, num_blocks * window)  # masked below, any row will do
+    k_win, v_win = to_blocks(gather_rows(k, slots), window), to_blocks(gather_rows(v, slots), window)
 
-    scores = torch.matmul(q_blocks.reshape(rows, q_block, -1), k_win.reshape(rows, window, -1).transpose(1, 2))
-    scores = scores.view(B, H, R, num_blocks, q_block, window) * scale
-
-    # k_pos < 0 marks the blocks past either end of the sequence: never valid.
-    allowed = key_is_valid(k_valid, k_pos)[..., None, :]
+    # The bias carries every mask as -inf (and the duplicate correction as -log count). It
+    # depends on the query only for causal masks, self-pair exclusion and the correction;
+    # otherwise one row per block is broadcast over the block's queries.
+    per_query = causal or self_pairs != "none" or correct_duplicates
+    allowed = key_is_valid(k_valid, k_pos)[..., None, :]  # k_pos < 0: past either end, never valid
     if causal:
         allowed = allowed & (k_pos[..., None, :] <= q_pos[..., :, None])
     if self_pairs != "none":
         allowed = allowed & (k_pos[..., None, :] != q_pos[..., :, None])
+    bias_shape = (B, H, R, num_blocks, q_block if per_query else 1, window)
+    bias = torch.zeros(bias_shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     if correct_duplicates:
-        counts = duplicate_counts(q_order, k_order, q_pos, k_pos, q_block, k_block, before, after)
-        scores = scores - counts.to(scores.dtype).log()
-    scores = scores.masked_fill(~allowed, float("-inf"))
+        bias -= duplicate_counts(q_order, k_order, q_pos, k_pos, q_block, k_block, before, after).to(q.dtype).log()
+    out, lse = block_softmax(
+        q_blocks.reshape(rows, q_block, -1), k_win.reshape(rows, window, -1), v_win.reshape(rows, window, -1),
+        bias.reshape(rows, bias_shape[-2], window), scale, dropout_p,
+    )  # fmt: skip
+    dot_products = rows * q_block * window
 
-    values = v_win
     if self_pairs == "column":
-        # The query's own key and value, as one more score column of every row.
-        k_self = gather_rows(k, q_order).view_as(q_blocks)
-        v_self = gather_rows(v, q_order).view(*q_blocks.shape[:-1], v.shape[-1])
-        self_score = (q_blocks * k_self).sum(-1) * scale
+        # The query's own key, merged in as one more softmax entry of its row.
+        q_sorted = q_blocks.reshape(rows, q_block, -1)
+        k_self = gather_rows(k, q_order).view_as(q_sorted)
+        v_self = gather_rows(v, q_order).view(rows, q_block, -1)
+        self_score = (q_sorted * k_self).sum(-1) * scale
         if correct_duplicates:
             self_score = self_score - math.log(R)
-        self_score = self_score.masked_fill(~key_is_valid(k_valid, q_pos), float("-inf"))
-        scores = torch.cat([scores, self_score[..., None]], dim=-1)
-        values = torch.cat([v_win, v_self], dim=-2)
-
-    probs, lse = softmax_with_lse(scores)
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
-    if self_pairs == "column":
-        out = torch.matmul(probs[..., :window], v_win) + probs[..., window:] * values[..., window:, :]
-    else:
-        out = torch.matmul(probs, values)
+        self_score = self_score.masked_fill(~key_is_valid(k_valid, q_pos).view(rows, q_block), float("-inf"))
+        out, lse = merge_softmax(torch.stack([out, v_self], dim=-2), torch.stack([lse, self_score], dim=-1))
+        dot_products += rows * q_block
 
     inverse = inverse_order(q_order)
     out = gather_rows(out.reshape(B, H, R, Tp, -1), inverse)
     lse = torch.gather(lse.reshape(B, H, R, Tp), -1, inverse)
-    return BlockResult(out, lse, scores.numel())
+    return BlockResult(out, lse, dot_products)
+
+
+def block_softmax(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, dropout_p: float
+) -> tuple[Tensor, Tensor]:
+    """``softmax(q kᵀ · scale + bias) v`` per row, and the log-sum-exp of each query's logits.
+
+    Args:
+        q: `(N, c, D)`. k: `(N, w, D)`. v: `(N, w, Dv)`.
+        bias: `(N, c, w)` or `(N, 1, w)` additive, -inf where a pair is masked.
+
+    Returns:
+        out `(N, c, Dv)`, zero for a query with no visible key, and lse `(N, c)`, -inf there.
+    """
+    if dropout_p > 0:  # dropout needs the probabilities themselves: plain autograd
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+        probs, lse = softmax_with_lse(scores)
+        return torch.bmm(F.dropout(probs, dropout_p), v), lse
+    return BlockSoftmax.apply(q, k, v, bias, scale)
+
+
+def _fused_cpu_kernel_fits(q: Tensor, v: Tensor) -> bool:
+    """Whether PyTorch's CPU flash kernel can run this block attention (it needs D == Dv)."""
+    return (
+        q.device.type == "cpu"
+        and q.shape[-1] == v.shape[-1]
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
+class BlockSoftmax(torch.autograd.Function):
+    """Block attention returning its log-sum-exp, differentiable in both outputs.
+
+    Forward: on CPU, PyTorch's fused flash kernel (which already returns the log-sum-exp but
+    has no gradient for it) so the `(N, c, w)` probabilities are never written out; elsewhere
+    matmul and softmax. Backward recomputes the probabilities, as flash attention does, and
+    adds the gradient that reaches the log-sum-exp (``∂lse/∂s = p``), which the multi-round
+    merge needs: ``ds = p ∘ (dO·vᵀ − rowsum(dO ∘ O) + dlse)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        has_key = torch.isfinite(bias).any(-1)
+        if _fused_cpu_kernel_fits(q, v):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[None], k[None], v[None], 0.0, False, attn_mask=bias[None], scale=scale
+            )
+            out, lse = out[0], lse[0].to(q.dtype)
+        else:
+            lse = torch.logsumexp(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale), dim=-1)
+            out = torch.bmm(_probabilities(q, k, bias, lse, scale), v)
+        # The kernel gives lse = 0 and out = 0 for a query that sees no key: mark it -inf.
+        lse = lse.masked_fill(~has_key.expand_as(lse), float("-inf"))
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        probs = _probabilities(q, k, bias, lse, ctx.scale)
+        grad_scores = torch.zeros_like(probs)
+        grad_v = None
+        if grad_out is not None:
+            grad_v = torch.bmm(probs.transpose(1, 2), grad_out)
+            grad_scores += torch.bmm(grad_out, v.transpose(1, 2)) - (grad_out * out).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            grad_scores += grad_lse[..., None]
+        grad_scores *= probs
+        grad_q = torch.bmm(grad_scores, k) * ctx.scale
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), q) * ctx.scale
+        return grad_q, grad_k, grad_v, None, None
+
+
+def _probabilities(q: Tensor, k: Tensor, bias: Tensor, lse: Tensor, scale: float) -> Tensor:
+    """``exp(q kᵀ·scale + bias − lse)``: 0 in rows whose lse is -inf (all entries are -inf)."""
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    return torch.exp(scores.sub_(finite_lse[..., None]))
 
 
 def key_is_valid(k_valid: Tensor, positions: Tensor) -> Tensor:
@@ -251,11 +331,24 @@ def softmax_with_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
     return probs, lse.squeeze(-1)
 
 
+def merge_softmax(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge softmax attentions over disjoint entry sets into one, by their log-sum-exps.
+
+    ``Σ_p softmax_p(lse_p) · out_p`` equals one softmax over the union of the entries (an entry
+    present in several parts counts once per part).
+
+    Args:
+        out: `(..., P, Dv)` per-part outputs. lse: `(..., P)` per-part log-sum-exps (-inf: empty).
+
+    Returns:
+        out `(..., Dv)` (zero where every part is empty) and lse `(...)`.
+    """
+    weights, merged_lse = softmax_with_lse(lse)
+    return torch.einsum("...p,...pv->...v", weights, out), merged_lse
+
+
 def merge_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """Merge hash rounds: ``Σ_r softmax_r(lse_r) · out_r`` (Reformer, SMYRF).
-
-    Equivalent to one softmax over all attended pairs of all rounds, a pair counted once per
-    round that attends it.
 
     Args:
         out: `(B, H, R, T, Dv)`. lse: `(B, H, R, T)`.
@@ -265,9 +358,7 @@ def merge_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """
     if out.shape[2] == 1:
         return out[:, :, 0], lse[:, :, 0]
-    weights, merged_lse = softmax_with_lse(lse.transpose(2, 3))  # (B, H, T, R), (B, H, T)
-    merged = torch.einsum("bhtr,bhrtv->bhtv", weights, out)
-    return merged, merged_lse
+    return merge_softmax(out.transpose(2, 3), lse.transpose(2, 3))
 
 
 def finish_output(out: Tensor, length: int, query_valid: Tensor | None, dtype: torch.dtype) -> Tensor:

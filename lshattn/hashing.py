@@ -78,7 +78,10 @@ def angular_buckets(x: Tensor, rotations: Tensor, factors: tuple[int, ...]) -> T
     radix, start = 1, 0
     for factor in factors:  # a handful of factors, never a loop over buckets or tokens
         part = rotated[..., start : start + factor // 2]
-        buckets += radix * torch.cat([part, -part], dim=-1).argmax(dim=-1)
+        # argmax over [part, -part] without building it: the largest entry or the most negative.
+        high, low = part.max(dim=-1), part.min(dim=-1)
+        best = torch.where(high.values >= -low.values, high.indices, low.indices + factor // 2)
+        buckets += radix * best
         radix, start = radix * factor, start + factor // 2
     return buckets
 
