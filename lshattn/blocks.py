@@ -217,8 +217,9 @@ class BlockSoftmax(torch.autograd.Function):
             )
             out, lse = out[0], lse[0].to(q.dtype)
         else:
-            lse = torch.logsumexp(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale), dim=-1)
-            out = torch.bmm(_probabilities(q, k, bias, lse, scale), v)
+            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+            lse = torch.logsumexp(scores, dim=-1)
+            out = torch.bmm(torch.exp(scores.sub_(_finite(lse)[..., None])), v)
         # The kernel gives lse = 0 and out = 0 for a query that sees no key: mark it -inf.
         lse = lse.masked_fill(~has_key.expand_as(lse), float("-inf"))
         ctx.save_for_backward(q, k, v, bias, out, lse)
@@ -244,9 +245,13 @@ class BlockSoftmax(torch.autograd.Function):
 
 def _probabilities(q: Tensor, k: Tensor, bias: Tensor, lse: Tensor, scale: float) -> Tensor:
     """``exp(q kᵀ·scale + bias − lse)``: 0 in rows whose lse is -inf (all entries are -inf)."""
-    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
-    return torch.exp(scores.sub_(finite_lse[..., None]))
+    return torch.exp(scores.sub_(_finite(lse)[..., None]))
+
+
+def _finite(lse: Tensor) -> Tensor:
+    """lse with -inf (a row with no visible key) replaced by 0, so subtracting it keeps -inf."""
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
 def key_is_valid(k_valid: Tensor, positions: Tensor) -> Tensor:

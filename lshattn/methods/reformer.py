@@ -19,7 +19,7 @@ from lshattn.blocks import (
     padded_valid,
     sorted_block_attention,
 )
-from lshattn.cost import Cost
+from lshattn.cost import Cost, sorted_blocks_cost
 from lshattn.hashing import MAX_BUCKETS_PER_FACTOR, angular_buckets, angular_factors, draw_normal, inverse_order, sort_order
 
 __all__ = ["Reformer", "ReformerAux"]
@@ -174,25 +174,16 @@ class Reformer(Method):
     def cost(
         self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4
     ) -> Cost:
-        """Analytic cost, with ``Tp = T`` rounded up to a multiple of ``bucket_size`` and
-        ``w = (chunks_before + 1 + chunks_after)·bucket_size``:
-
-        * dot_products = ``B·H·R·Tp·w``, plus ``B·H·R·Tp`` for the own-key column when causal
-          with separate Q and K;
-        * flops = ``2·dot_products·(D + Dv)`` + hashing ``2·B·H·R·n·Tp·D·Σfactors/2`` with n = 1
-          (shared QK) or 2;
-        * memory_bytes = ``dot_products·itemsize`` (the scores of every round at once).
-        """
+        """Analytic cost (``lshattn.cost.sorted_blocks_cost``) with ``Tp`` = T rounded up to a
+        multiple of ``bucket_size``, windows of ``w = (chunks_before + 1 + chunks_after)·bucket_size``
+        keys, and hashing ``2·B·H·R·n·Tp·D·Σfactors/2`` flops with n = 1 (shared QK) or 2.
+        An own-key column is added when causal with separate Q and K."""
         padded = pad_length(T, self.bucket_size)
-        window = (self.chunks_before + 1 + self.chunks_after) * self.bucket_size
-        window += 1 if causal and not self.shared_qk else 0
-        dots = B * H * self.num_hashes * padded * window
-        hashed = 1 if self.shared_qk else 2
         rotations = sum(angular_factors(self.num_buckets)) // 2
-        hashing = 2 * B * H * self.num_hashes * hashed * padded * D * rotations
-        return Cost(
-            flops=2 * dots * (D + Dv) + hashing,
-            dot_products=dots,
-            memory_bytes=dots * itemsize,
-            budget=dots / (B * H * T * S),
-        )
+        hashed = 1 if self.shared_qk else 2
+        return sorted_blocks_cost(
+            B=B, H=H, T=T, S=S, D=D, Dv=Dv, rounds=self.num_hashes, padded_queries=padded,
+            q_block=self.bucket_size, window=(self.chunks_before + 1 + self.chunks_after) * self.bucket_size,
+            self_column=causal and not self.shared_qk,
+            hashing_flops=2 * B * H * self.num_hashes * hashed * padded * D * rotations, itemsize=itemsize,
+        )  # fmt: skip

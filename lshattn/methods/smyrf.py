@@ -17,7 +17,7 @@ from lshattn.blocks import (
     padded_valid,
     sorted_block_attention,
 )
-from lshattn.cost import Cost
+from lshattn.cost import Cost, sorted_blocks_cost
 from lshattn.hashing import draw_normal, e2lsh_projection, inverse_order, sort_order, xbox_plus
 
 __all__ = ["SMYRF", "SMYRFAux"]
@@ -141,23 +141,16 @@ class SMYRF(Method):
     def cost(
         self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4
     ) -> Cost:
-        """Analytic cost, with ``n = ceil(T / q_cluster_size)`` clusters per round:
-
-        * dot_products = ``B·H·R·n·q_cluster_size·(k_cluster_size + causal)`` (the own-key
-          column when causal);
-        * flops = ``2·dot_products·(D + Dv)`` + projections ``2·B·H·R·(Tp + Sp)·(D + 2)``;
-        * memory_bytes = ``dot_products·itemsize`` (the scores of every round at once).
-        """
+        """Analytic cost (``lshattn.cost.sorted_blocks_cost``) with ``n = ceil(T / q_cluster_size)``
+        clusters per round, windows of ``k_cluster_size`` keys, projections
+        ``2·B·H·R·(Tp + Sp)·(D + 2)`` flops, and an own-key column when causal."""
         clusters = self.clusters(T, S)
         t_pad, s_pad = clusters * self.q_cluster_size, clusters * self.k_cluster_size
-        dots = B * H * self.num_hashes * t_pad * (self.k_cluster_size + int(causal))
-        projections = 2 * B * H * self.num_hashes * (t_pad + s_pad) * (D + 2)
-        return Cost(
-            flops=2 * dots * (D + Dv) + projections,
-            dot_products=dots,
-            memory_bytes=dots * itemsize,
-            budget=dots / (B * H * T * S),
-        )
+        return sorted_blocks_cost(
+            B=B, H=H, T=T, S=S, D=D, Dv=Dv, rounds=self.num_hashes, padded_queries=t_pad,
+            q_block=self.q_cluster_size, window=self.k_cluster_size, self_column=causal,
+            hashing_flops=2 * B * H * self.num_hashes * (t_pad + s_pad) * (D + 2), itemsize=itemsize,
+        )  # fmt: skip
 
 
 def _block_for(length: int, blocks: int) -> int | None:
