@@ -29,3 +29,13 @@ __all__ = [
     "method_names",
     "parse",
 ]
+
+
+def __getattr__(name: str):
+    """``lshattn.hf`` and ``lshattn.data`` load on first use: ``import lshattn`` must not need
+    transformers, an optional extra."""
+    if name in ("hf", "data"):
+        import importlib
+
+        return importlib.import_module(f"lshattn.{name}")
+    raise AttributeError(f"module 'lshattn' has no attribute {name!r}")

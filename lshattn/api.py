@@ -68,7 +68,9 @@ class Method:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
+        # Only a class that names itself registers: a subclass inheriting ``name`` (a test spy,
+        # a user's variant) must not take over what ``parse`` returns for its parent's name.
+        if cls.__dict__.get("name"):
             _REGISTRY[cls.name] = cls
 
     def __call__(

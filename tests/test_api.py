@@ -136,3 +136,10 @@ def test_smyrf_budget_halves_with_half_the_cluster():
     """SMYRF's budget is num_hashes·k_cluster_size / S, the paper's memory figure."""
     assert lshattn.SMYRF(num_hashes=2, q_cluster_size=32, k_cluster_size=32).cost(1, 1, 128, 128, 64, 64).budget == 0.5
     assert lshattn.SMYRF(num_hashes=2, q_cluster_size=16, k_cluster_size=16).cost(1, 1, 128, 128, 64, 64).budget == 0.25
+
+
+def test_subclass_without_its_own_name_does_not_take_over_parse():
+    class Variant(lshattn.SMYRF):
+        pass
+
+    assert lshattn.parse("smyrf") == lshattn.SMYRF() and type(lshattn.parse("smyrf")) is lshattn.SMYRF

