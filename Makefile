@@ -23,7 +23,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/lshattn demo --out demo-report
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py

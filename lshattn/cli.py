@@ -64,6 +64,47 @@ def _print_info(report: dict) -> None:
         print(f"  {name:<22} {state:<45} {what}")
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from lshattn.eval import demo
+
+    config = demo.DemoConfig(seed=args.seed)
+    results = demo.run(config.quick() if args.quick else config, args.out)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print(results["headline"])
+        print(f"report: {args.out}/report.md ({results['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _fidelity(args: argparse.Namespace) -> int:
+    from lshattn import data
+    from lshattn.eval import capture, fidelity
+
+    methods = [lshattn.parse(text) for text in args.methods]
+    tokenizer, model = data.load_minilm()
+    limit = model.config.max_position_embeddings
+    if max(args.lengths) > limit:
+        raise ValueError(f"MiniLM has {limit} positions; choose --lengths of at most {limit}")
+    articles = data.wikipedia(count=args.docs, min_words=max(args.lengths))
+    rows = []
+    print(f"{'length':>6}  {'method':<60} {'budget':>7} {'FLOPs':>7} {'rel.err':>8} {'cosine':>7} {'time':>7}")
+    for length in args.lengths:
+        batch = tokenizer([t for _, t in articles], truncation=True, max_length=length, padding=True, return_tensors="pt")
+        layers = capture.capture_attention_inputs(model, **batch)
+        length_rows = fidelity.fidelity_rows(methods, layers, seeds=args.seeds)
+        rows += [{**row, "T": length} for row in length_rows]
+        for r in fidelity.summarise(length_rows):
+            print(
+                f"{length:>6}  {r['method']:<60} {r['budget']:>7.1%} {r['flops_ratio']:>7.1%} {r['rel_error']:>8.3f} "
+                f"{r['cosine']:>7.3f} {r['seconds'] / r['exact_seconds']:>6.2f}×"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"articles": [title for title, _ in articles], "rows": rows}, f, indent=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lshattn import bench
 
@@ -76,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     bench.add_arguments(bench_parser)
+
+    demo_parser = commands.add_parser(
+        "demo", help="the full report: fidelity, embeddings, probes and speed on a real model",
+        description="Run the main job (lshattn.eval.demo) and write report.md, report.json and plots into --out.",
+    )  # fmt: skip
+    demo_parser.add_argument("--out", default="demo-report", help="directory for the report (default: demo-report)")
+    demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.add_argument("--quick", action="store_true", help="a small run (about a minute) for a first look")
+    demo_parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    fidelity_parser = commands.add_parser(
+        "fidelity", help="each method against exact attention on real MiniLM activations",
+        description="Capture all-MiniLM-L6-v2's Q, K, V on Wikipedia articles and compare each method with exact "
+        "attention on them (error, cosine, budget, FLOPs, time), averaged over layers and seeds.",
+    )  # fmt: skip
+    fidelity_parser.add_argument("--methods", nargs="+", required=True, help="method strings for lshattn.parse")
+    fidelity_parser.add_argument("--lengths", nargs="+", type=int, default=[512], help="tokens per text (at most 512)")
+    fidelity_parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    fidelity_parser.add_argument("--docs", type=int, default=4, help="Wikipedia articles (batch size)")
+    fidelity_parser.add_argument("--json", help="write every row to this file")
     return parser
 
 
@@ -90,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             from lshattn import bench
 
             return bench.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "fidelity":
+            return _fidelity(args)
+    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as error:
         print(f"lshattn {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 2

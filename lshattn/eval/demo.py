@@ -1,0 +1,232 @@
+"""The main job: what each method keeps of exact attention, and what it saves, on a real model.
+
+``lshattn demo --out DIR`` (and ``make demo``) runs ``run(DemoConfig(), DIR)``:
+
+1. **Attention fidelity.** all-MiniLM-L6-v2 reads Wikipedia articles (gensim's test data) cut to
+   512 tokens; the Q, K, V of all 6 layers are captured, and every method of a budget sweep runs
+   on them against exact attention (``lshattn.eval.fidelity``).
+2. **Model level.** Each method is swapped into every layer of MiniLM (``lshattn.hf.use``, no
+   retraining) to embed Rotten Tomatoes documents (128 tokens) and BBC News articles (512
+   tokens): the embeddings' cosine to exact, and a zero-shot probe, a logistic regression trained
+   on exact-attention embeddings and tested on the method's (``lshattn.eval.tasks``).
+3. **Speed.** Attention forward time against length, next to SDPA (``lshattn.eval.speed``).
+
+It writes ``report.md``, ``report.json`` and PNG plots (``lshattn.eval.report``). A section whose
+data package is missing is skipped with a message naming the package to install.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lshattn
+from lshattn.api import parse
+
+__all__ = ["DemoConfig", "run"]
+
+# Budgets are dot products over exact attention's. MiniLM has 12 heads of dim 32.
+# At 512 tokens: SMYRF R×32 costs R·32/512; Reformer R rounds of 32-token chunks that also see
+# the chunk before cost R·64/512 (num_buckets = 2·T/bucket_size as in the paper).
+FIDELITY_METHODS = (
+    "smyrf:num_hashes=1", "smyrf:num_hashes=2", "smyrf:num_hashes=4", "smyrf:num_hashes=8",
+    "reformer:num_hashes=1,bucket_size=32,num_buckets=32,shared_qk=False",
+    "reformer:num_hashes=2,bucket_size=32,num_buckets=32,shared_qk=False",
+    "reformer:num_hashes=4,bucket_size=32,num_buckets=32,shared_qk=False",
+)  # fmt: skip
+# 25 % and 50 % budgets at each task's length.
+RT_METHODS = (  # 128 tokens: SMYRF 1×32 and 2×32 (the paper's GLUE setting); Reformer chunks of 16
+    "smyrf:num_hashes=1", "smyrf",
+    "reformer:num_hashes=1,bucket_size=16,num_buckets=16,shared_qk=False",
+    "reformer:bucket_size=16,num_buckets=16,shared_qk=False",
+)  # fmt: skip
+BBC_METHODS = (  # 512 tokens
+    "smyrf:num_hashes=4", "smyrf:num_hashes=8",
+    "reformer:bucket_size=32,num_buckets=32,shared_qk=False",
+    "reformer:num_hashes=4,bucket_size=32,num_buckets=32,shared_qk=False",
+)  # fmt: skip
+SPEED_METHODS = ("smyrf:num_hashes=4", "reformer:bucket_size=32,num_buckets=32,shared_qk=False")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo does; the defaults are the committed report (``docs/report``).
+
+    Methods are strings for ``lshattn.parse``; those of methods this version does not have are
+    left out (and listed in the report).
+    """
+
+    seed: int = 0
+    wikipedia_docs: int = 8
+    fidelity_length: int = 512
+    fidelity_methods: tuple[str, ...] = FIDELITY_METHODS
+    rt_length: int = 128
+    rt_train: int = 600
+    rt_test: int = 300
+    rt_methods: tuple[str, ...] = RT_METHODS
+    bbc_length: int = 512
+    bbc_train: int = 300
+    bbc_test: int = 150
+    bbc_methods: tuple[str, ...] = BBC_METHODS
+    speed_lengths: tuple[int, ...] = (512, 2048, 8192, 16384)
+    speed_methods: tuple[str, ...] = SPEED_METHODS
+    headline_budget: float = 0.25
+
+    def quick(self) -> DemoConfig:
+        """A small version for tests and a first look (about a minute)."""
+        return dataclasses.replace(
+            self, wikipedia_docs=2, rt_train=60, rt_test=30, bbc_train=50, bbc_test=20, speed_lengths=(512, 2048),
+            fidelity_methods=self.fidelity_methods[::3], rt_methods=self.rt_methods[:2], bbc_methods=self.bbc_methods[:2],
+        )  # fmt: skip
+
+
+def run(config: DemoConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Run every section of the demo, write the report into ``out_dir``, return the results."""
+    from lshattn import data
+    from lshattn.eval import report
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "machine": machine(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "skipped": [],
+        "not_available": sorted({t for t in _all_methods(config) if t.partition(":")[0] not in lshattn.method_names()}),
+    }
+    try:
+        tokenizer, model = data.load_minilm()
+    except data.MissingPackageError as missing:
+        results["skipped"].append(f"everything on MiniLM: {missing}")
+        tokenizer = model = None
+    if model is not None:
+        _section(results, "fidelity", lambda: fidelity_section(config, tokenizer, model, progress))
+        _section(results, "tasks", lambda: task_sections(config, tokenizer, model, progress))
+    _section(results, "speed", lambda: speed_section(config, progress))
+    results["seconds"] = time.perf_counter() - started
+    results["headline"] = report.headline(results, config.headline_budget)
+    report.write(results, out_dir)
+    return results
+
+
+def _section(results: dict, key: str, compute) -> None:
+    from lshattn.data import MissingPackageError
+
+    try:
+        results[key] = compute()
+    except MissingPackageError as missing:
+        results["skipped"].append(f"{key}: {missing}")
+
+
+def _all_methods(config: DemoConfig) -> tuple[str, ...]:
+    return config.fidelity_methods + config.rt_methods + config.bbc_methods + config.speed_methods
+
+
+def available(methods: tuple[str, ...]) -> list[lshattn.Method]:
+    """Parse ``methods``, leaving out those whose method this version does not have."""
+    return [parse(text) for text in methods if text.partition(":")[0] in lshattn.method_names()]
+
+
+def fidelity_section(config: DemoConfig, tokenizer: Any, model: Any, progress: bool) -> dict:
+    from lshattn import data
+    from lshattn.eval import capture, fidelity
+
+    articles = data.wikipedia(count=config.wikipedia_docs, min_words=config.fidelity_length)
+    batch = tokenizer(
+        [text for _, text in articles], truncation=True, max_length=config.fidelity_length, return_tensors="pt",
+        padding=True,
+    )  # fmt: skip
+    layers = capture.capture_attention_inputs(model, **batch)
+    methods = available(config.fidelity_methods)
+    rows = fidelity.fidelity_rows(methods, layers, seeds=[config.seed], progress=progress)
+    return {
+        "source": "Wikipedia articles (gensim test data): " + ", ".join(title for title, _ in articles),
+        "length": config.fidelity_length,
+        "shape": list(layers[0].q.shape),
+        "rows": rows,
+        "summary": fidelity.summarise(rows),
+    }
+
+
+def task_sections(config: DemoConfig, tokenizer: Any, model: Any, progress: bool) -> list[dict]:
+    from lshattn.data import MissingPackageError
+    from lshattn.eval import tasks
+
+    sections = []
+    specs = [
+        (lambda: tasks.rotten_tomatoes_task(tokenizer, max_length=config.rt_length, train=config.rt_train,
+                                            test=config.rt_test, seed=config.seed), config.rt_methods, 32),
+        (lambda: tasks.bbc_task(max_length=config.bbc_length, train=config.bbc_train, test=config.bbc_test,
+                                seed=config.seed), config.bbc_methods, 8),
+    ]  # fmt: skip
+    for make_task, method_texts, batch_size in specs:
+        try:
+            task = make_task()
+        except MissingPackageError as missing:
+            sections.append({"skipped": str(missing)})
+            continue
+        sections.append(task_section(task, available(method_texts), tokenizer, model, batch_size, config.seed, progress))
+    return sections
+
+
+def task_section(task, methods, tokenizer, model, batch_size: int, seed: int, progress: bool) -> dict:
+    from lshattn.eval import tasks
+
+    def embed(texts, method, desc):
+        start = time.perf_counter()
+        x = tasks.embed(model, tokenizer, texts, method=method, max_length=task.max_length, batch_size=batch_size,
+                        seed=seed, desc=desc, progress=progress)  # fmt: skip
+        return x, (time.perf_counter() - start) / len(texts)
+
+    train_x, _ = embed(task.train_texts, None, f"{task.name}: exact (train)")
+    exact_x, exact_seconds = embed(task.test_texts, None, f"{task.name}: exact (test)")
+    embeddings, seconds = {"exact": exact_x}, {"exact": exact_seconds}
+    for method in methods:
+        embeddings[str(method)], seconds[str(method)] = embed(task.test_texts, method, f"{task.name}: {method}")
+    accuracy = tasks.probe_accuracy(train_x, task.train_labels, embeddings, task.test_labels)
+    heads, dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    rows = []
+    for method in methods:
+        name = str(method)
+        rows.append({
+            "method": name,
+            "budget": method.cost(1, heads, task.max_length, task.max_length, dim, dim).budget,
+            "cosine": float((embeddings[name] * exact_x).sum(-1).mean()),
+            "accuracy": accuracy[name],
+            "accuracy_drop": accuracy["exact"] - accuracy[name],
+            "seconds_per_text": seconds[name],
+        })  # fmt: skip
+    return {
+        "name": task.name, "length": task.max_length, "classes": task.classes, "train": len(task.train_texts),
+        "test": len(task.test_texts), "exact_accuracy": accuracy["exact"], "exact_seconds_per_text": exact_seconds,
+        "rows": rows,
+    }  # fmt: skip
+
+
+def speed_section(config: DemoConfig, progress: bool) -> dict:
+    from lshattn.eval import speed
+
+    heads, dim = 12, 32  # MiniLM's attention heads
+    rows = speed.speed_rows(available(config.speed_methods), config.speed_lengths, heads=heads, dim=dim, progress=progress)
+    return {"heads": heads, "dim": dim, "rows": rows}
+
+
+def machine() -> dict:
+    """Where the numbers come from."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    return {
+        "cpu": model, "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "python": platform.python_version(), "lshattn": lshattn.__version__,
+        "commit": commit or None,
+    }  # fmt: skip

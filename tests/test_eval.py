@@ -1,0 +1,95 @@
+"""The evaluation tools behind ``lshattn demo`` and ``lshattn fidelity``, on the real MiniLM."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import lshattn
+from lshattn import data
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    try:
+        return data.load_minilm()
+    except data.MissingPackageError as missing:
+        pytest.skip(str(missing))
+
+
+def test_capture_gives_every_layer_and_replays_exactly(minilm):
+    from lshattn.eval import capture
+
+    tokenizer, model = minilm
+    batch = tokenizer(["a short text", "a somewhat longer text with more words in it"], padding=True, return_tensors="pt")
+    layers = capture.capture_attention_inputs(model, **batch)
+    assert len(layers) == 6
+    B, H, T, D = layers[0].q.shape
+    assert (B, H, D) == (2, 12, 32) and T == batch["input_ids"].shape[1]
+    assert torch.equal(layers[0].key_padding_mask, batch["attention_mask"].bool())
+    assert layers[0].scale == pytest.approx(32**-0.5) and not layers[0].causal
+    assert model.config._attn_implementation != "lshattn"  # the model is given back
+    # Replaying exact attention on the captured inputs reproduces the model's last hidden state.
+    exact = capture.replay(lshattn.Dense(), layers[-1])
+    assert exact.shape == (2, 12, T, 32) and torch.isfinite(exact).all()
+
+
+def test_fidelity_of_exact_attention_is_perfect(minilm):
+    from lshattn.eval import capture, fidelity
+
+    tokenizer, model = minilm
+    batch = tokenizer(["the first of two texts", "and the second one"], padding=True, return_tensors="pt")
+    layers = capture.capture_attention_inputs(model, **batch)
+    row = fidelity.layer_fidelity(lshattn.Dense(), layers[2], repeats=1)
+    assert row["rel_error"] == 0 and row["cosine"] == pytest.approx(1.0) and row["budget"] == 1.0
+    one_cluster = lshattn.SMYRF(q_cluster_size=64, k_cluster_size=64)
+    assert fidelity.layer_fidelity(one_cluster, layers[2], repeats=1)["rel_error"] < 1e-5
+    rows = fidelity.fidelity_rows([lshattn.SMYRF(q_cluster_size=2, k_cluster_size=2)], layers, progress=False, repeats=1)
+    (summary,) = fidelity.summarise(rows)
+    assert len(rows) == 6 and 0 < summary["budget"] < 1 and summary["rel_error"] > 0
+
+
+def test_probe_on_separable_embeddings():
+    from lshattn.eval import tasks
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 5
+    labels = [str(i % 3) for i in range(90)]
+    x = centres[[int(y) for y in labels]] + torch.randn(90, 8, generator=g)
+    accuracy = tasks.probe_accuracy(x[:60], labels[:60], {"same": x[60:], "noise": torch.randn(30, 8)}, labels[60:])
+    assert accuracy["same"] == 1.0 and accuracy["noise"] < 0.7
+
+
+def test_headline_picks_the_best_method_near_the_budget():
+    from lshattn.eval import report
+
+    rows = [
+        {"method": "smyrf:num_hashes=4", "budget": 0.25, "accuracy": 0.9, "cosine": 0.9, "seconds_per_text": 0.2},
+        {"method": "smyrf:num_hashes=8", "budget": 0.5, "accuracy": 0.99, "cosine": 0.95, "seconds_per_text": 0.3},
+        {"method": "reformer:shared_qk=False", "budget": 0.25, "accuracy": 0.8, "cosine": 0.8, "seconds_per_text": 0.1},
+    ]
+    task = {"name": "T", "length": 512, "test": 10, "exact_accuracy": 1.0, "exact_seconds_per_text": 0.1, "rows": rows}
+    line = report.headline({"tasks": [task]}, 0.25)
+    assert "`smyrf:num_hashes=4`" in line and "keeps 90.0% of exact accuracy" in line and "0.50×" in line
+
+
+def test_quick_demo_writes_a_report(minilm, tmp_path):
+    from lshattn.eval import demo
+
+    config = dataclasses.replace(
+        demo.DemoConfig().quick(), wikipedia_docs=1, rt_train=20, rt_test=10, bbc_train=20, bbc_test=10,
+        speed_lengths=(256,), fidelity_methods=("smyrf:num_hashes=2", "reformer:bucket_size=32,shared_qk=False"),
+        rt_methods=("smyrf:num_hashes=1",), bbc_methods=("smyrf:num_hashes=2", "nonexistent:x=1"),
+    )  # fmt: skip
+    results = demo.run(config, tmp_path, progress=False)
+    report = (tmp_path / "report.md").read_text()
+    assert results["headline"] in report and "## 1. Attention fidelity" in report
+    assert {"fidelity.png", "speed.png", "report.json"} <= {p.name for p in tmp_path.iterdir()}
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert [r["method"] for r in saved["fidelity"]["summary"]] == [str(lshattn.parse(m)) for m in config.fidelity_methods]
+    assert saved["not_available"] == ["nonexistent:x=1"]
+    for task in saved["tasks"]:
+        assert 0 <= task["exact_accuracy"] <= 1 and all(-1 <= r["cosine"] <= 1 for r in task["rows"])
