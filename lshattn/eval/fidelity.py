@@ -16,25 +16,16 @@ Rows are per (method, layer); ``summarise`` averages them over layers.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from lshattn.api import Inputs, Method
 from lshattn.eval.capture import replay
+from lshattn.eval.speed import median_seconds
 from lshattn.methods import Dense
 
 __all__ = ["layer_fidelity", "fidelity_rows", "summarise"]
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def layer_fidelity(method: Method, inputs: Inputs, *, seed: int = 0, repeats: int = 3) -> dict:
@@ -50,8 +41,9 @@ def layer_fidelity(method: Method, inputs: Inputs, *, seed: int = 0, repeats: in
         difference = (out - exact)[rows]
         rel_error = (difference.norm() / exact[rows].norm()).item()
         cosine = torch.nn.functional.cosine_similarity(out[rows], exact[rows], dim=-1).mean().item()
-        seconds = _median_seconds(lambda: replay(method, inputs, torch.Generator().manual_seed(seed)), repeats)
-        exact_seconds = _median_seconds(lambda: replay(Dense(), inputs), repeats)
+        # Both have just run once above: no further warm-up.
+        seconds = median_seconds(lambda: replay(method, inputs, torch.Generator().manual_seed(seed)), repeats, warm_up=False)
+        exact_seconds = median_seconds(lambda: replay(Dense(), inputs), repeats, warm_up=False)
     cost = method.cost(B, H, T, S, D, Dv, causal=inputs.causal)
     dense = Dense().cost(B, H, T, S, D, Dv)
     return {

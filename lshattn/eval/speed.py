@@ -16,7 +16,7 @@ import torch
 
 from lshattn.api import Method
 
-__all__ = ["speed_rows"]
+__all__ = ["speed_rows", "median_seconds"]
 
 
 def speed_rows(
@@ -39,8 +39,8 @@ def speed_rows(
         q, k, v = (torch.randn(1, heads, T, dim, generator=generator) for _ in range(3))
         with torch.no_grad():
             if T not in sdpa_seconds:
-                sdpa_seconds[T] = _median(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats)
-            seconds = _median(lambda: method(q, k, v, generator=torch.Generator().manual_seed(0)), repeats)
+                sdpa_seconds[T] = median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats)
+            seconds = median_seconds(lambda: method(q, k, v, generator=torch.Generator().manual_seed(0)), repeats)
         rows.append(
             {"method": str(method), "T": T, "seconds": seconds, "sdpa_seconds": sdpa_seconds[T],
              "speedup": sdpa_seconds[T] / seconds}
@@ -48,8 +48,10 @@ def speed_rows(
     return rows
 
 
-def _median(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_seconds(fn, repeats: int, *, warm_up: bool = True) -> float:
+    """Median wall time of ``repeats`` calls of ``fn()`` (after one untimed call if ``warm_up``)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
