@@ -11,7 +11,7 @@ queries and keys::
 
 from lshattn.api import Method, attention, method_names, parse
 from lshattn.cost import Cost
-from lshattn.methods import SMYRF, Dense, DenseAux, Reformer, ReformerAux, SMYRFAux
+from lshattn.methods import SMYRF, Dense, DenseAux, Reformer, ReformerAux, SimHash, SimHashAux, SMYRFAux, YOSO, YOSOAux
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,10 @@ __all__ = [
     "ReformerAux",
     "SMYRF",
     "SMYRFAux",
+    "SimHash",
+    "SimHashAux",
+    "YOSO",
+    "YOSOAux",
     "__version__",
     "attention",
     "method_names",

@@ -65,6 +65,8 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    # Whether ``dropout_p`` is honoured; methods without attention probabilities to drop refuse it.
+    supports_dropout: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

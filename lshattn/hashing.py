@@ -170,3 +170,100 @@ def gather_rows(x: Tensor, order: Tensor) -> Tensor:
         rows = torch.arange(B * H * R, device=x.device).view(B, H, R, 1) * L
     flat = x.reshape(-1, E).index_select(0, (order + rows).reshape(-1))
     return flat.view(B, H, R, L_out, E)
+
+
+# --- SimHash codes (SimHash/BERT-LSH and YOSO) --------------------------------------------------
+
+__all__ += ["MAX_SIMHASH_BITS", "simhash_codes", "simhash_flops"]
+
+# Codes are int64; 62 bits leave room above every code for the sentinels methods give padding.
+MAX_SIMHASH_BITS = 62
+
+# Bits packed per float32 word: sums of ±2^k below 2^24 are exact.
+_BITS_PER_WORD = 24
+
+# Projections computed at once (float32 elements): one chunk of tokens stays in cache while its
+# sign bits are packed.
+_PROJECTION_ELEMENTS = 1 << 19
+
+
+def simhash_codes(x: Tensor, planes: Tensor, *, tables_last: bool = False, dtype: torch.dtype = torch.long) -> Tensor:
+    """SimHash (Charikar 2002): per table, the sign bits of ``num_bits`` Gaussian projections.
+
+    Bit k of table r is 1 when ``x · planes[h, :, r, k] > 0`` (computed in float32; an exact
+    +0 counts as positive, -0 as negative) and the code is ``Σ_k bit_k · 2^k``. Two vectors at
+    angle θ agree on one bit with probability 1 − θ/π, so their codes in a table are equal with
+    probability (1 − θ/π)^num_bits, whatever their norms. The projections are float32 whatever
+    the dtype of ``x``, so a float64 or half input hashes exactly like its float32 copy.
+
+    The bits are packed without elementwise passes over the projections: ``copysign(1, x·w)``
+    is ±1, and one small matrix product sums ``±2^k`` per table (``2·code − 2^num_bits + 1``),
+    24 bits per float32 word.
+
+    Args:
+        x: `(B, H, L, D)`.
+        planes: `(H, D, R, num_bits)`, standard normal; ``num_bits`` at most ``MAX_SIMHASH_BITS``
+            (0 gives code 0 to every token).
+        tables_last: return `(B, H, L, R)` instead (cheaper when R is large).
+        dtype: ``torch.long``, or ``torch.int32`` (half the memory) when num_bits <= 31.
+
+    Returns:
+        `(B, H, R, L)` codes in ``[0, 2^num_bits)``.
+    """
+    B, H, L, D = x.shape
+    R, num_bits = planes.shape[2], planes.shape[3]
+    if num_bits > MAX_SIMHASH_BITS:
+        raise ValueError(f"simhash_codes packs at most {MAX_SIMHASH_BITS} bits into an int64, got {num_bits}")
+    if dtype not in (torch.long, torch.int32) or (dtype == torch.int32 and num_bits > 31):
+        raise ValueError(f"simhash_codes returns int64, or int32 for at most 31 bits; got {dtype} for {num_bits} bits")
+    if num_bits == 0:
+        codes = torch.zeros(B, H, R, L, dtype=dtype, device=x.device)
+        return codes.transpose(2, 3) if tables_last else codes
+    device = x.device
+    K = R * num_bits
+    words = [(start, min(num_bits, start + _BITS_PER_WORD)) for start in range(0, num_bits, _BITS_PER_WORD)]
+    W = len(words)
+    G = _tables_per_pack(R)
+    pack = torch.zeros(G, num_bits, G, W, device=device)  # ±1 bits of G tables -> Σ ±2^k per (table, word)
+    for w, (start, stop) in enumerate(words):
+        pack[:, start:stop, :, w] = torch.eye(G, device=device)[:, None, :] * (
+            2.0 ** torch.arange(stop - start, device=device)
+        ).view(1, -1, 1)
+    pack = pack.view(1, G * num_bits, G * W).expand(B * H, G * num_bits, G * W)
+    flat = x.reshape(B * H, L, D).float()
+    weights = planes.to(device=device, dtype=torch.float32).reshape(1, H, D, K).expand(B, H, D, K)
+    weights = weights.reshape(B * H, D, K)
+    chunk = min(L, max(1, _PROJECTION_ELEMENTS // (B * H * K)))
+    buffer = torch.empty(B * H * chunk * K, device=device)
+    one = torch.ones((), device=device)
+    parts = []
+    for lo in range(0, L, chunk):  # fixed-size chunks of tokens, never one token at a time
+        n = min(chunk, L - lo)
+        proj = buffer[: B * H * n * K].view(B * H, n, K)
+        torch.bmm(flat[:, lo : lo + n], weights, out=proj)
+        torch.copysign(one, proj, out=proj)
+        parts.append(torch.bmm(proj.view(B * H, n * R // G, G * num_bits), pack).view(B * H, n, R * W))
+    widths = torch.tensor([stop - start for start, stop in words], device=device).repeat(R)
+    sums = torch.cat(parts, 1).add_(2.0**widths - 1).mul_(0.5).view(B, H, L, R, W)
+    if not tables_last:
+        sums = sums.transpose(2, 3)
+    codes = torch.empty(sums.shape, dtype=torch.long if W > 1 else dtype, device=device).copy_(sums)
+    if W == 1:
+        return codes[..., 0]
+    return (codes << torch.tensor([start for start, _ in words], device=device)).sum(-1)
+
+
+def _tables_per_pack(R: int) -> int:
+    """Tables whose bits one block-diagonal product packs: the largest divisor of R up to 16
+    (the product costs G times the minimum, in exchange for being one matrix product)."""
+    return max(d for d in range(1, min(R, 16) + 1) if R % d == 0)
+
+
+def simhash_flops(tokens: int, D: int, num_hashes: int, num_bits: int) -> int:
+    """FLOPs ``simhash_codes`` spends on ``tokens`` rows (B·H·L): the projections
+    ``2·tokens·D·R·b`` and the packing product ``2·tokens·R·b·G·ceil(b / 24)``, G being the
+    tables packed by one block-diagonal product (the largest divisor of R up to 16)."""
+    if num_bits == 0:
+        return 0
+    K = num_hashes * num_bits
+    return 2 * tokens * K * (D + _tables_per_pack(num_hashes) * -(-num_bits // _BITS_PER_WORD))

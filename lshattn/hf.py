@@ -54,6 +54,8 @@ Decisions a user should know:
   (DeBERTa-v2, MPNet, …: ``_supports_attention_backend=False``), and calls that need a score
   bias or a pattern the methods do not have (T5's ``position_bias``, sliding windows, logit
   soft-capping, attention sinks, packed sequences). The errors say which and why.
+* **Attention dropout** (in training) goes to methods that have attention probabilities to drop
+  (Dense, Reformer, SMYRF); YOSO and SimHash apply none, and a warning says so.
 * ``Reformer(shared_qk=True)`` is refused: it replaces the keys by the normalised queries, which
   a pretrained model with separate Q and K projections was not trained for. Use
   ``shared_qk=False``.
@@ -72,6 +74,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -428,9 +431,22 @@ def _attention(
         causal=is_causal,
         scale=scaling,
         generator=state.generator(module.training) if state is not None and method is not None else None,
-        dropout_p=dropout if module.training else 0.0,
+        dropout_p=_dropout(method, dropout if module.training else 0.0),
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _dropout(method: Method | None, dropout: float) -> float:
+    """The attention dropout a method gets: the module's, or 0 (with a warning) for a method
+    that has no attention probabilities to drop (YOSO, SimHash)."""
+    if dropout > 0 and method is not None and not method.supports_dropout:
+        warnings.warn(
+            f"{type(method).__name__} applies no attention dropout; training runs without the model's "
+            f"attention dropout of {dropout} in its layers",
+            stacklevel=3,
+        )
+        return 0.0
+    return dropout
 
 
 AttentionInterface.register(NAME, _attention)

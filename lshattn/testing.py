@@ -13,6 +13,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "collisions_from_aux",
+    "exact_derivative_reference",
+    "simhash_brute_force",
+    "simhash_reference",
+    "yoso_brute_force",
+    "yoso_expectation_reference",
+    "yoso_lsh_reference",
     "make_qkv",
     "make_padding_mask",
     "dense_reference",
@@ -52,12 +59,7 @@ def dense_reference(
     """Exact attention in float64 by explicit softmax; zeros where a query sees no key."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.double(), k.double(), v.double()
-    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    visible = torch.ones(B, 1, T, S, dtype=torch.bool)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    if causal:
-        visible = visible & torch.ones(T, S, dtype=torch.bool).tril()
+    visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal)
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)
     out = probs @ v
@@ -127,3 +129,145 @@ def rounds_reference(
                 weights = torch.softmax(logits, 0)
                 out[b, h, i] = sum(w * v[b, h, j] for w, j in zip(weights, entries))
     return out
+
+
+# --- SimHash (BERT-LSH) ---------------------------------------------------------------------------
+
+
+def collisions_from_aux(aux, rule: str) -> Tensor:
+    """`(B, H, T, S)` bool: pairs whose codes are equal in some table ("any") or all ("all")."""
+    equal = aux.query_codes[..., :, None] == aux.key_codes[..., None, :]  # (B, H, R, T, S)
+    return equal.any(2) if rule == "any" else equal.all(2)
+
+
+def simhash_reference(
+    q, k, v, collide, *, faithful: bool, key_padding_mask=None, query_padding_mask=None, causal=False, scale=None
+):
+    """The BERT-LSH attention by a naive loop over queries, in float64.
+
+    Every key query i may see is a softmax entry: colliding pairs with logit ``scale·q_i·k_j``,
+    the others with logit 0 (faithful) or left out (sparse). A query with no entry gets zeros.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    out = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                if query_padding_mask is not None and not query_padding_mask[b, i]:
+                    continue
+                logits, keys = [], []
+                for j in range(S):
+                    if key_padding_mask is not None and not key_padding_mask[b, j]:
+                        continue
+                    if causal and j > i:
+                        continue
+                    if collide[b, h, i, j]:
+                        logits.append(q[b, h, i] @ k[b, h, j] * scale)
+                    elif faithful:
+                        logits.append(q.new_zeros(()))
+                    else:
+                        continue
+                    keys.append(j)
+                if keys:
+                    weights = torch.softmax(torch.stack(logits), 0)
+                    out[b, h, i] = weights @ v[b, h, keys]
+    return out + 0 * (q.sum() + k.sum() + v.sum())  # in the graph even when no pair collides
+
+
+def simhash_brute_force(method, q, k, v, aux, **kw):
+    """``Entry.brute_force`` for SimHash: the reference over the collisions ``aux`` reports."""
+    return simhash_reference(q, k, v, collisions_from_aux(aux, method.rule), faithful=method.mode == "faithful", **kw)
+
+
+# --- YOSO -------------------------------------------------------------------------------------------
+
+
+def _visible_pairs(B, T, S, key_padding_mask, causal):
+    """`(B, 1, T, S)` bool: the keys each query may see."""
+    visible = torch.ones(B, 1, T, S, dtype=torch.bool)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(T, S, dtype=torch.bool).tril()
+    return visible
+
+
+def _finish_yoso(y, normalize_output, query_padding_mask):
+    if normalize_output:
+        y = y / torch.clamp(y.norm(dim=-1, keepdim=True), min=1e-12)  # norm's gradient at 0 is 0
+    if query_padding_mask is not None:
+        y = y * query_padding_mask[:, None, :, None]
+    return y
+
+
+def yoso_expectation_reference(
+    q, k, v, *, num_bits, normalize_output=True, key_padding_mask=None, query_padding_mask=None, causal=False,
+    scale=None,
+):  # fmt: skip
+    """YOSO-E by a naive loop over queries and keys, in float64:
+    ``Y_i = Σ_{j visible} (1 − arccos(q̂_i·k̂_j)/π)^τ · v_j``, then L2-normalised."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    visible = _visible_pairs(B, T, S, key_padding_mask, causal)
+    out = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                qi = q[b, h, i] / torch.clamp(q[b, h, i].norm(), min=1e-12)
+                for j in range(S):
+                    if visible[b, 0, i, j]:
+                        kj = k[b, h, j] / torch.clamp(k[b, h, j].norm(), min=1e-12)
+                        cosine = torch.clamp(qi @ kj, -1.0, 1.0)
+                        out[b, h, i] += (1 - torch.acos(cosine) / math.pi) ** num_bits * v[b, h, j]
+    return _finish_yoso(out, normalize_output, query_padding_mask)
+
+
+def exact_derivative_reference(x, num_bits, clamp=0.99):
+    """τ(1 − arccos(x)/π)^(τ−1) / (π√(1 − x²)) at x clamped to ±clamp."""
+    x = torch.clamp(x, -clamp, clamp)
+    return num_bits * (1 - torch.acos(x) / math.pi) ** (num_bits - 1) / (math.pi * torch.sqrt(1 - x * x))
+
+
+def yoso_lsh_reference(
+    q, k, v, query_codes, key_codes, *, num_bits, backward, normalize_output=True, key_padding_mask=None,
+    query_padding_mask=None, causal=False,
+):  # fmt: skip
+    """YOSO-m given its codes, densely in float64, with the paper's gradient rules.
+
+    Forward: ``Y_i = (1/m) Σ_h Σ_{j visible} [c_h(q_i) = c_h(k_j)] · v_j``. Y does not depend on
+    q and k given the codes; their gradients are those of the surrogate
+    ``Σ_j φ(q̂_i·k̂_j) v_j`` (value 0 added to Y), with ``φ'`` = (τ/2)·(collision fraction)
+    ("approx") or the exact kernel derivative on pairs colliding in some hash ("exact").
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    m = query_codes.shape[2]
+    visible = _visible_pairs(B, T, S, key_padding_mask, causal)
+    if query_padding_mask is not None:
+        visible = visible & query_padding_mask[:, None, :, None]
+    hits = (query_codes[..., :, None] == key_codes[..., None, :]).sum(2) * visible  # (B, H, T, S)
+    y = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64) + 0 * v.sum()
+    for h_ in range(m):  # per hash: the values in the query's bucket
+        same = (query_codes[:, :, h_, :, None] == key_codes[:, :, h_, None, :]) & visible
+        y = y + same.double() @ v / m
+    q_hat = q / torch.clamp(q.norm(dim=-1, keepdim=True), min=1e-12)
+    k_hat = k / torch.clamp(k.norm(dim=-1, keepdim=True), min=1e-12)
+    cosine = q_hat @ k_hat.transpose(-1, -2)
+    if backward == "approx":
+        slope = (num_bits / 2) * hits.double() / m
+    else:
+        slope = (hits > 0).double() * exact_derivative_reference(cosine.detach(), num_bits)
+    surrogate = (slope * cosine) @ v.detach()
+    y = y + (surrogate - surrogate.detach())
+    return _finish_yoso(y, normalize_output, query_padding_mask)
+
+
+def yoso_brute_force(method, q, k, v, aux, **kw):
+    """``Entry.brute_force`` for YOSO: the dense reference over the codes ``aux`` reports."""
+    kw.pop("scale", None)
+    return yoso_lsh_reference(
+        q, k, v, aux.query_codes, aux.key_codes, num_bits=method.num_bits, backward=method.backward,
+        normalize_output=method.normalize_output, **kw,
+    )  # fmt: skip

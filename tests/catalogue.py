@@ -8,9 +8,9 @@ to the library means adding its entries here; every property test then covers it
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +60,9 @@ class Entry:
         cross: whether T ≠ S is allowed.
         strictly_causal: whether its pattern depends on earlier tokens only (see
             ``test_causal_pattern_sees_the_whole_sequence``).
+        data_dependent_cost: ``cost()`` is an expectation, because the work depends on which
+            pairs collide (SimHash): the FLOPs of one call differ from ``cost().flops``.
+        uses_scale: whether ``scale`` changes the output (YOSO's kernel has no temperature).
     """
 
     method: lshattn.Method
@@ -69,6 +72,8 @@ class Entry:
     shared_qk: bool = False
     cross: bool = True
     strictly_causal: bool = True
+    data_dependent_cost: bool = False
+    uses_scale: bool = True
 
     def inputs(self, case: Case, seed: int = 0, dtype: torch.dtype = torch.float32):
         q, k, v = testing.make_qkv(case.B, case.H, case.T, case.S, case.D, case.Dv, seed=seed, dtype=dtype)
@@ -145,6 +150,48 @@ METHODS = {
     "smyrf": _smyrf(num_hashes=3, q_cluster_size=8, k_cluster_size=8),
     "smyrf-dedup": _smyrf(num_hashes=2, q_cluster_size=4, k_cluster_size=4, correct_duplicates=True),
 }
+
+
+def _simhash(**kw) -> Entry:
+    method = lshattn.SimHash(**kw)
+    return Entry(
+        method=method,
+        exact=dataclasses.replace(method, num_bits=0),  # 0 bits: every pair collides
+        brute_force=testing.simhash_brute_force,
+        data_dependent_cost=True,
+    )
+
+
+METHODS.update(
+    {
+        "simhash": _simhash(num_hashes=2, num_bits=2),
+        "simhash-sparse": _simhash(num_hashes=3, num_bits=3, mode="sparse"),
+        "simhash-all": _simhash(num_hashes=2, num_bits=1, rule="all"),
+        "simhash-all-sparse": _simhash(num_hashes=3, num_bits=1, rule="all", mode="sparse"),
+    }
+)
+
+
+def _yoso(**kw) -> Entry:
+    method = lshattn.YOSO(**kw)
+    return Entry(
+        method=method,
+        exact=dataclasses.replace(method, expectation=True),  # the expectation YOSO-m samples
+        exact_reference=functools.partial(
+            testing.yoso_expectation_reference, num_bits=method.num_bits, normalize_output=method.normalize_output
+        ),
+        brute_force=testing.yoso_brute_force,
+        uses_scale=False,
+    )
+
+
+METHODS.update(
+    {
+        "yoso": _yoso(num_hashes=8, num_bits=3),
+        "yoso-exact-grad": _yoso(num_hashes=6, num_bits=10, backward="exact"),  # 2^10 > 2S: compact tables
+        "yoso-unnormalised": _yoso(num_hashes=8, num_bits=3, normalize_output=False),
+    }
+)
 
 
 def for_case(entry: Entry, case: Case) -> Entry:

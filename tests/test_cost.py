@@ -13,7 +13,7 @@ from lshattn.cost import count_flops
 SIZES = [(2, 3, 64, 64, 16, 16), (1, 2, 100, 100, 32, 8), (2, 1, 37, 37, 8, 8)]
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", [n for n, e in METHODS.items() if not e.data_dependent_cost])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-H{}-T{}-S{}-D{}-Dv{}".format(*s))
 def test_flops_counted_by_torch_equal_the_formula(name, size):
     """FlopCounterMode counts matrix products only; the formula also counts the element-wise

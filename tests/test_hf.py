@@ -316,6 +316,18 @@ def test_dropout_applies_to_lsh_methods_in_training():
     assert not torch.allclose(first, trained)
 
 
+@pytest.mark.parametrize("method", [lshattn.YOSO(num_hashes=4, num_bits=4), lshattn.SimHash(num_bits=2)], ids=str)
+def test_methods_without_dropout_train_without_it_and_say_so(method):
+    family = FAMILIES["bert"]
+    _, model = build(family, attention_probs_dropout_prob=0.25, hidden_dropout_prob=0.0)
+    hf.use(model, method)
+    model.train()
+    with pytest.warns(UserWarning, match=f"{type(method).__name__} applies no attention dropout"):
+        out = hidden(model, inputs(family))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+
+
 # --- layers, switching, restoring ----------------------------------------------------------------
 
 
