@@ -34,25 +34,36 @@ __all__ = ["DemoConfig", "run"]
 
 # Budgets are dot products over exact attention's. MiniLM has 12 heads of dim 32.
 # At 512 tokens: SMYRF R×32 costs R·32/512; Reformer R rounds of 32-token chunks that also see
-# the chunk before cost R·64/512 (num_buckets = 2·T/bucket_size as in the paper).
+# the chunk before cost R·64/512 (num_buckets = 2·T/bucket_size as in the paper). SimHash's cost
+# depends on how many pairs collide (fewer with more bits, more with more tables); 2 bits in
+# faithful mode is BERT-LSH's trained setting. YOSO-m computes no dot product at all; YOSO-E is
+# its exact kernel, to separate the kernel's distance from softmax from the sampling error.
 FIDELITY_METHODS = (
     "smyrf:num_hashes=1", "smyrf:num_hashes=2", "smyrf:num_hashes=4", "smyrf:num_hashes=8",
     "reformer:num_hashes=1,bucket_size=32,num_buckets=32,shared_qk=False",
     "reformer:num_hashes=2,bucket_size=32,num_buckets=32,shared_qk=False",
     "reformer:num_hashes=4,bucket_size=32,num_buckets=32,shared_qk=False",
+    "simhash:num_bits=2", "simhash:num_bits=8",
+    "simhash:num_bits=4,mode=sparse", "simhash:num_bits=8,mode=sparse", "simhash:num_hashes=4,num_bits=8,mode=sparse",
+    "yoso:num_bits=8", "yoso:num_hashes=128,num_bits=8", "yoso:num_bits=8,expectation=True",
 )  # fmt: skip
-# 25 % and 50 % budgets at each task's length.
+# About 25 % and 50 % budgets at each task's length, and SimHash and YOSO settings.
 RT_METHODS = (  # 128 tokens: SMYRF 1×32 and 2×32 (the paper's GLUE setting); Reformer chunks of 16
     "smyrf:num_hashes=1", "smyrf",
     "reformer:num_hashes=1,bucket_size=16,num_buckets=16,shared_qk=False",
     "reformer:bucket_size=16,num_buckets=16,shared_qk=False",
+    "simhash:num_bits=2", "simhash:num_bits=4,mode=sparse", "yoso:num_bits=8",
 )  # fmt: skip
 BBC_METHODS = (  # 512 tokens
     "smyrf:num_hashes=4", "smyrf:num_hashes=8",
     "reformer:bucket_size=32,num_buckets=32,shared_qk=False",
     "reformer:num_hashes=4,bucket_size=32,num_buckets=32,shared_qk=False",
+    "simhash:num_bits=2", "simhash:num_bits=4,mode=sparse", "yoso:num_bits=8",
 )  # fmt: skip
-SPEED_METHODS = ("smyrf:num_hashes=4", "reformer:bucket_size=32,num_buckets=32,shared_qk=False")
+SPEED_METHODS = (
+    "smyrf:num_hashes=4", "reformer:bucket_size=32,num_buckets=32,shared_qk=False", "simhash:num_bits=8,mode=sparse",
+    "yoso:num_bits=8",
+)
 
 
 @dataclasses.dataclass(frozen=True)
