@@ -63,17 +63,23 @@ def test_probe_on_separable_embeddings():
     assert accuracy["same"] == 1.0 and accuracy["noise"] < 0.7
 
 
-def test_headline_picks_the_best_method_near_the_budget():
+def test_headline_picks_the_method_keeping_most_within_the_budget():
     from lshattn.eval import report
 
-    rows = [
-        {"method": "smyrf:num_hashes=4", "budget": 0.25, "accuracy": 0.9, "cosine": 0.9, "seconds_per_text": 0.2},
-        {"method": "smyrf:num_hashes=8", "budget": 0.5, "accuracy": 0.99, "cosine": 0.95, "seconds_per_text": 0.3},
-        {"method": "reformer:shared_qk=False", "budget": 0.25, "accuracy": 0.8, "cosine": 0.8, "seconds_per_text": 0.1},
-    ]
-    task = {"name": "T", "length": 512, "test": 10, "exact_accuracy": 1.0, "exact_seconds_per_text": 0.1, "rows": rows}
-    line = report.headline({"tasks": [task]}, 0.25)
-    assert "`smyrf:num_hashes=4`" in line and "keeps 90.0% of exact accuracy" in line and "0.50×" in line
+    def task(name, length, rows):
+        return {"name": name, "length": length, "test": 10, "exact_accuracy": 1.0, "exact_seconds_per_text": 0.1,
+                "rows": [dict(zip(("method", "budget", "accuracy", "cosine", "seconds_per_text", "flops_ratio"), r))
+                         for r in rows]}
+
+    short = task("Short", 128, [("smyrf:num_hashes=1", 0.25, 0.8, 0.6, 0.2, 0.26), ("reformer:num_hashes=1", 0.25, 0.9, 0.6, 0.1, 0.3),
+                                ("smyrf", 0.5, 1.0, 0.9, 0.3, 0.5), ("yoso", 0.0, 1.0, 0.9, 0.1, 0.3)])
+    long = task("Long", 512, [("smyrf:num_hashes=4", 0.25, 1.0, 0.9, 0.2, 0.26), ("reformer", 0.25, 0.85, 0.8, 0.1, 0.3),
+                              ("yoso", 0.0, 1.0, 0.9, 0.1, 0.3)])
+    line = report.headline({"tasks": [short, long]}, 0.25)  # SMYRF keeps (0.8 + 1.0) / 2, Reformer (0.9 + 0.85) / 2
+    assert "the best method is smyrf" in line and "80.0% of exact accuracy on Short" in line
+    assert "`smyrf:num_hashes=4`: 1.000 vs 1.000" in line and "0.50× at 128 tokens" in line
+    assert "`smyrf`:" not in line  # over the budget
+    assert "yoso" not in line  # no dot products, but 30 % of the FLOPs
 
 
 def test_quick_demo_writes_a_report(minilm, tmp_path):

@@ -205,9 +205,12 @@ def task_section(task, methods, tokenizer, model, batch_size: int, seed: int, pr
     rows = []
     for method in methods:
         name = str(method)
+        cost = method.cost(1, heads, task.max_length, task.max_length, dim, dim)
+        exact_flops = lshattn.Dense().cost(1, heads, task.max_length, task.max_length, dim, dim).flops
         rows.append({
             "method": name,
-            "budget": method.cost(1, heads, task.max_length, task.max_length, dim, dim).budget,
+            "budget": cost.budget,
+            "flops_ratio": cost.flops / exact_flops,
             "cosine": float((embeddings[name] * exact_x).sum(-1).mean()),
             "accuracy": accuracy[name],
             "accuracy_drop": accuracy["exact"] - accuracy[name],
