@@ -40,8 +40,10 @@ def headline(results: dict, budget: float) -> str:
         best_per_task = [{family(r["method"]): r for r in _best_within(t["rows"], budget)} for t in tasks]
         families = set.intersection(*(set(best) for best in best_per_task))
         if families:
-            def kept(name: str) -> float:
-                return sum(b[name]["accuracy"] / t["exact_accuracy"] for b, t in zip(best_per_task, tasks)) / len(tasks)
+            def kept(name: str) -> tuple[float, float]:  # mean share of exact accuracy, then mean cosine
+                shares = [b[name]["accuracy"] / t["exact_accuracy"] for b, t in zip(best_per_task, tasks)]
+                cosines = [b[name]["cosine"] for b in best_per_task]
+                return sum(shares) / len(shares), sum(cosines) / len(cosines)
 
             name = max(sorted(families), key=kept)
             parts = [
