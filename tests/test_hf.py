@@ -128,6 +128,8 @@ EXACT_LIMITS = {
 LSH_SETTINGS = {
     "smyrf": lshattn.SMYRF(num_hashes=2, q_cluster_size=4, k_cluster_size=4),
     "reformer": lshattn.Reformer(num_hashes=2, bucket_size=4, num_buckets=4, shared_qk=False),
+    "simhash": lshattn.SimHash(num_bits=2, mode="sparse"),
+    "yoso": lshattn.YOSO(num_hashes=8, num_bits=4),
 }
 
 
@@ -170,6 +172,7 @@ def test_exact_limit_matches_eager(name, limit):
 
 @pytest.mark.parametrize("setting", LSH_SETTINGS, ids=list(LSH_SETTINGS))
 @pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.filterwarnings("ignore:.*applies no attention dropout")  # tested on its own below
 def test_lsh_setting_is_finite_differs_and_trains(name, setting):
     family = FAMILIES[name]
     reference, model = build(family)
