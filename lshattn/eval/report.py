@@ -210,7 +210,7 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
                 f"| `{r['method']}` | {r['budget']:.0%} | {r['flops_ratio']:.0%} | {r['cosine']:.3f} | {r['accuracy']:.3f} | "
                 f"{r['accuracy_drop']:+.3f} | {task['exact_seconds_per_text'] / r['seconds_per_text']:.2f}× |"
             )
-    if results.get("speed"):
+    if results.get("speed", {}).get("rows"):
         s = results["speed"]
         lines += [
             "", "## 3. Attention speed against length", "",
@@ -268,7 +268,7 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
         fig.savefig(out / "fidelity.png", dpi=120)
         plt.close(fig)
         made["fidelity"] = "fidelity.png"
-    if results.get("speed"):
+    if results.get("speed", {}).get("rows"):
         rows = results["speed"]["rows"]
         fig, axis = plt.subplots(figsize=(6, 4))
         sdpa = sorted({(r["T"], r["sdpa_seconds"]) for r in rows})
