@@ -182,7 +182,7 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
                 f"{r['cosine']:.3f} | {r['exact_seconds'] / r['seconds']:.2f}× |"
             )
         if "fidelity" in plots:
-            lines += ["", f"![fidelity against budget]({plots['fidelity']})"]
+            lines += ["", f"![fidelity against budget and FLOPs]({plots['fidelity']})"]
     tasks = results.get("tasks", [])
     if tasks:
         lines += [
@@ -250,17 +250,19 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
         return {}
     made = {}
     if results.get("fidelity"):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
         for name, rows in _by_variant(results["fidelity"]["summary"], key="flops_ratio").items():
-            flops = [r["flops_ratio"] for r in rows]
             colour = PLOT_COLOURS.get(family(rows[0]["method"]))
             style = "s--" if "sparse" in name or "yoso-E" in name else "o-"
-            left.plot(flops, [r["cosine"] for r in rows], style, label=name, color=colour)
-            right.plot(flops, [r["rel_error"] for r in rows], style, label=name, color=colour)
-        for axis, label in ((left, "mean cosine to exact (higher is better)"), (right, "relative error (lower is better)")):
+            counted = sorted((r for r in rows if r["budget"] > 0), key=lambda r: r["budget"])
+            if counted:
+                left.plot([r["budget"] for r in counted], [r["cosine"] for r in counted], style, label=name, color=colour)
+            right.plot([r["flops_ratio"] for r in rows], [r["cosine"] for r in rows], style, label=name, color=colour)
+        left.set_xlabel("budget: dot products / exact attention's (YOSO-m computes none)")
+        right.set_xlabel("FLOPs / exact attention's (measured)")
+        left.set_ylabel("mean cosine to exact attention (higher is better)")
+        for axis in (left, right):
             axis.set_xscale("log", base=2)
-            axis.set_xlabel("FLOPs / exact attention's (measured)")
-            axis.set_ylabel(label)
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7)
         fig.suptitle(f"Attention fidelity on real MiniLM activations ({results['fidelity']['length']} tokens)")
