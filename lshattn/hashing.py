@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from lshattn import kernels
+
 __all__ = [
     "draw_normal",
     "angular_factors",
@@ -174,7 +176,7 @@ def gather_rows(x: Tensor, order: Tensor) -> Tensor:
 
 # --- SimHash codes (SimHash/BERT-LSH and YOSO) --------------------------------------------------
 
-__all__ += ["MAX_SIMHASH_BITS", "simhash_codes", "simhash_flops"]
+__all__ += ["MAX_SIMHASH_BITS", "packing_flops", "simhash_codes", "simhash_flops"]
 
 # Codes are int64; 62 bits leave room above every code for the sentinels methods give padding.
 MAX_SIMHASH_BITS = 62
@@ -196,9 +198,9 @@ def simhash_codes(x: Tensor, planes: Tensor, *, tables_last: bool = False, dtype
     probability (1 − θ/π)^num_bits, whatever their norms. The projections are float32 whatever
     the dtype of ``x``, so a float64 or half input hashes exactly like its float32 copy.
 
-    The bits are packed without elementwise passes over the projections: ``copysign(1, x·w)``
-    is ±1, and one small matrix product sums ``±2^k`` per table (``2·code − 2^num_bits + 1``),
-    24 bits per float32 word.
+    The projections are computed in cache-sized chunks of tokens, and each chunk's sign bits are
+    packed while it is in cache: by the native kernel on the CPU (``lshattn.kernels``), else in
+    torch operations (``_pack_signs``).
 
     Args:
         x: `(B, H, L, D)`.
@@ -219,8 +221,39 @@ def simhash_codes(x: Tensor, planes: Tensor, *, tables_last: bool = False, dtype
     if num_bits == 0:
         codes = torch.zeros(B, H, R, L, dtype=dtype, device=x.device)
         return codes.transpose(2, 3) if tables_last else codes
-    device = x.device
-    K = R * num_bits
+    chunks = _projection_chunks(x, planes)
+    codes = torch.empty(B * H, L, R, dtype=dtype, device=x.device)
+    if kernels.available() and x.device.type == "cpu":
+        for lo, proj in chunks:
+            kernels.sign_codes(proj, codes, lo)
+    else:
+        _pack_signs(chunks, codes, num_bits)
+    codes = codes.view(B, H, L, R)
+    return codes if tables_last else codes.transpose(2, 3).contiguous()
+
+
+def _projection_chunks(x: Tensor, planes: Tensor):
+    """Yield ``(lo, proj)``: the `(B·H, n, R·num_bits)` float32 projections of positions
+    ``lo .. lo + n``, in chunks of at most ``_PROJECTION_ELEMENTS`` (one buffer, reused)."""
+    B, H, L, D = x.shape
+    K = planes.shape[2] * planes.shape[3]
+    flat = x.reshape(B * H, L, D).float()
+    weights = planes.to(device=x.device, dtype=torch.float32).reshape(1, H, D, K).expand(B, H, D, K)
+    weights = weights.reshape(B * H, D, K)
+    chunk = min(L, max(1, _PROJECTION_ELEMENTS // (B * H * K)))
+    buffer = torch.empty(B * H * chunk * K, device=x.device)
+    for lo in range(0, L, chunk):  # fixed-size chunks of tokens, never one token at a time
+        n = min(chunk, L - lo)
+        proj = buffer[: B * H * n * K].view(B * H, n, K)
+        yield lo, torch.bmm(flat[:, lo : lo + n], weights, out=proj)
+
+
+def _pack_signs(chunks, codes: Tensor, num_bits: int) -> None:
+    """The sign bits of each chunk of projections into ``codes`` `(N, L, R)`, in torch operations
+    (where the native kernel does not run): ``copysign(1, x·w)`` is ±1, and one small matrix
+    product sums ``±2^k`` per table (``2·code − 2^num_bits + 1``), 24 bits per float32 word."""
+    N, L, R = codes.shape
+    device = codes.device
     words = [(start, min(num_bits, start + _BITS_PER_WORD)) for start in range(0, num_bits, _BITS_PER_WORD)]
     W = len(words)
     G = _tables_per_pack(R)
@@ -229,28 +262,17 @@ def simhash_codes(x: Tensor, planes: Tensor, *, tables_last: bool = False, dtype
         pack[:, start:stop, :, w] = torch.eye(G, device=device)[:, None, :] * (
             2.0 ** torch.arange(stop - start, device=device)
         ).view(1, -1, 1)
-    pack = pack.view(1, G * num_bits, G * W).expand(B * H, G * num_bits, G * W)
-    flat = x.reshape(B * H, L, D).float()
-    weights = planes.to(device=device, dtype=torch.float32).reshape(1, H, D, K).expand(B, H, D, K)
-    weights = weights.reshape(B * H, D, K)
-    chunk = min(L, max(1, _PROJECTION_ELEMENTS // (B * H * K)))
-    buffer = torch.empty(B * H * chunk * K, device=device)
-    one = torch.ones((), device=device)
-    parts = []
-    for lo in range(0, L, chunk):  # fixed-size chunks of tokens, never one token at a time
-        n = min(chunk, L - lo)
-        proj = buffer[: B * H * n * K].view(B * H, n, K)
-        torch.bmm(flat[:, lo : lo + n], weights, out=proj)
-        torch.copysign(one, proj, out=proj)
-        parts.append(torch.bmm(proj.view(B * H, n * R // G, G * num_bits), pack).view(B * H, n, R * W))
+    pack = pack.view(1, G * num_bits, G * W).expand(N, G * num_bits, G * W)
     widths = torch.tensor([stop - start for start, stop in words], device=device).repeat(R)
-    sums = torch.cat(parts, 1).add_(2.0**widths - 1).mul_(0.5).view(B, H, L, R, W)
-    if not tables_last:
-        sums = sums.transpose(2, 3)
-    codes = torch.empty(sums.shape, dtype=torch.long if W > 1 else dtype, device=device).copy_(sums)
-    if W == 1:
-        return codes[..., 0]
-    return (codes << torch.tensor([start for start, _ in words], device=device)).sum(-1)
+    shifts = torch.tensor([start for start, _ in words], device=device)
+    one = torch.ones((), device=device)
+    for lo, proj in chunks:
+        n = proj.shape[1]
+        torch.copysign(one, proj, out=proj)
+        sums = torch.bmm(proj.view(N, n * R // G, G * num_bits), pack).view(N, n, R, W)
+        sums = sums.add_(2.0**widths.view(R, W) - 1).mul_(0.5)
+        packed = sums[..., 0] if W == 1 else (sums.long() << shifts).sum(-1)
+        codes[:, lo : lo + n] = packed
 
 
 def _tables_per_pack(R: int) -> int:
@@ -260,10 +282,16 @@ def _tables_per_pack(R: int) -> int:
 
 
 def simhash_flops(tokens: int, D: int, num_hashes: int, num_bits: int) -> int:
-    """FLOPs ``simhash_codes`` spends on ``tokens`` rows (B·H·L): the projections
-    ``2·tokens·D·R·b`` and the packing product ``2·tokens·R·b·G·ceil(b / 24)``, G being the
-    tables packed by one block-diagonal product (the largest divisor of R up to 16)."""
+    """FLOPs of the projections ``simhash_codes`` computes for ``tokens`` rows (B·H·L):
+    ``2·tokens·D·R·b``. Where the native kernels do not run (not on the CPU, or no compiler),
+    packing the bits adds the matrix product of ``packing_flops``."""
+    return 2 * tokens * num_hashes * num_bits * D
+
+
+def packing_flops(tokens: int, num_hashes: int, num_bits: int) -> int:
+    """FLOPs of the product that packs the sign bits on the torch path (``_pack_signs``):
+    ``2·tokens·R·b·G·ceil(b / 24)``, G being the tables packed by one block-diagonal product
+    (the largest divisor of R up to 16). The native kernel packs them without arithmetic."""
     if num_bits == 0:
         return 0
-    K = num_hashes * num_bits
-    return 2 * tokens * K * (D + _tables_per_pack(num_hashes) * -(-num_bits // _BITS_PER_WORD))
+    return 2 * tokens * num_hashes * num_bits * _tables_per_pack(num_hashes) * -(-num_bits // _BITS_PER_WORD)

@@ -7,7 +7,7 @@ import torch
 from catalogue import METHODS
 
 import lshattn
-from lshattn import testing
+from lshattn import kernels, testing
 from lshattn.cost import count_flops
 
 SIZES = [(2, 3, 64, 64, 16, 16), (1, 2, 100, 100, 32, 8), (2, 1, 37, 37, 8, 8)]
@@ -20,6 +20,8 @@ def test_flops_counted_by_torch_equal_the_formula(name, size):
     dot product of the causal own-key column (2·D per query slot), so causal is checked with
     that term removed."""
     spec = METHODS[name].method
+    if isinstance(spec, lshattn.YOSO) and not spec.expectation and not kernels.available():
+        pytest.skip("no C++ compiler: YOSO's cost formula is that of the native kernels")
     B, H, T, S, D, Dv = size
     q, k, v = testing.make_qkv(B, H, T, S, D, Dv)
     k = q if getattr(spec, "shared_qk", False) else k

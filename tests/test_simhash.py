@@ -15,7 +15,7 @@ import torch
 from scipy import stats
 
 import lshattn
-from lshattn import hashing, testing
+from lshattn import hashing, kernels, testing
 from lshattn.testing import collisions_from_aux, simhash_brute_force
 from lshattn.methods import simhash as simhash_module
 
@@ -47,14 +47,20 @@ def test_simhash_codes_ignore_norms_and_dtype():
     assert torch.equal(hashing.simhash_codes(x, planes[:, :, :, :0]), torch.zeros(1, 2, 4, 40, dtype=torch.long))
 
 
-def test_simhash_flops_are_what_torch_counts():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_simhash_flops_are_what_torch_counts(native, native_kernels):
+    """The projections on either path; the torch path also packs the bits with a product."""
     from lshattn.cost import count_flops
 
+    native_kernels(native)
+    if native and not kernels.available():
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
     x = torch.randn(2, 3, 70, 16)
     for R, bits in [(1, 8), (32, 8), (3, 30), (37, 3)]:
         planes = torch.randn(3, 16, R, bits)
         flops = count_flops(lambda planes=planes: hashing.simhash_codes(x, planes))
-        assert flops == hashing.simhash_flops(2 * 3 * 70, 16, R, bits)
+        packing = 0 if native else hashing.packing_flops(2 * 3 * 70, R, bits)
+        assert flops == hashing.simhash_flops(2 * 3 * 70, 16, R, bits) + packing
 
 
 # --- the estimator ------------------------------------------------------------------------------

@@ -167,11 +167,14 @@ def test_exact_derivative_is_clamped_off_plus_minus_one():
 # --- the bucket sums: both table layouts and the causal running sums ------------------------------
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("num_bits", [2, 5, 12, 40], ids=lambda b: f"bits{b}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_bucket_sums_by_brute_force(num_bits, causal):
+def test_bucket_sums_by_brute_force(num_bits, causal, native, native_kernels):
     """Direct tables (2^τ <= 2S), rank-compacted tables (2^τ > 2S) and causal running sums all
-    equal a naive sum, with invalid readers (-1) and writers (-2)."""
+    equal a naive sum, with invalid readers (-1) and writers (-2), on the native kernel and on
+    the torch path."""
+    native_kernels(native)
     g = gen(30)
     N, L, m, Dv = 3, 20, 4, 5
     high = min(2**num_bits, 6)  # few distinct codes, so that buckets are shared

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lshattn import kernels
 from lshattn.api import Inputs, Method
 from lshattn.blocks import compute_dtype, finish_output
 from lshattn.cost import Cost
@@ -180,13 +181,17 @@ class YOSO(Method):
         ``expectation_bytes`` (``2·B·H·T·S·itemsize``: the cosines and the kernel).
 
         YOSO-m: dot_products = 0; flops = the hashing products
-        ``hashing.simhash_flops(B·H·(T + S), D, m, τ)``, plus, when causal, the products that
-        sum each block of n <= ``CAUSAL_BLOCK`` positions' own keys, ``2·B·H·Dv·Σ n²`` per group
-        of hashes; the bucket sums themselves are ``m·(T + S)·Dv`` additions per (b, h),
-        scatter and gather work that ``lshattn.cost`` does not count; memory_bytes = the
-        largest of the bucket tables of one group of hashes (``B·H·g·(rows + 2)·Dv·itemsize``
-        with ``rows = 2^τ``, or S when 2^τ > 2S, and g hashes per group under
-        ``TABLE_BUDGET``), the codes (``B·H·(T + S)·m·4``, int32) and the output.
+        ``hashing.simhash_flops(B·H·(T + S), D, m, τ)``; the bucket sums are ``m·(T + S)·Dv``
+        additions per (b, h), scatter and gather work that ``lshattn.cost`` does not count;
+        memory_bytes = the bucket tables (at most ``kernels.UNIT_TABLE_BUDGET`` scalars per
+        thread on the native path, ``B·H·g·(rows + 2)·Dv·itemsize`` for a group of g hashes
+        under ``TABLE_BUDGET`` on the torch path, with ``rows = 2^τ``, or S when 2^τ > 2S), the
+        codes (``B·H·(T + S)·m·4``, int32) and the output, whichever is largest.
+
+        These are the native CPU kernels' costs. Where they do not run (not on the CPU, or no
+        compiler), packing the hash bits adds ``hashing.packing_flops``, and causal sums add
+        ``2·B·H·Dv·Σ n²`` per group of hashes for the products that sum each block of
+        n <= ``CAUSAL_BLOCK`` positions' own keys.
         """
         if self.expectation:
             dots = B * H * T * S
@@ -196,9 +201,6 @@ class YOSO(Method):
         code_bytes = 4 if self.num_bits <= 31 else 8
         memory = max(group * rows * Dv * itemsize, (T + S) * self.num_hashes * code_bytes, T * Dv * itemsize) * B * H
         flops = simhash_flops(B * H * (T + S), D, self.num_hashes, self.num_bits)
-        if causal:  # each block of positions sums its own keys with a (n, n) product, per group
-            blocks = [min(CAUSAL_BLOCK, T - lo) for lo in range(0, T, CAUSAL_BLOCK)]
-            flops += -(-self.num_hashes // group) * 2 * B * H * Dv * sum(n * n for n in blocks)
         return Cost(flops=flops, dot_products=0, memory_bytes=memory, budget=0.0)
 
 
@@ -366,16 +368,16 @@ def bucket_sums(
     """``out_i = Σ_h Σ_{j: write_codes[h, j] == read_codes[h, i]} values_j``, summed over hashes.
 
     Per hash, the writers' values are added into one table row per bucket and each reader reads
-    its bucket's row; hashes are processed in groups whose tables fit ``TABLE_BUDGET``. When
-    2^τ > 2S the codes are first replaced by their rank among the writers' codes, so a table
-    never has more rows than writers. Causal: positions are taken in blocks of
-    ``CAUSAL_BLOCK``; a reader reads the table as it stood before its block (the writers of
-    earlier blocks) plus the writers of its own block at positions <= its own, and then the
-    block's writers are added to the table. Only additions, so no precision is lost to
-    cancellation, whatever the magnitudes.
+    its bucket's row. When 2^τ > 2S the codes are first replaced by their rank among the
+    writers' codes, so a table never has more rows than writers. Only additions, so no
+    precision is lost to cancellation, whatever the magnitudes.
+
+    On the CPU in float32 or float64 this runs the native kernel (``lshattn.kernels``): one
+    pass over the positions per hash group, causal sums included. Elsewhere, or without a
+    compiler, it runs ``_torch_bucket_sums``.
 
     Args:
-        read_codes: `(N, T, m)` int64 codes in ``[0, 2^num_bits)``, -1 for a reader that reads
+        read_codes: `(N, T, m)` integer codes in ``[0, 2^num_bits)``, -1 for a reader that reads
             nothing. write_codes: `(N, S, m)`, -2 for a writer that writes nothing.
         values: `(N, S, Dv)`.
         causal: reader i sums only writers j <= i (T == S); with ``reverse`` only j >= i.
@@ -383,13 +385,33 @@ def bucket_sums(
     Returns:
         `(N, T, Dv)` in the dtype of ``values``.
     """
+    rows = _table_rows(num_bits, values.shape[1])
+    if rows != 2**num_bits:
+        read_codes, write_codes = _compact_codes(read_codes, write_codes)
+    out = kernels.bucket_sums(read_codes, write_codes, values, rows, causal=causal, reverse=reverse)
+    if out is None:
+        out = _torch_bucket_sums(read_codes, write_codes, values, rows, causal=causal, reverse=reverse)
+    return out
+
+
+def _torch_bucket_sums(
+    read_codes: Tensor, write_codes: Tensor, values: Tensor, valid_rows: int, *, causal: bool, reverse: bool
+) -> Tensor:
+    """``bucket_sums`` in torch operations, given codes in ``[0, valid_rows)``.
+
+    Hashes are processed in groups whose tables fit ``TABLE_BUDGET``: ``index_add_`` adds the
+    writers' values into the tables and ``embedding_bag`` sums each reader's rows over the
+    group. Causal: positions are taken in blocks of ``CAUSAL_BLOCK``; a reader reads the table
+    as it stood before its block (the writers of earlier blocks) plus the writers of its own
+    block at positions <= its own, and then the block's writers are added to the table.
+    """
     if causal and reverse:
-        return bucket_sums(read_codes.flip(1), write_codes.flip(1), values.flip(1), num_bits, causal=True).flip(1)
+        flipped = _torch_bucket_sums(
+            read_codes.flip(1), write_codes.flip(1), values.flip(1), valid_rows, causal=True, reverse=False
+        )
+        return flipped.flip(1)
     N, T, m = read_codes.shape
     S, Dv = values.shape[1], values.shape[2]
-    valid_rows = _table_rows(num_bits, S)
-    if valid_rows != 2**num_bits:
-        read_codes, write_codes = _compact_codes(read_codes, write_codes)
     rows = valid_rows + 2  # a dump row for writers marked -2, a zero row for readers marked -1
     group = min(m, max(1, TABLE_BUDGET // (N * rows * Dv)))
     # Table rows fit int32 (TABLE_BUDGET), which halves the index traffic; index_add_ wants int64.

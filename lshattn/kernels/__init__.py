@@ -1,0 +1,216 @@
+"""Native CPU kernels, compiled on first use and loaded with ctypes.
+
+The kernels are plain C++ with a C ABI (no Python or torch headers), so compiling one takes
+about a second. The shared library is cached under ``$LSHATTN_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/lshattn`` or ``~/.cache/lshattn``), keyed by the source, the compiler command
+and the CPU, since it is built with ``-march=native``. Where no compiler works, each kernel's
+caller falls back to its pure-torch path, with one warning that says why;
+``LSHATTN_NATIVE=0`` forces the fallback.
+
+Threads: a call splits its work into independent units and runs them on
+``torch.get_num_threads()`` threads (ctypes releases the GIL while a kernel runs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "bucket_sums", "sign_codes", "load", "NativeKernelWarning"]
+
+SOURCE_DIR = Path(__file__).parent
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler rejects -march=native
+BASE_FLAGS = ["-std=c++17", "-shared", "-fPIC"]
+
+# Scalars of bucket tables one unit of work holds at once (64 MiB in float32).
+UNIT_TABLE_BUDGET = 1 << 24
+
+
+class NativeKernelWarning(UserWarning):
+    """A native kernel could not be built; the pure-torch path runs instead."""
+
+
+def _enabled() -> bool:
+    return os.environ.get("LSHATTN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LSHATTN_CACHE_DIR"):
+        return Path(os.environ["LSHATTN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lshattn"
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _compile(source: Path, target: Path) -> str | None:
+    """Compile ``source`` into ``target`` atomically; None on success, else why it failed."""
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
+    errors = []
+    for flags in FLAG_SETS:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        command = [*compiler, *flags, *BASE_FLAGS, str(source), "-o", partial]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            os.unlink(partial)
+            return f"{shlex.join(command)}: {error}"
+        if result.returncode == 0:
+            os.replace(partial, target)  # atomic: concurrent processes never load a partial file
+            return None
+        os.unlink(partial)
+        errors.append(f"{shlex.join(command)}:\n{result.stderr.strip()[-2000:]}")
+    return "\n".join(errors)
+
+
+_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+# The C signature of every kernel in cpu.cpp.
+SIGNATURES = {
+    "lshattn_bucket_sums_f32": [_PTR] * 4 + [_I64] * 10 + [_INT] * 2,
+    "lshattn_bucket_sums_f64": [_PTR] * 4 + [_I64] * 10 + [_INT] * 2,
+    "lshattn_sign_codes_i32": [_PTR] * 2 + [_I64] * 7,
+    "lshattn_sign_codes_i64": [_PTR] * 2 + [_I64] * 7,
+}
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels (``lshattn/kernels/cpu.cpp``), or None when native kernels are
+    disabled or cannot be built (with a ``NativeKernelWarning``)."""
+    if not _enabled():
+        return None
+    source = SOURCE_DIR / "cpu.cpp"
+    key = hashlib.sha256(
+        b"\0".join([source.read_bytes(), os.environ.get("CXX", "c++").encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"cpu-{key}.so"
+    if not target.exists():
+        failure = _compile(source, target)
+        if failure is not None:
+            warnings.warn(
+                f"lshattn: could not compile the native kernels {source.name}, so the slower pure-torch paths "
+                f"run instead (set CXX to a working C++17 compiler, or LSHATTN_NATIVE=0 to silence this):\n{failure}",
+                NativeKernelWarning,
+                stacklevel=3,
+            )
+            return None
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as error:  # say, a cache directory mounted noexec
+        warnings.warn(
+            f"lshattn: could not load the native kernels {target}, so the slower pure-torch paths run instead "
+            f"(set LSHATTN_CACHE_DIR to a directory that allows executables, or LSHATTN_NATIVE=0): {error}",
+            NativeKernelWarning,
+            stacklevel=3,
+        )
+        return None
+    for name, argtypes in SIGNATURES.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = None, argtypes
+    return library
+
+
+def available() -> bool:
+    """Whether the native kernels run here (compiling them if needed)."""
+    return load() is not None
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lshattn")
+
+
+def _run(tasks: list[tuple]) -> None:
+    """Run ``(function, *args)`` tasks on ``torch.get_num_threads()`` threads."""
+    workers = min(len(tasks), torch.get_num_threads())
+    if workers <= 1:
+        for function, *args in tasks:
+            function(*args)
+        return
+    for future in [_pool(workers).submit(*task) for task in tasks]:
+        future.result()
+
+
+def bucket_sums(
+    read_rows: Tensor, write_rows: Tensor, values: Tensor, rows: int, *, causal: bool, reverse: bool = False
+) -> Tensor | None:
+    """``out_i = Σ_h Σ_{j: write_rows[n, j, h] == read_rows[n, i, h]} values[n, j]``, natively.
+
+    Args:
+        read_rows: `(N, T, m)` table rows in ``[0, rows)``, negative for a reader that reads nothing.
+        write_rows: `(N, S, m)`, negative for a writer that writes nothing.
+        values: `(N, S, Dv)` float32 or float64 on the CPU.
+        causal: reader i sums writers j <= i (T == S); with ``reverse``, j >= i.
+
+    Returns:
+        `(N, T, Dv)`, or None when the native kernel is unavailable or does not apply (not a CPU
+        tensor, another dtype); the caller then runs its torch path.
+    """
+    library = load() if values.device.type == "cpu" else None
+    if library is None or values.dtype not in (torch.float32, torch.float64):
+        return None
+    N, T, m = read_rows.shape
+    S, Dv = values.shape[1], values.shape[2]
+    kernel = library.lshattn_bucket_sums_f32 if values.dtype == torch.float32 else library.lshattn_bucket_sums_f64
+    values = values.contiguous()
+    read_rows = read_rows.to(torch.int32).contiguous()
+    write_rows = write_rows.to(torch.int32).contiguous()
+    # Units are (row, range of hashes), in contiguous spans, one span per thread. Hashes are
+    # split only to give every thread work; each range writes its own partial output.
+    threads = torch.get_num_threads()
+    ranges = min(m, -(-threads // N))
+    units = N * ranges
+    spans = min(units, threads)
+    group = max(1, UNIT_TABLE_BUDGET // (rows * Dv))
+    out = values.new_empty(ranges, N, T, Dv)
+    pointers = (values.data_ptr(), write_rows.data_ptr(), read_rows.data_ptr(), out.data_ptr())
+    sizes = (N, S, T, m, Dv, rows, group, ranges)
+    _run([(kernel, *pointers, *sizes, units * s // spans, units * (s + 1) // spans, int(causal), int(reverse))
+          for s in range(spans)])  # fmt: skip
+    return out[0] if ranges == 1 else out.sum(0)
+
+
+def sign_codes(proj: Tensor, codes: Tensor, offset: int) -> bool:
+    """Pack the sign bits of a chunk of projections into ``codes``, natively.
+
+    Bit k of table r is 1 when ``proj[n, t, r·bits + k]`` has its sign bit clear (+0 counts as
+    positive, -0 as negative, as ``torch.copysign`` has it); the code is ``Σ_k bit_k · 2^k``.
+
+    Args:
+        proj: `(N, n, R·bits)` float32, contiguous: the projections of positions
+            ``offset .. offset + n`` of each of N rows.
+        codes: `(N, L, R)` int32 or int64, contiguous; positions ``offset .. offset + n`` are written.
+
+    Returns:
+        False when the native kernel is unavailable or does not apply (then nothing is written).
+    """
+    library = load() if proj.device.type == "cpu" else None
+    if library is None or proj.dtype != torch.float32 or codes.dtype not in (torch.int32, torch.int64):
+        return False
+    N, n, K = proj.shape
+    L, R = codes.shape[1], codes.shape[2]
+    kernel = library.lshattn_sign_codes_i32 if codes.dtype == torch.int32 else library.lshattn_sign_codes_i64
+    kernel(proj.data_ptr(), codes.data_ptr(), n, R, K // R, L * R, offset, 0, N * n)
+    return True

@@ -1,0 +1,131 @@
+"""The native CPU kernels (lshattn.kernels): equal to the torch path they replace, in every
+layout they split the work into, and a clean fallback where they cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import lshattn
+from lshattn import kernels, testing
+from lshattn.methods import yoso as yoso_module
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None, reason="no C++ compiler on PATH: the native kernels cannot be built here"
+)
+
+
+def random_codes(N: int, L: int, m: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reader and writer codes with some invalid entries (-1 readers, -2 writers)."""
+    g = torch.Generator().manual_seed(seed)
+    read = torch.randint(0, rows, (N, L, m), generator=g)
+    write = torch.randint(0, rows, (N, L, m), generator=g)
+    read[torch.rand(N, L, m, generator=g) < 0.1] = -1
+    write[torch.rand(N, L, m, generator=g) < 0.1] = -2
+    return read, write
+
+
+def both_paths(read, write, values, num_bits, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    native = kernels.bucket_sums(read, write, values, 2**num_bits, **kwargs)
+    assert native is not None
+    reference = yoso_module._torch_bucket_sums(read, write, values, 2**num_bits, **kwargs)
+    return native, reference
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("Dv", [5, 32, 64, 128], ids=lambda d: f"dv{d}")
+@pytest.mark.parametrize("order", ["full", "causal", "reverse"])
+def test_native_bucket_sums_equal_the_torch_path(dtype, Dv, order):
+    """Every unrolled width (32, 64, 128) and the generic one, in both dtypes and all orders."""
+    read, write = random_codes(3, 50, 6, 8, seed=1)
+    values = torch.randn(3, 50, Dv, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    native, reference = both_paths(read, write, values, 3, causal=order != "full", reverse=order == "reverse")
+    assert native.dtype == dtype and native.shape == (3, 50, Dv)
+    torch.testing.assert_close(native, reference)
+
+
+@needs_compiler
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_native_bucket_sums_split_hashes_over_threads_and_groups(monkeypatch, causal):
+    """One row on three threads splits the hashes into three ranges, and a small table budget
+    makes each range pass over the positions in groups of two hashes: the sums are unchanged."""
+    read, write = random_codes(1, 40, 7, 16, seed=3)
+    values = torch.randn(1, 40, 8, dtype=torch.float64)
+    expected = yoso_module._torch_bucket_sums(read, write, values, 16, causal=causal, reverse=False)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(kernels, "UNIT_TABLE_BUDGET", 2 * 16 * 8)
+    try:
+        torch.set_num_threads(3)
+        split = kernels.bucket_sums(read, write, values, 16, causal=causal)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(split, expected)
+
+
+@needs_compiler
+def test_yoso_and_simhash_give_the_same_result_on_both_paths(native_kernels):
+    """End to end: YOSO-m (forward and all gradients, causal too) and SimHash's faithful mode
+    under the rule "all" (which uses the bucket sums) agree between the native and torch paths."""
+    q, k, v = (x.requires_grad_() for x in testing.make_qkv(2, 3, 33, 33, 16, seed=4, dtype=torch.float64))
+    cases = [
+        (lshattn.YOSO(num_hashes=8, num_bits=4), False),
+        (lshattn.YOSO(num_hashes=8, num_bits=4), True),
+        (lshattn.SimHash(num_hashes=3, num_bits=2, rule="all"), False),
+    ]
+
+    def run(method, causal):
+        out = method(q, k, v, causal=causal, generator=torch.Generator().manual_seed(5))
+        return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+    native_kernels(False)
+    fallback = [run(method, causal) for method, causal in cases]
+    native_kernels(True)
+    assert kernels.available()
+    for (method, causal), expected in zip(cases, fallback):
+        for got, want in zip(run(method, causal), expected):
+            torch.testing.assert_close(got, want, msg=f"{method} causal={causal}")
+
+
+def test_a_missing_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LSHATTN_CACHE_DIR", str(tmp_path / "cache"))
+    kernels.load.cache_clear()
+    try:
+        with pytest.warns(kernels.NativeKernelWarning, match="no-such-compiler"):
+            assert not kernels.available()
+        read, write = random_codes(2, 10, 3, 4, seed=6)
+        values = torch.randn(2, 10, 4)
+        assert kernels.bucket_sums(read, write, values, 4, causal=False) is None  # cached: no second warning
+        out = yoso_module.bucket_sums(read, write, values, 2, causal=False)
+        torch.testing.assert_close(
+            out, yoso_module._torch_bucket_sums(read, write, values, 4, causal=False, reverse=False)
+        )
+    finally:
+        monkeypatch.undo()
+        kernels.load.cache_clear()
+
+
+def test_native_kernels_can_be_switched_off(native_kernels, recwarn):
+    native_kernels(False)
+    assert kernels.load() is None
+    assert not recwarn.list
+
+
+@needs_compiler
+def test_the_kernel_is_compiled_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LSHATTN_CACHE_DIR", str(tmp_path))
+    kernels.load.cache_clear()
+    try:
+        assert kernels.available()
+        built = list(tmp_path.glob("cpu-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        kernels.load.cache_clear()
+        assert kernels.available() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+        assert list(tmp_path.iterdir()) == built  # no partial files left behind
+    finally:
+        monkeypatch.undo()
+        kernels.load.cache_clear()
