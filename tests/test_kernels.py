@@ -129,3 +129,30 @@ def test_the_kernel_is_compiled_once_into_the_cache(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         kernels.load.cache_clear()
+
+
+def collision_grads_reference(q, k, v, grad, q_codes, k_codes, causal):
+    """Σ over hashes and colliding pairs, from the dense (N, T, S) collision counts."""
+    valid = (q_codes[:, :, None, :] >= 0) & (k_codes[:, None, :, :] >= 0)
+    counts = ((q_codes[:, :, None, :] == k_codes[:, None, :, :]) & valid).sum(-1).to(q.dtype)
+    if causal:
+        counts = counts.tril()
+    weight = (grad @ v.transpose(1, 2)) * counts
+    return weight @ k, weight.transpose(1, 2) @ q
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 8, 64], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_native_collision_grads_by_brute_force(rows, causal):
+    """One bucket holding everything (done through the (Dv, D) matrices), buckets of about five
+    (pair by pair) and mostly single-member buckets all equal the dense sum."""
+    N, L, m, D, Dv = 3, 40, 5, 8, 6
+    g = torch.Generator().manual_seed(7)
+    q, k, grad = (torch.randn(N, L, n, dtype=torch.float64, generator=g) for n in (D, D, Dv))
+    v = torch.randn(N, L, Dv, dtype=torch.float64, generator=g)
+    q_codes, k_codes = random_codes(N, L, m, rows, seed=8)
+    grad_q, grad_k = kernels.collision_grads(q, k, v, grad, q_codes, k_codes, rows, causal=causal)
+    expected_q, expected_k = collision_grads_reference(q, k, v, grad, q_codes, k_codes, causal)
+    torch.testing.assert_close(grad_q, expected_q)
+    torch.testing.assert_close(grad_k, expected_k)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "bucket_sums", "sign_codes", "load", "NativeKernelWarning"]
+__all__ = ["available", "bucket_sums", "collision_grads", "sign_codes", "load", "NativeKernelWarning"]
 
 SOURCE_DIR = Path(__file__).parent
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler rejects -march=native
@@ -90,6 +90,8 @@ _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
     "lshattn_bucket_sums_f32": [_PTR] * 4 + [_I64] * 10 + [_INT] * 2,
     "lshattn_bucket_sums_f64": [_PTR] * 4 + [_I64] * 10 + [_INT] * 2,
+    "lshattn_collision_grads_f32": [_PTR] * 8 + [_I64] * 10 + [_INT],
+    "lshattn_collision_grads_f64": [_PTR] * 8 + [_I64] * 10 + [_INT],
     "lshattn_sign_codes_i32": [_PTR] * 2 + [_I64] * 7,
     "lshattn_sign_codes_i64": [_PTR] * 2 + [_I64] * 7,
 }
@@ -175,21 +177,69 @@ def bucket_sums(
     S, Dv = values.shape[1], values.shape[2]
     kernel = library.lshattn_bucket_sums_f32 if values.dtype == torch.float32 else library.lshattn_bucket_sums_f64
     values = values.contiguous()
-    read_rows = read_rows.to(torch.int32).contiguous()
-    write_rows = write_rows.to(torch.int32).contiguous()
-    # Units are (row, range of hashes), in contiguous spans, one span per thread. Hashes are
-    # split only to give every thread work; each range writes its own partial output.
-    threads = torch.get_num_threads()
-    ranges = min(m, -(-threads // N))
-    units = N * ranges
-    spans = min(units, threads)
-    group = max(1, UNIT_TABLE_BUDGET // (rows * Dv))
+    read_rows, write_rows = _codes(read_rows), _codes(write_rows)
+    ranges = _hash_ranges(N, m)
     out = values.new_empty(ranges, N, T, Dv)
-    pointers = (values.data_ptr(), write_rows.data_ptr(), read_rows.data_ptr(), out.data_ptr())
-    sizes = (N, S, T, m, Dv, rows, group, ranges)
-    _run([(kernel, *pointers, *sizes, units * s // spans, units * (s + 1) // spans, int(causal), int(reverse))
-          for s in range(spans)])  # fmt: skip
+    group = max(1, UNIT_TABLE_BUDGET // (rows * Dv))
+    _run_units(
+        kernel,
+        N,
+        ranges,
+        (values, write_rows, read_rows, out),
+        (N, S, T, m, Dv, rows, group),
+        (int(causal), int(reverse)),
+    )
     return out[0] if ranges == 1 else out.sum(0)
+
+
+def collision_grads(
+    q: Tensor, k: Tensor, v: Tensor, grad: Tensor, q_codes: Tensor, k_codes: Tensor, rows: int, *, causal: bool
+) -> tuple[Tensor, Tensor] | None:
+    """Over the pairs that collide, per hash: ``grad_q_i = Σ_h Σ_{j collides with i in h} (g_i·v_j) k_j``
+    and ``grad_k_j = Σ_h Σ_{i collides with j in h} (g_i·v_j) q_i``, natively, in
+    O((T + S)·Dv·D) per hash however unevenly the codes fall (see cpu.cpp).
+
+    Args:
+        q: `(N, T, D)`; k: `(N, S, D)`; v: `(N, S, Dv)`; grad: `(N, T, Dv)`, float32 or float64.
+        q_codes: `(N, T, m)` codes in ``[0, rows)``, negative for a query in no pair;
+            k_codes: `(N, S, m)`, likewise.
+        causal: pairs j <= i only (T == S).
+
+    Returns:
+        `(N, T, D)` and `(N, S, D)`, or None when the native kernel is unavailable or does not
+        apply (not on the CPU, another dtype).
+    """
+    library = load() if q.device.type == "cpu" else None
+    if library is None or q.dtype not in (torch.float32, torch.float64):
+        return None
+    kernel = library.lshattn_collision_grads_f32 if q.dtype == torch.float32 else library.lshattn_collision_grads_f64
+    N, T, m = q_codes.shape
+    S, D, Dv = k.shape[1], q.shape[2], v.shape[2]
+    q, k, v, grad = (x.to(q.dtype).contiguous() for x in (q, k, v, grad))
+    ranges = _hash_ranges(N, m)
+    grad_q, grad_k = q.new_empty(ranges, N, T, D), q.new_empty(ranges, N, S, D)
+    tensors = (q, k, v, grad, _codes(q_codes), _codes(k_codes), grad_q, grad_k)
+    _run_units(kernel, N, ranges, tensors, (N, T, S, m, D, Dv, rows), (int(causal),))
+    return (grad_q[0], grad_k[0]) if ranges == 1 else (grad_q.sum(0), grad_k.sum(0))
+
+
+def _codes(codes: Tensor) -> Tensor:
+    return codes.to(torch.int32).contiguous()
+
+
+def _hash_ranges(N: int, m: int) -> int:
+    """Ranges the m hashes of each row are split into: one, unless there are fewer rows than
+    threads, so that every thread gets work. Each range writes its own partial output."""
+    return min(m, -(-torch.get_num_threads() // N))
+
+
+def _run_units(kernel, N: int, ranges: int, tensors, sizes, flags) -> None:
+    """Run ``kernel(*pointers, *sizes, ranges, unit_begin, unit_end, *flags)`` over the N·ranges
+    units (row, range of hashes), in one contiguous span of units per thread."""
+    units = N * ranges
+    spans = min(units, torch.get_num_threads())
+    head = (*(t.data_ptr() for t in tensors), *sizes, ranges)
+    _run([(kernel, *head, units * s // spans, units * (s + 1) // spans, *flags) for s in range(spans)])
 
 
 def sign_codes(proj: Tensor, codes: Tensor, offset: int) -> bool:

@@ -23,6 +23,18 @@
 //   codes[row, r] = Σ_k [proj[row, r·bits + k] has its sign bit clear] · 2^k
 //
 // (+0 counts as positive and -0 as negative, as torch.copysign does.)
+//
+// ## Collision gradients (YOSO-m's backward="approx"): per hash, over the pairs that collide
+//
+//   grad_q[i] += Σ_{j: code(k_j) == code(q_i)} (g_i·v_j) k_j,   grad_k[j] += Σ_{i: ...} (g_i·v_j) q_i
+//
+// Per hash, a counting sort groups both sides by code; each bucket is then done in whichever way
+// is cheaper: pair by pair (|Q_c|·|K_c|·(Dv + 2D) multiply-adds), or through the two (Dv, D)
+// matrices M_K = Σ_j v_j k_jᵀ and M_Q = Σ_i g_i q_iᵀ, read by grad_q[i] += M_Kᵀ g_i and
+// grad_k[j] += M_Qᵀ v_j ((|Q_c| + |K_c|)·2·Dv·D multiply-adds). The second bounds a hash's work
+// by O((T + S)·Dv·D) however unevenly the codes fall, where pairs alone would be O(T·S). Causal:
+// pairs j <= i only, the matrices swept in position order (forwards for grad_q, backwards for
+// grad_k). Units are (row, range of hashes) as for the bucket sums.
 
 #include <algorithm>
 #include <cstdint>
@@ -154,6 +166,185 @@ void sign_codes(const float* proj, code_t* codes, int64_t positions, int64_t tab
     }
 }
 
+// C = A·B for row-major A (M × K), B (K × N), C (M × N), with M a multiple of GEMM_ROWS and N
+// of gemm_cols<scalar_t>: a GEMM_ROWS × gemm_cols block of C lives in vector registers (GCC/Clang
+// vector extensions, 64 bytes a vector) while K runs.
+constexpr int64_t GEMM_ROWS = 8;
+template <typename scalar_t>
+struct Vector {
+    typedef scalar_t type __attribute__((vector_size(64)));
+};
+template <typename scalar_t>
+constexpr int64_t gemm_cols() { return 64 / sizeof(scalar_t); }
+
+template <typename scalar_t>
+void gemm(scalar_t* __restrict C, const scalar_t* __restrict A, const scalar_t* __restrict B, int64_t M, int64_t K,
+          int64_t N, int64_t lda, int64_t ldb, int64_t ldc) {
+    using V = typename Vector<scalar_t>::type;
+    constexpr int64_t R = GEMM_ROWS, W = gemm_cols<scalar_t>();
+    for (int64_t i = 0; i < M; i += R)
+        for (int64_t j = 0; j < N; j += W) {
+            V acc[R] = {};
+            for (int64_t p = 0; p < K; ++p) {
+                V b;
+                std::memcpy(&b, B + p * ldb + j, sizeof b);
+                for (int64_t r = 0; r < R; ++r) acc[r] += A[(i + r) * lda + p] * b;
+            }
+            for (int64_t r = 0; r < R; ++r) std::memcpy(C + (i + r) * ldc + j, &acc[r], sizeof acc[r]);
+        }
+}
+
+inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+template <typename scalar_t>
+struct CollisionGrads {
+    const scalar_t *q, *k, *v, *g;  // rows of one batch-head: (T, D), (S, D), (S, Dv), (T, Dv)
+    scalar_t *grad_q, *grad_k;       // (T, D), (S, D)
+    int64_t D, Dv;
+    bool causal;
+    std::vector<scalar_t> scratch{};
+
+    static void axpy(scalar_t* __restrict y, scalar_t a, const scalar_t* __restrict x, int64_t n) {
+        for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
+    }
+
+    // Rows at[0..n) of x (rows of width `width`) into a zero-padded block of out_rows rows of
+    // `ld` scalars, or transposed (row c of the block holds column c of the rows) when `transpose`.
+    static void pack(scalar_t* out, const scalar_t* x, const int64_t* at, int64_t n, int64_t out_rows, int64_t width,
+                     int64_t ld, bool transpose) {
+        std::fill(out, out + out_rows * ld, scalar_t(0));
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t c = 0; c < width; ++c) (transpose ? out[c * ld + r] : out[r * ld + c]) = x[at[r] * width + c];
+    }
+
+    // grad[at[r]] += block row r, for r < n.
+    void scatter_add(scalar_t* grad, const int64_t* at, int64_t n, const scalar_t* block, int64_t ld) const {
+        for (int64_t r = 0; r < n; ++r) axpy(grad + at[r] * D, scalar_t(1), block + r * ld, D);
+    }
+
+    // One bucket through its pairs, as three small matrix products on packed copies of its rows:
+    // W = G_c V_cᵀ (masked to j <= i when causal), grad_Q_c += W K_c, grad_K_c += Wᵀ Q_c.
+    void pairs(const int64_t* qs, int64_t nq, const int64_t* ks, int64_t nk) {
+        const int64_t P = std::max(GEMM_ROWS, gemm_cols<scalar_t>());
+        const int64_t mq = round_up(nq, P), mk = round_up(nk, P), Dp = round_up(D, P);
+        scratch.resize(static_cast<size_t>(mq * Dv + Dv * mk + 2 * mq * mk + mk * Dp + mq * Dp + std::max(mq, mk) * Dp));
+        scalar_t *G = scratch.data(), *Vt = G + mq * Dv, *Wm = Vt + Dv * mk, *Wt = Wm + mq * mk;
+        scalar_t *K = Wt + mk * mq, *Q = K + mk * Dp, *out = Q + mq * Dp;
+        pack(G, g, qs, nq, mq, Dv, Dv, false);
+        pack(Vt, v, ks, nk, Dv, Dv, mk, true);
+        gemm(Wm, G, Vt, mq, Dv, mk, Dv, mk, mk);
+        for (int64_t a = 0; a < mq; ++a)
+            for (int64_t b = 0; b < mk; ++b) {
+                const bool paired = a < nq && b < nk && !(causal && ks[b] > qs[a]);
+                Wt[b * mq + a] = Wm[a * mk + b] = paired ? Wm[a * mk + b] : scalar_t(0);
+            }
+        pack(K, k, ks, nk, mk, D, Dp, false);
+        gemm(out, Wm, K, mq, mk, Dp, mk, Dp, Dp);
+        scatter_add(grad_q, qs, nq, out, Dp);
+        pack(Q, q, qs, nq, mq, D, Dp, false);
+        gemm(out, Wt, Q, mk, mq, Dp, mq, Dp, Dp);
+        scatter_add(grad_k, ks, nk, out, Dp);
+    }
+
+    // One bucket through the (Dv, D) matrices, all keys and queries at once (not causal):
+    // grad_Q_c += G_c (V_cᵀ K_c) and grad_K_c += V_c (G_cᵀ Q_c).
+    void matrices_at_once(const int64_t* qs, int64_t nq, const int64_t* ks, int64_t nk) {
+        through_matrix(grad_q, g, qs, nq, v, k, ks, nk);
+        through_matrix(grad_k, v, ks, nk, g, q, qs, nq);
+    }
+
+    // grad[out_at] += X (Yᵀ Z), where X holds rows out_at of x (width Dv), and Y and Z rows in_at
+    // of y (width Dv) and z (width D).
+    void through_matrix(scalar_t* grad, const scalar_t* x, const int64_t* out_at, int64_t n_out, const scalar_t* y,
+                        const scalar_t* z, const int64_t* in_at, int64_t n_in) {
+        const int64_t P = std::max(GEMM_ROWS, gemm_cols<scalar_t>());
+        const int64_t mo = round_up(n_out, P), mi = round_up(n_in, P), Dp = round_up(D, P), Dvp = round_up(Dv, P);
+        scratch.resize(static_cast<size_t>(Dvp * mi + mi * Dp + Dvp * Dp + mo * Dvp + mo * Dp));
+        scalar_t *Yt = scratch.data(), *Z = Yt + Dvp * mi, *M = Z + mi * Dp, *X = M + Dvp * Dp, *out = X + mo * Dvp;
+        pack(Yt, y, in_at, n_in, Dvp, Dv, mi, true);
+        pack(Z, z, in_at, n_in, mi, D, Dp, false);
+        gemm(M, Yt, Z, Dvp, mi, Dp, mi, Dp, Dp);
+        pack(X, x, out_at, n_out, mo, Dv, Dvp, false);
+        gemm(out, X, M, mo, Dvp, Dp, Dvp, Dp, Dp);
+        scatter_add(grad, out_at, n_out, out, Dp);
+    }
+
+    // M += x yᵀ, for x of length Dv and y of length D.
+    void add_outer(scalar_t* M, const scalar_t* x, const scalar_t* y) const {
+        for (int64_t a = 0; a < Dv; ++a) axpy(M + a * D, x[a], y, D);
+    }
+    // out += Mᵀ x.
+    void read(scalar_t* out, const scalar_t* M, const scalar_t* x) const {
+        for (int64_t a = 0; a < Dv; ++a) axpy(out, x[a], M + a * D, D);
+    }
+
+    // One bucket through the (Dv, D) matrices swept in position order (causal); M is scratch of
+    // Dv·D scalars.
+    void matrices_in_order(const int64_t* qs, int64_t nq, const int64_t* ks, int64_t nk, scalar_t* M) const {
+        // grad_q: keys j <= i enter M_K before query i reads it (all keys first when not causal).
+        std::fill(M, M + Dv * D, scalar_t(0));
+        for (int64_t a = 0, b = 0; a < nq; ++a) {
+            for (; b < nk && (!causal || ks[b] <= qs[a]); ++b) add_outer(M, v + ks[b] * Dv, k + ks[b] * D);
+            read(grad_q + qs[a] * D, M, g + qs[a] * Dv);
+        }
+        // grad_k: queries i >= j enter M_Q before key j reads it, sweeping backwards.
+        std::fill(M, M + Dv * D, scalar_t(0));
+        for (int64_t b = nk - 1, a = nq - 1; b >= 0; --b) {
+            for (; a >= 0 && (!causal || qs[a] >= ks[b]); --a) add_outer(M, g + qs[a] * Dv, q + qs[a] * D);
+            read(grad_k + ks[b] * D, M, v + ks[b] * Dv);
+        }
+    }
+};
+
+// Stable counting sort of the positions with a valid code (>= 0) by code: members of bucket c are
+// order[start[c] .. start[c + 1]), in increasing position.
+inline void group_by_code(const int32_t* codes, int64_t L, int64_t stride, int64_t rows, std::vector<int64_t>& start,
+                          std::vector<int64_t>& order) {
+    start.assign(static_cast<size_t>(rows + 1), 0);
+    for (int64_t i = 0; i < L; ++i)
+        if (codes[i * stride] >= 0) ++start[codes[i * stride] + 1];
+    for (int64_t c = 0; c < rows; ++c) start[c + 1] += start[c];
+    order.resize(static_cast<size_t>(start[rows]));
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < L; ++i)
+        if (codes[i * stride] >= 0) order[next[codes[i * stride]]++] = i;
+}
+
+template <typename scalar_t>
+void collision_grads_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* g,
+                           const int32_t* q_codes, const int32_t* k_codes, scalar_t* grad_q, scalar_t* grad_k,
+                           int64_t N, int64_t T, int64_t S, int64_t m, int64_t D, int64_t Dv, int64_t rows,
+                           int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal) {
+    std::vector<int64_t> q_start, q_order, k_start, k_order;
+    std::vector<scalar_t> M(static_cast<size_t>(Dv * D));
+    for (int64_t u = unit_begin; u < unit_end; ++u) {
+        const int64_t n = u / ranges, p = u % ranges;
+        const int64_t h0 = m * p / ranges, h1 = m * (p + 1) / ranges;
+        scalar_t* gq = grad_q + (p * N + n) * T * D;
+        scalar_t* gk = grad_k + (p * N + n) * S * D;
+        std::fill(gq, gq + T * D, scalar_t(0));
+        std::fill(gk, gk + S * D, scalar_t(0));
+        CollisionGrads<scalar_t> bucket{q + n * T * D, k + n * S * D, v + n * S * Dv, g + n * T * Dv,
+                                              gq, gk, D, Dv, causal != 0};
+        for (int64_t h = h0; h < h1; ++h) {
+            group_by_code(q_codes + n * T * m + h, T, m, rows, q_start, q_order);
+            group_by_code(k_codes + n * S * m + h, S, m, rows, k_start, k_order);
+            for (int64_t c = 0; c < rows; ++c) {
+                const int64_t nq = q_start[c + 1] - q_start[c], nk = k_start[c + 1] - k_start[c];
+                if (nq == 0 || nk == 0) continue;
+                const int64_t* qs = q_order.data() + q_start[c];
+                const int64_t* ks = k_order.data() + k_start[c];
+                if (nq * nk * (Dv + 2 * D) <= (nq + nk) * 2 * Dv * D)
+                    bucket.pairs(qs, nq, ks, nk);
+                else if (!causal)
+                    bucket.matrices_at_once(qs, nq, ks, nk);
+                else
+                    bucket.matrices_in_order(qs, nq, ks, nk, M.data());
+            }
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -182,6 +373,24 @@ void lshattn_sign_codes_i32(const float* proj, int32_t* codes, int64_t positions
 void lshattn_sign_codes_i64(const float* proj, int64_t* codes, int64_t positions, int64_t tables, int64_t bits,
                             int64_t stride, int64_t offset, int64_t row_begin, int64_t row_end) {
     sign_codes<int64_t>(proj, codes, positions, tables, bits, stride, offset, row_begin, row_end);
+}
+
+// q (N, T, D), k (N, S, D), v (N, S, Dv), g (N, T, Dv); codes (N, T, m) and (N, S, m) in
+// [0, rows) or negative for none; grad_q (ranges, N, T, D) and grad_k (ranges, N, S, D).
+void lshattn_collision_grads_f32(const float* q, const float* k, const float* v, const float* g,
+                                 const int32_t* q_codes, const int32_t* k_codes, float* grad_q, float* grad_k,
+                                 int64_t N, int64_t T, int64_t S, int64_t m, int64_t D, int64_t Dv, int64_t rows,
+                                 int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal) {
+    collision_grads_units<float>(q, k, v, g, q_codes, k_codes, grad_q, grad_k, N, T, S, m, D, Dv, rows, ranges,
+                                 unit_begin, unit_end, causal);
+}
+
+void lshattn_collision_grads_f64(const double* q, const double* k, const double* v, const double* g,
+                                 const int32_t* q_codes, const int32_t* k_codes, double* grad_q, double* grad_k,
+                                 int64_t N, int64_t T, int64_t S, int64_t m, int64_t D, int64_t Dv, int64_t rows,
+                                 int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal) {
+    collision_grads_units<double>(q, k, v, g, q_codes, k_codes, grad_q, grad_k, N, T, S, m, D, Dv, rows, ranges,
+                                  unit_begin, unit_end, causal);
 }
 
 }  // extern "C"
