@@ -3,7 +3,10 @@ layout they split the work into, and a clean fallback where they cannot be built
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import time
 
 import pytest
 import torch
@@ -156,3 +159,33 @@ def test_native_collision_grads_by_brute_force(rows, causal):
     expected_q, expected_k = collision_grads_reference(q, k, v, grad, q_codes, k_codes, causal)
     torch.testing.assert_close(grad_q, expected_q)
     torch.testing.assert_close(grad_k, expected_k)
+
+
+@needs_compiler
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_threads_of_its_own():
+    """The thread pool of the parent has no threads in a forked child (a data-loader worker):
+    the child must not wait on it forever."""
+    read, write = random_codes(1, 30, 4, 8, seed=9)
+    values = torch.randn(1, 30, 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = kernels.bucket_sums(read, write, values, 8, causal=False)  # the parent's pool exists now
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if the sums come back equal
+            ok = torch.equal(kernels.bucket_sums(read, write, values, 8, causal=False), expected)
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on the parent's thread pool")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(threads)

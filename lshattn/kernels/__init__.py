@@ -140,7 +140,9 @@ def available() -> bool:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per process: a forked child (a data-loader worker, say) inherits its parent's
+    pool without its threads, so it gets its own (``pid`` is part of the cache key)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lshattn")
 
 
@@ -151,7 +153,7 @@ def _run(tasks: list[tuple]) -> None:
         for function, *args in tasks:
             function(*args)
         return
-    for future in [_pool(workers).submit(*task) for task in tasks]:
+    for future in [_pool(workers, os.getpid()).submit(*task) for task in tasks]:
         future.result()
 
 
