@@ -70,12 +70,14 @@ def test_native_bucket_sums_split_hashes_over_threads_and_groups(monkeypatch, ca
 
 @needs_compiler
 def test_yoso_and_simhash_give_the_same_result_on_both_paths(native_kernels):
-    """End to end: YOSO-m (forward and all gradients, causal too) and SimHash's faithful mode
+    """End to end: YOSO-m (forward and all gradients of both backward rules, causal too) and SimHash's faithful mode
     under the rule "all" (which uses the bucket sums) agree between the native and torch paths."""
     q, k, v = (x.requires_grad_() for x in testing.make_qkv(2, 3, 33, 33, 16, seed=4, dtype=torch.float64))
     cases = [
         (lshattn.YOSO(num_hashes=8, num_bits=4), False),
         (lshattn.YOSO(num_hashes=8, num_bits=4), True),
+        (lshattn.YOSO(num_hashes=8, num_bits=4, backward="exact"), False),
+        (lshattn.YOSO(num_hashes=8, num_bits=4, backward="exact"), True),
         (lshattn.SimHash(num_hashes=3, num_bits=2, rule="all"), False),
     ]
 
@@ -134,10 +136,14 @@ def test_the_kernel_is_compiled_once_into_the_cache(monkeypatch, tmp_path):
         kernels.load.cache_clear()
 
 
-def collision_grads_reference(q, k, v, grad, q_codes, k_codes, causal):
-    """Σ over hashes and colliding pairs, from the dense (N, T, S) collision counts."""
+def collision_grads_reference(q, k, v, grad, q_codes, k_codes, causal, exact_bits=0):
+    """From the dense (N, T, S) collision counts: weighted by the count, or for the exact rule by
+    the kernel's derivative on pairs that collide at all."""
     valid = (q_codes[:, :, None, :] >= 0) & (k_codes[:, None, :, :] >= 0)
     counts = ((q_codes[:, :, None, :] == k_codes[:, None, :, :]) & valid).sum(-1).to(q.dtype)
+    if exact_bits:
+        derivative = yoso_module.kernel_derivative(q @ k.transpose(1, 2), exact_bits)
+        counts = (counts > 0) * derivative
     if causal:
         counts = counts.tril()
     weight = (grad @ v.transpose(1, 2)) * counts
@@ -189,3 +195,25 @@ def test_a_forked_child_gets_threads_of_its_own():
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_native_exact_collision_grads_count_each_pair_once(causal, dtype):
+    """The exact rule weighs a pair by the kernel's derivative at its cosine (clamped), once
+    however many hashes it collides in: few buckets, so most pairs collide in several. (float32
+    takes arccos from a polynomial, float64 from std::acos.)"""
+    N, L, m, D, Dv = 2, 30, 6, 8, 5
+    g = torch.Generator().manual_seed(10)
+    q, k = (torch.nn.functional.normalize(torch.randn(N, L, D, dtype=dtype, generator=g), dim=-1) for _ in "qk")
+    k[0, 3] = q[0, 5]  # a cosine of 1, where the derivative is clamped
+    k[1, 4] = -q[1, 7]  # and of -1
+    v, grad = (torch.randn(N, L, n, dtype=dtype, generator=g) for n in (Dv, Dv))
+    q_codes, k_codes = random_codes(N, L, m, 3, seed=11)
+    got = kernels.collision_grads(q, k, v, grad, q_codes, k_codes, 3, causal=causal, exact_bits=5, clamp=0.99)
+    double = [x.double() for x in (q, k, v, grad)]
+    expected = collision_grads_reference(*double, q_codes, k_codes, causal, exact_bits=5)
+    tolerance = {"rtol": 2e-6, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got[0].double(), expected[0], **tolerance)
+    torch.testing.assert_close(got[1].double(), expected[1], **tolerance)

@@ -2,9 +2,9 @@
 
 The kernels are plain C++ with a C ABI (no Python or torch headers), so compiling one takes
 about a second. The shared library is cached under ``$LSHATTN_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/lshattn`` or ``~/.cache/lshattn``), keyed by the source, the compiler command
-and the CPU, since it is built with ``-march=native``. Where no compiler works, each kernel's
-caller falls back to its pure-torch path, with one warning that says why;
+``$XDG_CACHE_HOME/lshattn`` or ``~/.cache/lshattn``), keyed by the source, the compiler command,
+its flags and the CPU, since it is built with ``-march=native``. Where no compiler works, each
+kernel's caller falls back to its pure-torch path, with one warning that says why;
 ``LSHATTN_NATIVE=0`` forces the fallback.
 
 Threads: a call splits its work into independent units and runs them on
@@ -32,7 +32,9 @@ __all__ = ["available", "bucket_sums", "collision_grads", "sign_codes", "load", 
 
 SOURCE_DIR = Path(__file__).parent
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler rejects -march=native
-BASE_FLAGS = ["-std=c++17", "-shared", "-fPIC"]
+# -fno-math-errno: the kernels never read errno, and without it a square root is a branch that
+# keeps a loop from vectorising (results are unchanged).
+BASE_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 
 # Scalars of bucket tables one unit of work holds at once (64 MiB in float32).
 UNIT_TABLE_BUDGET = 1 << 24
@@ -90,8 +92,8 @@ _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
     "lshattn_bucket_sums_f32": [_PTR] * 4 + [_I64] * 10 + [_INT] * 2,
     "lshattn_bucket_sums_f64": [_PTR] * 4 + [_I64] * 10 + [_INT] * 2,
-    "lshattn_collision_grads_f32": [_PTR] * 8 + [_I64] * 10 + [_INT],
-    "lshattn_collision_grads_f64": [_PTR] * 8 + [_I64] * 10 + [_INT],
+    "lshattn_collision_grads_f32": [_PTR] * 8 + [_I64] * 10 + [_INT, _I64, ctypes.c_double],
+    "lshattn_collision_grads_f64": [_PTR] * 8 + [_I64] * 10 + [_INT, _I64, ctypes.c_double],
     "lshattn_sign_codes_i32": [_PTR] * 2 + [_I64] * 7,
     "lshattn_sign_codes_i64": [_PTR] * 2 + [_I64] * 7,
 }
@@ -105,7 +107,14 @@ def load() -> ctypes.CDLL | None:
         return None
     source = SOURCE_DIR / "cpu.cpp"
     key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), os.environ.get("CXX", "c++").encode(), _cpu_signature().encode()])
+        b"\0".join(
+            [
+                source.read_bytes(),
+                os.environ.get("CXX", "c++").encode(),
+                repr((FLAG_SETS, BASE_FLAGS)).encode(),
+                _cpu_signature().encode(),
+            ]
+        )  # fmt: skip
     ).hexdigest()[:16]
     target = cache_dir() / f"cpu-{key}.so"
     if not target.exists():
@@ -195,11 +204,16 @@ def bucket_sums(
 
 
 def collision_grads(
-    q: Tensor, k: Tensor, v: Tensor, grad: Tensor, q_codes: Tensor, k_codes: Tensor, rows: int, *, causal: bool
-) -> tuple[Tensor, Tensor] | None:
-    """Over the pairs that collide, per hash: ``grad_q_i = Σ_h Σ_{j collides with i in h} (g_i·v_j) k_j``
-    and ``grad_k_j = Σ_h Σ_{i collides with j in h} (g_i·v_j) q_i``, natively, in
-    O((T + S)·Dv·D) per hash however unevenly the codes fall (see cpu.cpp).
+    q: Tensor, k: Tensor, v: Tensor, grad: Tensor, q_codes: Tensor, k_codes: Tensor, rows: int, *, causal: bool,
+    exact_bits: int = 0, clamp: float = 1.0,
+) -> tuple[Tensor, Tensor] | None:  # fmt: skip
+    """Surrogate gradients over the pairs that collide: with ``w_ij = (g_i·v_j)·φ_ij``,
+    ``grad_q_i = Σ_j w_ij k_j`` and ``grad_k_j = Σ_i w_ij q_i``, natively (see cpu.cpp).
+
+    ``exact_bits=0``: φ_ij = the number of hashes in which i and j collide, in O((T + S)·Dv·D)
+    per hash however unevenly the codes fall. ``exact_bits=τ``: φ_ij = τ(1 − arccos(x)/π)^(τ−1) /
+    (π√(1 − x²)) at ``x = q_i·k_j`` clamped to ±``clamp``, once for every pair that collides in
+    at least one hash.
 
     Args:
         q: `(N, T, D)`; k: `(N, S, D)`; v: `(N, S, Dv)`; grad: `(N, T, Dv)`, float32 or float64.
@@ -221,7 +235,7 @@ def collision_grads(
     ranges = _hash_ranges(N, m)
     grad_q, grad_k = q.new_empty(ranges, N, T, D), q.new_empty(ranges, N, S, D)
     tensors = (q, k, v, grad, _codes(q_codes), _codes(k_codes), grad_q, grad_k)
-    _run_units(kernel, N, ranges, tensors, (N, T, S, m, D, Dv, rows), (int(causal),))
+    _run_units(kernel, N, ranges, tensors, (N, T, S, m, D, Dv, rows), (int(causal), exact_bits, clamp))
     return (grad_q[0], grad_k[0]) if ranges == 1 else (grad_q.sum(0), grad_k.sum(0))
 
 

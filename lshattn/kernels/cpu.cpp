@@ -24,19 +24,24 @@
 //
 // (+0 counts as positive and -0 as negative, as torch.copysign does.)
 //
-// ## Collision gradients (YOSO-m's backward="approx"): per hash, over the pairs that collide
+// ## Collision gradients (YOSO-m's backward): per hash, over the pairs that collide
 //
-//   grad_q[i] += Σ_{j: code(k_j) == code(q_i)} (g_i·v_j) k_j,   grad_k[j] += Σ_{i: ...} (g_i·v_j) q_i
+//   grad_q[i] += Σ_{j: code(k_j) == code(q_i)} w_ij k_j,   grad_k[j] += Σ_{i: ...} w_ij q_i
 //
-// Per hash, a counting sort groups both sides by code; each bucket is then done in whichever way
-// is cheaper: pair by pair (|Q_c|·|K_c|·(Dv + 2D) multiply-adds), or through the two (Dv, D)
-// matrices M_K = Σ_j v_j k_jᵀ and M_Q = Σ_i g_i q_iᵀ, read by grad_q[i] += M_Kᵀ g_i and
-// grad_k[j] += M_Qᵀ v_j ((|Q_c| + |K_c|)·2·Dv·D multiply-adds). The second bounds a hash's work
-// by O((T + S)·Dv·D) however unevenly the codes fall, where pairs alone would be O(T·S). Causal:
-// pairs j <= i only, the matrices swept in position order (forwards for grad_q, backwards for
-// grad_k). Units are (row, range of hashes) as for the bucket sums.
+// with w_ij = (g_i·v_j) per hash in which the pair collides ("approx"), or (g_i·v_j)·φ(q_i·k_j)
+// once per colliding pair, in the first hash where it collides ("exact", φ the kernel's
+// derivative). Per hash, a counting sort groups both sides by code. "approx" does each bucket
+// in whichever way is cheaper: pair by pair (|Q_c|·|K_c|·(Dv + 2D) multiply-adds), or through
+// the two (Dv, D) matrices V_cᵀ K_c and G_cᵀ Q_c, read by grad_q[i] += (V_cᵀ K_c)ᵀ g_i and
+// grad_k[j] += (G_cᵀ Q_c)ᵀ v_j ((|Q_c| + |K_c|)·2·Dv·D multiply-adds). The second bounds a hash's
+// work by O((T + S)·Dv·D) however unevenly the codes fall, where pairs alone would be O(T·S).
+// "exact" goes pair by pair. Causal: pairs j <= i only; the matrices are then swept in position
+// order (forwards for grad_q, backwards for grad_k). Units are (row, range of hashes) as for the
+// bucket sums. Pairs are done as small register-blocked matrix products on packed copies of a
+// bucket's rows.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -166,6 +171,21 @@ void sign_codes(const float* proj, code_t* codes, int64_t positions, int64_t tab
     }
 }
 
+// arccos in float32 by Abramowitz & Stegun 4.4.46 (absolute error <= 2e-8, below float32's
+// resolution of the result): a polynomial the compiler can vectorise, where std::acos is a call
+// per element. float64 keeps std::acos.
+inline float arccos(float x) {
+    const float a = std::fabs(x);
+    const float poly =
+        1.5707963050f +
+        a * (-0.2145988016f +
+             a * (0.0889789874f +
+                  a * (-0.0501743046f + a * (0.0308918810f + a * (-0.0170881256f + a * (0.0066700901f - a * 0.0012624911f))))));
+    const float r = std::sqrt(1.0f - a) * poly;
+    return x < 0 ? 3.14159265358979f - r : r;
+}
+inline double arccos(double x) { return std::acos(x); }
+
 // C = A·B for row-major A (M × K), B (K × N), C (M × N), with M a multiple of GEMM_ROWS and N
 // of gemm_cols<scalar_t>: a GEMM_ROWS × gemm_cols block of C lives in vector registers (GCC/Clang
 // vector extensions, 64 bytes a vector) while K runs.
@@ -202,7 +222,40 @@ struct CollisionGrads {
     scalar_t *grad_q, *grad_k;       // (T, D), (S, D)
     int64_t D, Dv;
     bool causal;
+    // The "exact" rule (exact_bits = τ > 0): a pair's weight is the kernel's derivative at its
+    // cosine (clamped to ±clamp), once per pair: in the first hash where it collides.
+    const int32_t *q_codes, *k_codes;  // (T, m), (S, m)
+    int64_t m, exact_bits;
+    double clamp;
+    int64_t hash = 0;  // the hash being processed
     std::vector<scalar_t> scratch{};
+    std::vector<char> keep{};  // which pairs of a query row count
+    std::vector<scalar_t> row{};
+
+    // w[b] *= τ(1 − arccos(x)/π)^(τ−1) / (π√(1 − x²)) at x = cosine[b] clamped to ±clamp, for
+    // b < n; loop by loop over the row, so that each loop vectorises.
+    void times_derivative(scalar_t* __restrict w, const scalar_t* __restrict cosine, int64_t n) {
+        const scalar_t pi = scalar_t(3.14159265358979323846), bound = scalar_t(clamp);
+        row.resize(static_cast<size_t>(2 * n));
+        scalar_t *base = row.data(), *power = base + n;
+        for (int64_t b = 0; b < n; ++b) {
+            const scalar_t x = std::min(std::max(cosine[b], -bound), bound);
+            base[b] = 1 - arccos(x) / pi;
+            w[b] *= scalar_t(exact_bits) / (pi * std::sqrt(1 - x * x));
+            power[b] = 1;
+        }
+        for (int64_t t = 1; t < exact_bits; ++t)
+            for (int64_t b = 0; b < n; ++b) power[b] *= base[b];
+        for (int64_t b = 0; b < n; ++b) w[b] *= power[b];
+    }
+
+    // Whether query i and key j collide in no hash before this one.
+    bool first_collision(int64_t i, int64_t j) const {
+        const int32_t *a = q_codes + i * m, *b = k_codes + j * m;
+        int32_t collided = 0;  // no early exit: the loop then compiles to vector compares
+        for (int64_t h = 0; h < hash; ++h) collided |= a[h] == b[h];
+        return !collided;
+    }
 
     static void axpy(scalar_t* __restrict y, scalar_t a, const scalar_t* __restrict x, int64_t n) {
         for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
@@ -223,25 +276,38 @@ struct CollisionGrads {
     }
 
     // One bucket through its pairs, as three small matrix products on packed copies of its rows:
-    // W = G_c V_cᵀ (masked to j <= i when causal), grad_Q_c += W K_c, grad_K_c += Wᵀ Q_c.
+    // W = G_c V_cᵀ (masked to j <= i when causal; for "exact", times the derivative at the
+    // cosines Q_c K_cᵀ, on the pairs colliding here first), grad_Q_c += W K_c, grad_K_c += Wᵀ Q_c.
     void pairs(const int64_t* qs, int64_t nq, const int64_t* ks, int64_t nk) {
         const int64_t P = std::max(GEMM_ROWS, gemm_cols<scalar_t>());
         const int64_t mq = round_up(nq, P), mk = round_up(nk, P), Dp = round_up(D, P);
-        scratch.resize(static_cast<size_t>(mq * Dv + Dv * mk + 2 * mq * mk + mk * Dp + mq * Dp + std::max(mq, mk) * Dp));
+        const int64_t cosines = exact_bits > 0 ? mq * mk + Dp * mk : 0;
+        scratch.resize(static_cast<size_t>(mq * Dv + Dv * mk + 2 * mq * mk + mk * Dp + mq * Dp +
+                                           std::max(mq, mk) * Dp + cosines));
         scalar_t *G = scratch.data(), *Vt = G + mq * Dv, *Wm = Vt + Dv * mk, *Wt = Wm + mq * mk;
-        scalar_t *K = Wt + mk * mq, *Q = K + mk * Dp, *out = Q + mq * Dp;
+        scalar_t *K = Wt + mk * mq, *Q = K + mk * Dp, *out = Q + mq * Dp, *Cm = out + std::max(mq, mk) * Dp;
+        scalar_t* Kt = Cm + mq * mk;
+        keep.resize(static_cast<size_t>(mk));
         pack(G, g, qs, nq, mq, Dv, Dv, false);
         pack(Vt, v, ks, nk, Dv, Dv, mk, true);
         gemm(Wm, G, Vt, mq, Dv, mk, Dv, mk, mk);
-        for (int64_t a = 0; a < mq; ++a)
+        pack(Q, q, qs, nq, mq, D, Dp, false);
+        if (exact_bits > 0) {
+            pack(Kt, k, ks, nk, Dp, D, mk, true);
+            gemm(Cm, Q, Kt, mq, Dp, mk, Dp, mk, mk);
+        }
+        for (int64_t a = 0; a < mq; ++a) {
+            scalar_t* w = Wm + a * mk;
             for (int64_t b = 0; b < mk; ++b) {
                 const bool paired = a < nq && b < nk && !(causal && ks[b] > qs[a]);
-                Wt[b * mq + a] = Wm[a * mk + b] = paired ? Wm[a * mk + b] : scalar_t(0);
+                keep[b] = paired && (exact_bits == 0 || first_collision(qs[a], ks[b]));
             }
+            if (exact_bits > 0) times_derivative(w, Cm + a * mk, mk);
+            for (int64_t b = 0; b < mk; ++b) Wt[b * mq + a] = w[b] = keep[b] ? w[b] : scalar_t(0);
+        }
         pack(K, k, ks, nk, mk, D, Dp, false);
         gemm(out, Wm, K, mq, mk, Dp, mk, Dp, Dp);
         scatter_add(grad_q, qs, nq, out, Dp);
-        pack(Q, q, qs, nq, mq, D, Dp, false);
         gemm(out, Wt, Q, mk, mq, Dp, mq, Dp, Dp);
         scatter_add(grad_k, ks, nk, out, Dp);
     }
@@ -314,7 +380,8 @@ template <typename scalar_t>
 void collision_grads_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* g,
                            const int32_t* q_codes, const int32_t* k_codes, scalar_t* grad_q, scalar_t* grad_k,
                            int64_t N, int64_t T, int64_t S, int64_t m, int64_t D, int64_t Dv, int64_t rows,
-                           int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal) {
+                           int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal, int64_t exact_bits,
+                           double clamp) {
     std::vector<int64_t> q_start, q_order, k_start, k_order;
     std::vector<scalar_t> M(static_cast<size_t>(Dv * D));
     for (int64_t u = unit_begin; u < unit_end; ++u) {
@@ -324,9 +391,10 @@ void collision_grads_units(const scalar_t* q, const scalar_t* k, const scalar_t*
         scalar_t* gk = grad_k + (p * N + n) * S * D;
         std::fill(gq, gq + T * D, scalar_t(0));
         std::fill(gk, gk + S * D, scalar_t(0));
-        CollisionGrads<scalar_t> bucket{q + n * T * D, k + n * S * D, v + n * S * Dv, g + n * T * Dv,
-                                              gq, gk, D, Dv, causal != 0};
+        CollisionGrads<scalar_t> bucket{q + n * T * D, k + n * S * D, v + n * S * Dv, g + n * T * Dv, gq, gk, D, Dv,
+                                        causal != 0, q_codes + n * T * m, k_codes + n * S * m, m, exact_bits, clamp};
         for (int64_t h = h0; h < h1; ++h) {
+            bucket.hash = h;
             group_by_code(q_codes + n * T * m + h, T, m, rows, q_start, q_order);
             group_by_code(k_codes + n * S * m + h, S, m, rows, k_start, k_order);
             for (int64_t c = 0; c < rows; ++c) {
@@ -334,7 +402,7 @@ void collision_grads_units(const scalar_t* q, const scalar_t* k, const scalar_t*
                 if (nq == 0 || nk == 0) continue;
                 const int64_t* qs = q_order.data() + q_start[c];
                 const int64_t* ks = k_order.data() + k_start[c];
-                if (nq * nk * (Dv + 2 * D) <= (nq + nk) * 2 * Dv * D)
+                if (exact_bits > 0 || nq * nk * (Dv + 2 * D) <= (nq + nk) * 2 * Dv * D)
                     bucket.pairs(qs, nq, ks, nk);
                 else if (!causal)
                     bucket.matrices_at_once(qs, nq, ks, nk);
@@ -380,17 +448,19 @@ void lshattn_sign_codes_i64(const float* proj, int64_t* codes, int64_t positions
 void lshattn_collision_grads_f32(const float* q, const float* k, const float* v, const float* g,
                                  const int32_t* q_codes, const int32_t* k_codes, float* grad_q, float* grad_k,
                                  int64_t N, int64_t T, int64_t S, int64_t m, int64_t D, int64_t Dv, int64_t rows,
-                                 int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal) {
+                                 int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal,
+                                 int64_t exact_bits, double clamp) {
     collision_grads_units<float>(q, k, v, g, q_codes, k_codes, grad_q, grad_k, N, T, S, m, D, Dv, rows, ranges,
-                                 unit_begin, unit_end, causal);
+                                 unit_begin, unit_end, causal, exact_bits, clamp);
 }
 
 void lshattn_collision_grads_f64(const double* q, const double* k, const double* v, const double* g,
                                  const int32_t* q_codes, const int32_t* k_codes, double* grad_q, double* grad_k,
                                  int64_t N, int64_t T, int64_t S, int64_t m, int64_t D, int64_t Dv, int64_t rows,
-                                 int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal) {
+                                 int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal,
+                                 int64_t exact_bits, double clamp) {
     collision_grads_units<double>(q, k, v, g, q_codes, k_codes, grad_q, grad_k, N, T, S, m, D, Dv, rows, ranges,
-                                  unit_begin, unit_end, causal);
+                                  unit_begin, unit_end, causal, exact_bits, clamp);
 }
 
 }  // extern "C"

@@ -272,11 +272,11 @@ class LSHCumulation(torch.autograd.Function):
     ``w_ij = (g_i·v_j)·φ_ij``, ``∂q̂_i = Σ_j w_ij k̂_j`` and ``∂k̂_j = Σ_i w_ij q̂_i``, where
     ``φ_ij = (τ/2)·(hashes in which i and j collide)/m`` for ``"approx"`` and
     ``φ_ij = kernel_derivative(q̂_i·k̂_j)`` on pairs colliding in at least one hash for ``"exact"``.
-    On the CPU the ``"approx"`` gradients run natively (``kernels.collision_grads``): per hash
-    and bucket, pair by pair or through two (Dv, D) matrices, whichever is cheaper, so a hash
-    costs O((T + S)·Dv·D) at most. Elsewhere, and for ``"exact"`` (whose weight depends on each
-    pair's angle), the pairs are visited in sorted blocks (``lshattn.methods.simhash``); never
-    as a T×S matrix.
+    On the CPU both rules run natively (``kernels.collision_grads``), per hash and bucket:
+    ``"approx"`` pair by pair or through two (Dv, D) matrices, whichever is cheaper, so a hash
+    costs O((T + S)·Dv·D) at most; ``"exact"`` pair by pair, each pair in the first hash where it
+    collides. Elsewhere the pairs are visited in sorted blocks (``lshattn.methods.simhash``);
+    never as a T×S matrix.
     """
 
     @staticmethod
@@ -311,10 +311,8 @@ class LSHCumulation(torch.autograd.Function):
             grad_v = grad_v.div_(m).view(B, H, S, Dv)
         grad_q = grad_k = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            surrogate = None
-            if ctx.rule == "approx":
-                surrogate = _native_approx_grads(q_hat, k_hat, v, grad, q_codes, k_codes, query_padding_mask,
-                                                 key_padding_mask, ctx.num_bits, ctx.causal)  # fmt: skip
+            surrogate = _native_surrogate_grads(q_hat, k_hat, v, grad, q_codes, k_codes, query_padding_mask,
+                                                key_padding_mask, ctx.num_bits, ctx.causal, ctx.rule)  # fmt: skip
             if surrogate is not None:
                 return *surrogate, grad_v, None, None, None, None, None, None, None
             col = build_collisions(
@@ -333,12 +331,12 @@ def _masked_codes(codes: Tensor, mask: Tensor | None, fill: int) -> Tensor:
     return codes.reshape(B * H, L, m)
 
 
-def _native_approx_grads(
+def _native_surrogate_grads(
     q_hat: Tensor, k_hat: Tensor, v: Tensor, grad: Tensor, q_codes: Tensor, k_codes: Tensor,
-    query_padding_mask: Tensor | None, key_padding_mask: Tensor | None, num_bits: int, causal: bool,
+    query_padding_mask: Tensor | None, key_padding_mask: Tensor | None, num_bits: int, causal: bool, rule: str,
 ) -> tuple[Tensor, Tensor] | None:  # fmt: skip
-    """The ``"approx"`` query and key gradients by the native kernel, in O((T + S)·Dv·D) per
-    hash (``kernels.collision_grads``); None where it does not run."""
+    """The query and key gradients by the native kernel (``kernels.collision_grads``); None
+    where it does not run."""
     B, H, T, m = q_codes.shape
     S, D, Dv = k_hat.shape[2], q_hat.shape[-1], v.shape[-1]
     readers = _masked_codes(q_codes, query_padding_mask, -1)
@@ -347,10 +345,14 @@ def _native_approx_grads(
     if rows != 2**num_bits:
         readers, writers = _compact_codes(readers, writers)
     flat = (x.reshape(B * H, -1, x.shape[-1]) for x in (q_hat, k_hat, v, grad))
-    grads = kernels.collision_grads(*flat, readers, writers, rows, causal=causal)
+    exact_bits = num_bits if rule == "exact" else 0
+    grads = kernels.collision_grads(
+        *flat, readers, writers, rows, causal=causal, exact_bits=exact_bits, clamp=EXACT_GRAD_CLAMP
+    )
     if grads is None:
         return None
-    weight = num_bits / (2 * m)  # ∂B/∂(q̂·k̂) ≈ (τ/2)·B, B estimated by the collision count / m
+    # "approx": ∂B/∂(q̂·k̂) ≈ (τ/2)·B, with B estimated by the collision count / m.
+    weight = num_bits / (2 * m) if rule == "approx" else 1.0
     return grads[0].mul_(weight).view(B, H, T, D), grads[1].mul_(weight).view(B, H, S, D)
 
 
