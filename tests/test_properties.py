@@ -6,13 +6,37 @@ import pytest
 import torch
 from catalogue import CROSS_CASES, METHODS, SELF_CASES, Case, for_case
 
+import lshattn
 from lshattn import testing
+
+# On the CPU, YOSO-m and SimHash run native kernels (lshattn.kernels). Their "@torch" copies run
+# the PyTorch path instead: the one other devices, and machines without a compiler, take.
+TORCH_PATH = "@torch"
+NAMES = list(METHODS) + [
+    name + TORCH_PATH
+    for name, entry in METHODS.items()
+    if isinstance(entry.method, lshattn.SimHash)
+    or (isinstance(entry.method, lshattn.YOSO) and not entry.method.expectation)
+]
+
+
+def entry_of(name: str):
+    return METHODS[name.removesuffix(TORCH_PATH)]
+
+
+@pytest.fixture(autouse=True)
+def kernel_path(request, native_kernels):
+    """Runs an "@torch" entry's test on the PyTorch path."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and str(callspec.params.get("name", "")).endswith(TORCH_PATH):
+        native_kernels(False)
 
 
 def grid(*, cross: bool = True, with_pattern: bool = False, causal: bool = False):
     """pytest params (name, case[, causal]) for every method and every case it accepts."""
     params = []
-    for name, entry in METHODS.items():
+    for name in NAMES:
+        entry = entry_of(name)
         if with_pattern and entry.brute_force is None:
             continue
         for case in SELF_CASES + (CROSS_CASES if cross and entry.cross else []):
@@ -38,7 +62,7 @@ def masks_for(case: Case, seed: int = 1):
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
 def test_exact_limit(name, case, causal, padded):
     """One block or cluster holding everything is exact attention (fp32, 1e-5)."""
-    entry = METHODS[name]
+    entry = entry_of(name)
     q, k, v = entry.inputs(case)
     key_mask, query_mask = masks_for(case) if padded else (None, None)
     kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
@@ -51,7 +75,7 @@ def test_exact_limit(name, case, causal, padded):
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
 def test_brute_force(name, case, causal, padded):
     """With the assignments from return_aux, a naive loop over the same pairs gives the output."""
-    entry = for_case(METHODS[name], case)
+    entry = for_case(entry_of(name), case)
     q, k, v = entry.inputs(case, seed=2)
     key_mask, query_mask = masks_for(case) if padded else (None, None)
     kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
@@ -63,7 +87,7 @@ def test_brute_force(name, case, causal, padded):
 @pytest.mark.parametrize("name, case, causal", grid(causal=True))
 def test_pad_invariance(name, case, causal):
     """Appending padded keys and queries does not change the real outputs."""
-    entry = for_case(METHODS[name], case)
+    entry = for_case(entry_of(name), case)
     q, k, v = entry.inputs(case, seed=4)
     extra_q = extra_k = 13
     if case.S != case.T:  # cross-attention: keep the numbers of query and key clusters equal
@@ -85,11 +109,11 @@ def test_pad_invariance(name, case, causal):
     assert torch.equal(out_padded[:, :, case.T :], torch.zeros_like(out_padded[:, :, case.T :]))
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
 def test_batch_independence(name, padded):
     """Changing one sequence does not change another's output, bit for bit."""
-    entry = METHODS[name]
+    entry = entry_of(name)
     case = Case(3, 2, 45, 45, 16, 16)
     q, k, v = entry.inputs(case, seed=6)
     key_mask = torch.tensor([[True] * 45, [True] * 20 + [False] * 25, [True] * 33 + [False] * 12]) if padded else None
@@ -104,11 +128,11 @@ def test_batch_independence(name, padded):
     assert not torch.equal(out[1], out2[1])
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", NAMES)
 def test_causal_values(name):
     """Causal: outputs at t never depend on the values, or (for strictly causal methods) on
     anything at all, after t."""
-    entry = METHODS[name]
+    entry = entry_of(name)
     case = Case(2, 2, 50, 50, 16, 16)
     q, k, v = entry.inputs(case, seed=8)
     t = 29
@@ -129,7 +153,7 @@ def test_causal_pattern_sees_the_whole_sequence(name):
     """Documents the limit of causal sort-and-chunk attention: which earlier keys share a query's
     chunk or cluster is decided by sorting the whole sequence, so later tokens can change an
     earlier output (never through a later key or value being attended: see above)."""
-    entry = METHODS[name]
+    entry = entry_of(name)
     case = Case(1, 4, 96, 96, 16, 16)
     q, k, v = entry.inputs(case, seed=10)
     t = 47
@@ -140,12 +164,12 @@ def test_causal_pattern_sees_the_whole_sequence(name):
     assert not torch.allclose(out2[:, :, : t + 1], out[:, :, : t + 1])
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_determinism(name, causal):
     """The same generator state gives bit-identical outputs and gradients; another state
     (for a hashing method) gives other outputs."""
-    entry = METHODS[name]
+    entry = entry_of(name)
     case = Case(2, 3, 40, 40, 16, 16)
 
     def run(seed):
@@ -166,7 +190,7 @@ def test_gradients_match_reference(name, case, causal):
     """In float64, gradients equal those of the brute-force reference over the same pairs."""
     if case.T * case.S * case.B * case.H > 20000:
         case = Case(2, 2, case.T, case.S, 8, 8)
-    entry = for_case(METHODS[name], case)
+    entry = for_case(entry_of(name), case)
     q, k, v = entry.inputs(case, seed=15, dtype=torch.float64)
     key_mask, query_mask = masks_for(case)
     kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
@@ -186,11 +210,11 @@ def test_gradients_match_reference(name, case, causal):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=lambda m: f"grad {label}: {m}")
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_no_visible_key_gives_zeros(name, causal):
     """A fully padded sequence outputs zeros, never NaN, and its gradients are finite."""
-    entry = METHODS[name]
+    entry = entry_of(name)
     case = Case(2, 2, 20, 20, 8, 8)
     q, k, v = (x.requires_grad_() for x in entry.inputs(case, seed=17))
     mask = torch.ones(2, 20, dtype=torch.bool)
@@ -202,11 +226,11 @@ def test_no_visible_key_gives_zeros(name, causal):
     assert all(torch.isfinite(x.grad).all() for x in (q, v))
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_dtypes(name, dtype):
     """Any float dtype works; the output has q's dtype and is close to the float32 result."""
-    entry = METHODS[name]
+    entry = entry_of(name)
     case = Case(2, 2, 33, 33, 16, 16)
     q, k, v = entry.inputs(case, seed=18)
     expected = entry.method(q, k, v, generator=gen(19))
