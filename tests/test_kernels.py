@@ -151,12 +151,15 @@ def collision_grads_reference(q, k, v, grad, q_codes, k_codes, causal, exact_bit
 
 
 @needs_compiler
-@pytest.mark.parametrize("rows", [1, 8, 64], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize(
+    "rows, L", [(1, 40), (1, 300), (8, 40), (64, 40)], ids=["one-bucket", "one-bucket-chunks", "rows8", "rows64"]
+)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_native_collision_grads_by_brute_force(rows, causal):
-    """One bucket holding everything (done through the (Dv, D) matrices), buckets of about five
-    (pair by pair) and mostly single-member buckets all equal the dense sum."""
-    N, L, m, D, Dv = 3, 40, 5, 8, 6
+def test_native_collision_grads_by_brute_force(rows, L, causal):
+    """One bucket holding everything (done through the (Dv, D) matrices; causal, in several
+    chunks of 64 members when L = 300), buckets of about five (pair by pair) and mostly
+    single-member buckets all equal the dense sum."""
+    N, m, D, Dv = 3, 5, 8, 6
     g = torch.Generator().manual_seed(7)
     q, k, grad = (torch.randn(N, L, n, dtype=torch.float64, generator=g) for n in (D, D, Dv))
     v = torch.randn(N, L, Dv, dtype=torch.float64, generator=g)

@@ -35,15 +35,16 @@
 // the two (Dv, D) matrices V_cᵀ K_c and G_cᵀ Q_c, read by grad_q[i] += (V_cᵀ K_c)ᵀ g_i and
 // grad_k[j] += (G_cᵀ Q_c)ᵀ v_j ((|Q_c| + |K_c|)·2·Dv·D multiply-adds). The second bounds a hash's
 // work by O((T + S)·Dv·D) however unevenly the codes fall, where pairs alone would be O(T·S).
-// "exact" goes pair by pair. Causal: pairs j <= i only; the matrices are then swept in position
-// order (forwards for grad_q, backwards for grad_k). Units are (row, range of hashes) as for the
-// bucket sums. Pairs are done as small register-blocked matrix products on packed copies of a
-// bucket's rows.
+// "exact" goes pair by pair. Causal: pairs j <= i only; the matrices are then built over chunks
+// of the bucket in position order (prefix sums for grad_q, suffix sums for grad_k), with the
+// pairs inside a chunk done pair by pair. Units are (row, range of hashes) as for the bucket
+// sums. All of it is small register-blocked matrix products on packed copies of a bucket's rows.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #if defined(__SSE__)
@@ -230,7 +231,8 @@ struct CollisionGrads {
     int64_t hash = 0;  // the hash being processed
     std::vector<scalar_t> scratch{};
     std::vector<char> keep{};  // which pairs of a query row count
-    std::vector<scalar_t> row{};
+    std::vector<scalar_t> row{}, matrix{};
+    std::vector<std::pair<int64_t, int64_t>> cuts{};
 
     // w[b] *= τ(1 − arccos(x)/π)^(τ−1) / (π√(1 − x²)) at x = cosine[b] clamped to ±clamp, for
     // b < n; loop by loop over the row, so that each loop vectorises.
@@ -315,50 +317,75 @@ struct CollisionGrads {
     // One bucket through the (Dv, D) matrices, all keys and queries at once (not causal):
     // grad_Q_c += G_c (V_cᵀ K_c) and grad_K_c += V_c (G_cᵀ Q_c).
     void matrices_at_once(const int64_t* qs, int64_t nq, const int64_t* ks, int64_t nk) {
-        through_matrix(grad_q, g, qs, nq, v, k, ks, nk);
-        through_matrix(grad_k, v, ks, nk, g, q, qs, nq);
+        clear(matrix);
+        accumulate(matrix.data(), v, k, ks, nk);
+        read(grad_q, g, qs, nq, matrix.data());
+        clear(matrix);
+        accumulate(matrix.data(), g, q, qs, nq);
+        read(grad_k, v, ks, nk, matrix.data());
     }
 
-    // grad[out_at] += X (Yᵀ Z), where X holds rows out_at of x (width Dv), and Y and Z rows in_at
-    // of y (width Dv) and z (width D).
-    void through_matrix(scalar_t* grad, const scalar_t* x, const int64_t* out_at, int64_t n_out, const scalar_t* y,
-                        const scalar_t* z, const int64_t* in_at, int64_t n_in) {
+    // Members of a bucket per chunk of a causal bucket.
+    static constexpr int64_t CHUNK = 64;
+
+    // One bucket through the (Dv, D) matrices, causal: its members are cut, in position order,
+    // into chunks of CHUNK (a key before a query at the same position). Pairs inside a chunk go
+    // pair by pair; across chunks every pair is causal, so a chunk's queries read the matrix of
+    // all earlier chunks' keys and its keys read that of all later chunks' queries.
+    void matrices_in_chunks(const int64_t* qs, int64_t nq, const int64_t* ks, int64_t nk) {
+        cuts.assign(1, {0, 0});  // (first query, first key) of each chunk, then the ends
+        for (int64_t a = 0, b = 0; a < nq || b < nk;) {
+            for (int64_t taken = 0; taken < CHUNK && (a < nq || b < nk); ++taken)
+                (b < nk && (a == nq || ks[b] <= qs[a])) ? ++b : ++a;
+            cuts.push_back({a, b});
+        }
+        const int64_t chunks = static_cast<int64_t>(cuts.size()) - 1;
+        clear(matrix);  // Σ v_j k_jᵀ over the keys of the chunks so far
+        for (int64_t c = 0; c < chunks; ++c) {
+            const auto [a0, b0] = cuts[c];
+            const auto [a1, b1] = cuts[c + 1];
+            if (c > 0) read(grad_q, g, qs + a0, a1 - a0, matrix.data());
+            if (a1 > a0 && b1 > b0) pairs(qs + a0, a1 - a0, ks + b0, b1 - b0);
+            accumulate(matrix.data(), v, k, ks + b0, b1 - b0);
+        }
+        clear(matrix);  // Σ g_i q_iᵀ over the queries of the chunks after this one
+        for (int64_t c = chunks - 1; c >= 0; --c) {
+            const auto [a0, b0] = cuts[c];
+            const auto [a1, b1] = cuts[c + 1];
+            if (c < chunks - 1) read(grad_k, v, ks + b0, b1 - b0, matrix.data());
+            accumulate(matrix.data(), g, q, qs + a0, a1 - a0);
+        }
+    }
+
+    // The padded (Dv, D) matrix, zeroed.
+    void clear(std::vector<scalar_t>& M) const {
         const int64_t P = std::max(GEMM_ROWS, gemm_cols<scalar_t>());
-        const int64_t mo = round_up(n_out, P), mi = round_up(n_in, P), Dp = round_up(D, P), Dvp = round_up(Dv, P);
-        scratch.resize(static_cast<size_t>(Dvp * mi + mi * Dp + Dvp * Dp + mo * Dvp + mo * Dp));
-        scalar_t *Yt = scratch.data(), *Z = Yt + Dvp * mi, *M = Z + mi * Dp, *X = M + Dvp * Dp, *out = X + mo * Dvp;
-        pack(Yt, y, in_at, n_in, Dvp, Dv, mi, true);
-        pack(Z, z, in_at, n_in, mi, D, Dp, false);
-        gemm(M, Yt, Z, Dvp, mi, Dp, mi, Dp, Dp);
-        pack(X, x, out_at, n_out, mo, Dv, Dvp, false);
+        M.assign(static_cast<size_t>(round_up(Dv, P) * round_up(D, P)), scalar_t(0));
+    }
+
+    // M += Yᵀ Z, where Y and Z hold rows at[0..n) of y (width Dv) and z (width D).
+    void accumulate(scalar_t* M, const scalar_t* y, const scalar_t* z, const int64_t* at, int64_t n) {
+        if (n == 0) return;
+        const int64_t P = std::max(GEMM_ROWS, gemm_cols<scalar_t>());
+        const int64_t mi = round_up(n, P), Dp = round_up(D, P), Dvp = round_up(Dv, P);
+        scratch.resize(static_cast<size_t>(Dvp * mi + mi * Dp + Dvp * Dp));
+        scalar_t *Yt = scratch.data(), *Z = Yt + Dvp * mi, *part = Z + mi * Dp;
+        pack(Yt, y, at, n, Dvp, Dv, mi, true);
+        pack(Z, z, at, n, mi, D, Dp, false);
+        gemm(part, Yt, Z, Dvp, mi, Dp, mi, Dp, Dp);
+        for (int64_t e = 0; e < Dvp * Dp; ++e) M[e] += part[e];
+    }
+
+    // grad[at] += X M, where X holds rows at[0..n) of x (width Dv).
+    void read(scalar_t* grad, const scalar_t* x, const int64_t* at, int64_t n, const scalar_t* M) {
+        if (n == 0) return;
+        const int64_t P = std::max(GEMM_ROWS, gemm_cols<scalar_t>());
+        const int64_t mo = round_up(n, P), Dp = round_up(D, P), Dvp = round_up(Dv, P);
+        scratch.resize(static_cast<size_t>(mo * Dvp + mo * Dp));
+        scalar_t *X = scratch.data(), *out = X + mo * Dvp;
+        pack(X, x, at, n, mo, Dv, Dvp, false);
         gemm(out, X, M, mo, Dvp, Dp, Dvp, Dp, Dp);
-        scatter_add(grad, out_at, n_out, out, Dp);
-    }
-
-    // M += x yᵀ, for x of length Dv and y of length D.
-    void add_outer(scalar_t* M, const scalar_t* x, const scalar_t* y) const {
-        for (int64_t a = 0; a < Dv; ++a) axpy(M + a * D, x[a], y, D);
-    }
-    // out += Mᵀ x.
-    void read(scalar_t* out, const scalar_t* M, const scalar_t* x) const {
-        for (int64_t a = 0; a < Dv; ++a) axpy(out, x[a], M + a * D, D);
-    }
-
-    // One bucket through the (Dv, D) matrices swept in position order (causal); M is scratch of
-    // Dv·D scalars.
-    void matrices_in_order(const int64_t* qs, int64_t nq, const int64_t* ks, int64_t nk, scalar_t* M) const {
-        // grad_q: keys j <= i enter M_K before query i reads it (all keys first when not causal).
-        std::fill(M, M + Dv * D, scalar_t(0));
-        for (int64_t a = 0, b = 0; a < nq; ++a) {
-            for (; b < nk && (!causal || ks[b] <= qs[a]); ++b) add_outer(M, v + ks[b] * Dv, k + ks[b] * D);
-            read(grad_q + qs[a] * D, M, g + qs[a] * Dv);
-        }
-        // grad_k: queries i >= j enter M_Q before key j reads it, sweeping backwards.
-        std::fill(M, M + Dv * D, scalar_t(0));
-        for (int64_t b = nk - 1, a = nq - 1; b >= 0; --b) {
-            for (; a >= 0 && (!causal || qs[a] >= ks[b]); --a) add_outer(M, g + qs[a] * Dv, q + qs[a] * D);
-            read(grad_k + ks[b] * D, M, v + ks[b] * Dv);
-        }
+        scatter_add(grad, at, n, out, Dp);
     }
 };
 
@@ -383,7 +410,6 @@ void collision_grads_units(const scalar_t* q, const scalar_t* k, const scalar_t*
                            int64_t ranges, int64_t unit_begin, int64_t unit_end, int causal, int64_t exact_bits,
                            double clamp) {
     std::vector<int64_t> q_start, q_order, k_start, k_order;
-    std::vector<scalar_t> M(static_cast<size_t>(Dv * D));
     for (int64_t u = unit_begin; u < unit_end; ++u) {
         const int64_t n = u / ranges, p = u % ranges;
         const int64_t h0 = m * p / ranges, h1 = m * (p + 1) / ranges;
@@ -407,7 +433,7 @@ void collision_grads_units(const scalar_t* q, const scalar_t* k, const scalar_t*
                 else if (!causal)
                     bucket.matrices_at_once(qs, nq, ks, nk);
                 else
-                    bucket.matrices_in_order(qs, nq, ks, nk, M.data());
+                    bucket.matrices_in_chunks(qs, nq, ks, nk);
             }
         }
     }
