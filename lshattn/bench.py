@@ -48,21 +48,23 @@ SDPA = "sdpa"
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 
 
-def attention_fn(spec: str, seed: int):
+def attention_fn(spec: str, seed: int, causal: bool = False):
     """The callable for a method string, or SDPA itself."""
     if spec == SDPA:
-        return torch.nn.functional.scaled_dot_product_attention
+        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     method = lshattn.parse(spec)
     generator = torch.Generator().manual_seed(seed)
-    return lambda q, k, v: method(q, k, v, generator=generator)
+    return lambda q, k, v: method(q, k, v, causal=causal, generator=generator)
 
 
-def measure(spec: str, T: int, mode: str, reps: int, device: str, B: int, H: int, D: int, seed: int = 0) -> dict:
+def measure(
+    spec: str, T: int, mode: str, reps: int, device: str, B: int, H: int, D: int, seed: int = 0, causal: bool = False
+) -> dict:
     """Time and peak memory of one point (run inside the child process)."""
     torch.manual_seed(seed)
     fb = mode == "fwdbwd"
     q, k, v = (torch.randn(B, H, T, D, device=device, requires_grad=fb) for _ in range(3))
-    fn = attention_fn(spec, seed)
+    fn = attention_fn(spec, seed, causal)
     cuda = device.startswith("cuda")
 
     def step():
@@ -95,7 +97,7 @@ def run_child(spec: str, T: int, mode: str, reps: int, args: argparse.Namespace)
     command = [
         sys.executable, "-m", "lshattn.bench", "--child", spec, str(T), mode, str(reps),
         "--device", args.device, "--batch", str(args.batch), "--heads", str(args.heads), "--dim", str(args.dim),
-        "--seed", str(args.seed),
+        "--seed", str(args.seed), *(["--causal"] if args.causal else []),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
@@ -145,7 +147,8 @@ def machine_header(device: str) -> str:
 def format_table(results: list[dict], lengths: list[int], modes: list[str], specs: list[str]) -> str:
     lines = []
     for mode in modes:
-        lines += [f"\n**{mode}** (B={results[0]['B']}, H={results[0]['H']}, D={results[0]['D']}, fp32): "
+        causal = ", causal" if results[0].get("causal") else ""
+        lines += [f"\n**{mode}** (B={results[0]['B']}, H={results[0]['H']}, D={results[0]['D']}, fp32{causal}): "
                   "time, speedup over SDPA, extra memory\n"]  # fmt: skip
         lines.append("| method | " + " | ".join(f"T={T}" for T in lengths) + " |")
         lines.append("|---" * (len(lengths) + 1) + "|")
@@ -180,6 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random inputs and the hash projections")
+    parser.add_argument("--causal", action="store_true", help="causal attention (SDPA with is_causal=True)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per point")
     parser.add_argument("--json", help="write every measured point to this file")
     parser.add_argument("--child", nargs=4, metavar=("METHOD", "T", "MODE", "REPS"), help=argparse.SUPPRESS)
@@ -189,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args``; prints the table, returns an exit code."""
     if args.child:
         spec, T, mode, reps = args.child
-        print(json.dumps(measure(spec, int(T), mode, int(reps), args.device, args.batch, args.heads, args.dim, args.seed)))
+        sizes = (args.device, args.batch, args.heads, args.dim, args.seed, args.causal)
+        print(json.dumps(measure(spec, int(T), mode, int(reps), *sizes)))
         return 0
 
     verify(args.methods, args.device)
@@ -198,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     for i, (mode, T, spec) in enumerate(points, 1):
         reps = args.reps if T < 16384 else (3 if T < 32768 else 2)
         point = run_child(spec, T, mode, reps, args)
-        point.update(method=spec, T=T, mode=mode, B=args.batch, H=args.heads, D=args.dim)
+        point.update(method=spec, T=T, mode=mode, B=args.batch, H=args.heads, D=args.dim, causal=args.causal)
         results.append(point)
         shown = point.get("error") or f"{_ms(point['seconds'])}, {point['extra_bytes'] / 2**20:.0f} MiB"
         print(f"[{i}/{len(points)}] {mode} T={T} {spec}: {shown}", file=sys.stderr)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 import lshattn
 from lshattn import cli
 
@@ -29,6 +31,28 @@ def test_bench_tiny_run_prints_ratios(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert {r["method"] for r in results} == {"sdpa", "smyrf:q_cluster_size=64,k_cluster_size=64"}
     assert all(r["seconds"] > 0 for r in results)
+
+
+def test_bench_causal_times_causal_calls(monkeypatch):
+    """--causal reaches SDPA (is_causal) and the method (causal=True) in the child's measurement."""
+    from lshattn import bench
+
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append(("sdpa", kwargs.get("is_causal")))
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    for spec in ("sdpa", "yoso:num_hashes=2,num_bits=2"):
+        point = bench.measure(spec, 32, "fwd", 1, "cpu", 1, 2, 8, causal=True)
+        assert point["seconds"] > 0
+    assert calls and all(causal for _, causal in calls)
+    q = torch.randn(1, 1, 8, 4)
+    method_fn = bench.attention_fn("yoso:num_hashes=2,num_bits=2", 0, causal=True)
+    reference = lshattn.YOSO(num_hashes=2, num_bits=2)(q, q, q, causal=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(method_fn(q, q, q), reference)
 
 
 def test_bad_method_string_exits_non_zero(capsys):
