@@ -138,14 +138,19 @@ def sorted_block_attention(
     # otherwise one row per block is broadcast over the block's queries.
     per_query = causal or self_pairs != "none" or correct_duplicates
     allowed = key_is_valid(k_valid, k_pos)[..., None, :]  # k_pos < 0: past either end, never valid
-    if causal:
-        allowed = allowed & (k_pos[..., None, :] <= q_pos[..., :, None])
-    if self_pairs != "none":
-        allowed = allowed & (k_pos[..., None, :] != q_pos[..., :, None])
+    if causal or self_pairs != "none":  # one comparison: causal and no self pair is k < q
+        keys, queries = k_pos[..., None, :], q_pos[..., :, None]
+        if causal:
+            order = keys < queries if self_pairs != "none" else keys <= queries
+        else:
+            order = keys != queries
+        allowed = allowed & order
     bias_shape = (B, H, R, num_blocks, q_block if per_query else 1, window)
-    bias = torch.zeros(bias_shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    zero, masked = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
+    bias = torch.where(allowed, zero, masked)  # one pass over the (per-query) mask
     if correct_duplicates:
-        bias -= duplicate_counts(q_order, k_order, q_pos, k_pos, q_block, k_block, before, after).to(q.dtype).log()
+        bias = bias - duplicate_counts(q_order, k_order, q_pos, k_pos, q_block, k_block, before, after).to(q.dtype).log()
+    bias = bias.expand(bias_shape)
     out, lse = block_softmax(
         q_blocks.reshape(rows, q_block, -1), k_win.reshape(rows, window, -1), v_win.reshape(rows, window, -1),
         bias.reshape(rows, bias_shape[-2], window), scale, dropout_p,
@@ -161,7 +166,9 @@ def sorted_block_attention(
         if correct_duplicates:
             self_score = self_score - math.log(R)
         self_score = self_score.masked_fill(~key_is_valid(k_valid, q_pos).view(rows, q_block), float("-inf"))
-        out, lse = merge_softmax(torch.stack([out, v_self], dim=-2), torch.stack([lse, self_score], dim=-1))
+        # Two parts: weigh them elementwise (merge_softmax would stack both outputs first).
+        weights, lse = softmax_with_lse(torch.stack([lse, self_score], dim=-1))
+        out = torch.addcmul(out * weights[..., :1], v_self, weights[..., 1:])
         dot_products += rows * q_block
 
     inverse = inverse_order(q_order)
@@ -210,7 +217,7 @@ class BlockSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        has_key = torch.isfinite(bias).any(-1)
+        has_key = bias.ne(float("-inf")).any(-1)  # bias is finite or -inf: one pass, not isfinite's three
         if _fused_cpu_kernel_fits(q, v):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q[None], k[None], v[None], 0.0, False, attn_mask=bias[None], scale=scale

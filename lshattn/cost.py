@@ -47,7 +47,8 @@ def sorted_blocks_cost(
 
     * dot_products = ``n·w``, plus ``n`` for the own-key column of causal attention;
     * flops = ``2·n·w·(D + Dv)`` (scores and weighted values) + ``n·(2·D + 4·Dv)`` for the
-      own-key column and its merge + ``2·n·Dv`` to merge the rounds when R > 1 + hashing;
+      own-key column and its merge (element-wise, counted as two multiply-adds per value) +
+      ``2·n·Dv`` to merge the rounds when R > 1 + hashing;
     * memory_bytes = the larger of the score tensor (``n·w``, recomputed in the backward) and
       the gathered window keys (``n/q_block·w·max(D, Dv)``), times ``itemsize``.
     """
