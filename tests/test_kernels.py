@@ -157,8 +157,8 @@ def collision_grads_reference(q, k, v, grad, q_codes, k_codes, causal, exact_bit
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_native_collision_grads_by_brute_force(rows, L, causal):
     """One bucket holding everything (done through the (Dv, D) matrices; causal, in several
-    chunks of 64 members when L = 300), buckets of about five (pair by pair) and mostly
-    single-member buckets all equal the dense sum."""
+    chunks of 64 members when L = 300), buckets of about five (packed pair blocks) and mostly
+    single-member buckets (pair by pair, unpacked) all equal the dense sum."""
     N, m, D, Dv = 3, 5, 8, 6
     g = torch.Generator().manual_seed(7)
     q, k, grad = (torch.randn(N, L, n, dtype=torch.float64, generator=g) for n in (D, D, Dv))
@@ -201,11 +201,13 @@ def test_a_forked_child_gets_threads_of_its_own():
 
 
 @needs_compiler
+@pytest.mark.parametrize("rows", [3, 64], ids=["rows3", "rows64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_native_exact_collision_grads_count_each_pair_once(causal, dtype):
+def test_native_exact_collision_grads_count_each_pair_once(causal, dtype, rows):
     """The exact rule weighs a pair by the kernel's derivative at its cosine (clamped), once
-    however many hashes it collides in: few buckets, so most pairs collide in several. (float32
+    however many hashes it collides in: with 3 buckets most pairs collide in several (packed
+    pair blocks); with 64, buckets hold a pair or two (done pair by pair, unpacked). (float32
     takes arccos from a polynomial, float64 from std::acos.)"""
     N, L, m, D, Dv = 2, 30, 6, 8, 5
     g = torch.Generator().manual_seed(10)
@@ -213,8 +215,8 @@ def test_native_exact_collision_grads_count_each_pair_once(causal, dtype):
     k[0, 3] = q[0, 5]  # a cosine of 1, where the derivative is clamped
     k[1, 4] = -q[1, 7]  # and of -1
     v, grad = (torch.randn(N, L, n, dtype=dtype, generator=g) for n in (Dv, Dv))
-    q_codes, k_codes = random_codes(N, L, m, 3, seed=11)
-    got = kernels.collision_grads(q, k, v, grad, q_codes, k_codes, 3, causal=causal, exact_bits=5, clamp=0.99)
+    q_codes, k_codes = random_codes(N, L, m, rows, seed=11)
+    got = kernels.collision_grads(q, k, v, grad, q_codes, k_codes, rows, causal=causal, exact_bits=5, clamp=0.99)
     double = [x.double() for x in (q, k, v, grad)]
     expected = collision_grads_reference(*double, q_codes, k_codes, causal, exact_bits=5)
     tolerance = {"rtol": 2e-6, "atol": 1e-5} if dtype == torch.float32 else {}

@@ -38,7 +38,9 @@
 // "exact" goes pair by pair. Causal: pairs j <= i only; the matrices are then built over chunks
 // of the bucket in position order (prefix sums for grad_q, suffix sums for grad_k), with the
 // pairs inside a chunk done pair by pair. Units are (row, range of hashes) as for the bucket
-// sums. All of it is small register-blocked matrix products on packed copies of a bucket's rows.
+// sums. All of it is small register-blocked matrix products on packed copies of a bucket's rows,
+// except buckets of at most FEW_PAIRS pairs (most of them when 2^τ is near T), which go pair by
+// pair where the rows are, since packing pads each side to 16 rows.
 
 #include <algorithm>
 #include <cmath>
@@ -277,6 +279,38 @@ struct CollisionGrads {
         for (int64_t r = 0; r < n; ++r) axpy(grad + at[r] * D, scalar_t(1), block + r * ld, D);
     }
 
+    // Buckets with at most this many pairs skip packing, which pads each side to 16 rows.
+    static constexpr int64_t FEW_PAIRS = 16;
+
+    // Lanes of independent partial sums: a fixed order (deterministic) that still vectorises.
+    static scalar_t dot(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t n) {
+        constexpr int64_t L = 64 / sizeof(scalar_t);
+        scalar_t lanes[L] = {};
+        int64_t d = 0;
+        for (; d + L <= n; d += L)
+            for (int64_t l = 0; l < L; ++l) lanes[l] += a[d + l] * b[d + l];
+        scalar_t sum = 0;
+        for (; d < n; ++d) sum += a[d] * b[d];
+        for (int64_t l = 0; l < L; ++l) sum += lanes[l];
+        return sum;
+    }
+
+    // A bucket with few pairs, one pair at a time on the rows where they are.
+    void few_pairs(const int64_t* qs, int64_t nq, const int64_t* ks, int64_t nk) {
+        for (int64_t a = 0; a < nq; ++a)
+            for (int64_t b = 0; b < nk; ++b) {
+                const int64_t i = qs[a], j = ks[b];
+                if ((causal && j > i) || (exact_bits > 0 && !first_collision(i, j))) continue;
+                scalar_t w = dot(g + i * Dv, v + j * Dv, Dv);
+                if (exact_bits > 0) {
+                    const scalar_t cosine = dot(q + i * D, k + j * D, D);
+                    times_derivative(&w, &cosine, 1);
+                }
+                axpy(grad_q + i * D, w, k + j * D, D);
+                axpy(grad_k + j * D, w, q + i * D, D);
+            }
+    }
+
     // One bucket through its pairs, as three small matrix products on packed copies of its rows:
     // W = G_c V_cᵀ (masked to j <= i when causal; for "exact", times the derivative at the
     // cosines Q_c K_cᵀ, on the pairs colliding here first), grad_Q_c += W K_c, grad_K_c += Wᵀ Q_c.
@@ -428,7 +462,9 @@ void collision_grads_units(const scalar_t* q, const scalar_t* k, const scalar_t*
                 if (nq == 0 || nk == 0) continue;
                 const int64_t* qs = q_order.data() + q_start[c];
                 const int64_t* ks = k_order.data() + k_start[c];
-                if (exact_bits > 0 || nq * nk * (Dv + 2 * D) <= (nq + nk) * 2 * Dv * D)
+                if (nq * nk <= bucket.FEW_PAIRS)
+                    bucket.few_pairs(qs, nq, ks, nk);
+                else if (exact_bits > 0 || nq * nk * (Dv + 2 * D) <= (nq + nk) * 2 * Dv * D)
                     bucket.pairs(qs, nq, ks, nk);
                 else if (!causal)
                     bucket.matrices_at_once(qs, nq, ks, nk);
