@@ -223,7 +223,7 @@ def simhash_codes(x: Tensor, planes: Tensor, *, tables_last: bool = False, dtype
         return codes.transpose(2, 3) if tables_last else codes
     chunks = _projection_chunks(x, planes)
     codes = torch.empty(B * H, L, R, dtype=dtype, device=x.device)
-    if kernels.available() and x.device.type == "cpu":
+    if x.device.type == "cpu" and kernels.available():
         for lo, proj in chunks:
             kernels.sign_codes(proj, codes, lo)
     else:

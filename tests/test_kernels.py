@@ -222,3 +222,13 @@ def test_native_exact_collision_grads_count_each_pair_once(causal, dtype, rows):
     tolerance = {"rtol": 2e-6, "atol": 1e-5} if dtype == torch.float32 else {}
     torch.testing.assert_close(got[0].double(), expected[0], **tolerance)
     torch.testing.assert_close(got[1].double(), expected[1], **tolerance)
+
+
+@needs_compiler
+def test_sign_codes_refuses_what_it_cannot_pack():
+    codes = torch.zeros(1, 4, 2, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="float32 projections.*got torch.float64 projections"):
+        kernels.sign_codes(torch.zeros(1, 4, 6, dtype=torch.float64), codes, 0)
+    proj = torch.tensor([[[1.0, -1.0, 0.0, -0.0, -2.0, 3.0]]])  # 2 tables of 3 bits
+    kernels.sign_codes(proj, codes, 1)
+    assert codes[0, 1].tolist() == [0b101, 0b100] and codes[0, 0].tolist() == [0, 0]

@@ -184,12 +184,11 @@ def bucket_sums(
         `(N, T, Dv)`, or None when the native kernel is unavailable or does not apply (not a CPU
         tensor, another dtype); the caller then runs its torch path.
     """
-    library = load() if values.device.type == "cpu" else None
-    if library is None or values.dtype not in (torch.float32, torch.float64):
+    kernel = _kernel("bucket_sums", values)
+    if kernel is None:
         return None
     N, T, m = read_rows.shape
     S, Dv = values.shape[1], values.shape[2]
-    kernel = library.lshattn_bucket_sums_f32 if values.dtype == torch.float32 else library.lshattn_bucket_sums_f64
     values = values.contiguous()
     read_rows, write_rows = _codes(read_rows), _codes(write_rows)
     ranges = _hash_ranges(N, m)
@@ -228,10 +227,9 @@ def collision_grads(
         `(N, T, D)` and `(N, S, D)`, or None when the native kernel is unavailable or does not
         apply (not on the CPU, another dtype).
     """
-    library = load() if q.device.type == "cpu" else None
-    if library is None or q.dtype not in (torch.float32, torch.float64):
+    kernel = _kernel("collision_grads", q)
+    if kernel is None:
         return None
-    kernel = library.lshattn_collision_grads_f32 if q.dtype == torch.float32 else library.lshattn_collision_grads_f64
     N, T, m = q_codes.shape
     S, D, Dv = k.shape[1], q.shape[2], v.shape[2]
     q, k, v, grad = (x.to(q.dtype).contiguous() for x in (q, k, v, grad))
@@ -240,6 +238,17 @@ def collision_grads(
     tensors = (q, k, v, grad, _codes(q_codes), _codes(k_codes), grad_q, grad_k)
     _run_units(kernel, N, ranges, tensors, (N, T, S, m, D, Dv, rows), (int(causal), exact_bits, clamp))
     return (grad_q[0], grad_k[0]) if ranges == 1 else (grad_q.sum(0), grad_k.sum(0))
+
+
+# The variant of a kernel for the dtype of the tensor that selects it.
+_VARIANTS = {torch.float32: "f32", torch.float64: "f64", torch.int32: "i32", torch.int64: "i64"}
+
+
+def _kernel(name: str, x: Tensor):
+    """``lshattn_<name>_<variant for x.dtype>``, or None where it does not run: x not on the
+    CPU, a dtype the kernel has no variant for, or no compiled library."""
+    library = load() if x.device.type == "cpu" else None
+    return getattr(library, f"lshattn_{name}_{_VARIANTS.get(x.dtype)}", None) if library is not None else None
 
 
 def _codes(codes: Tensor) -> Tensor:
@@ -261,8 +270,9 @@ def _run_units(kernel, N: int, ranges: int, tensors, sizes, flags) -> None:
     _run([(kernel, *head, units * s // spans, units * (s + 1) // spans, *flags) for s in range(spans)])
 
 
-def sign_codes(proj: Tensor, codes: Tensor, offset: int) -> bool:
-    """Pack the sign bits of a chunk of projections into ``codes``, natively.
+def sign_codes(proj: Tensor, codes: Tensor, offset: int) -> None:
+    """Pack the sign bits of a chunk of projections into ``codes``, natively (call it where
+    ``available()`` and the tensors are on the CPU).
 
     Bit k of table r is 1 when ``proj[n, t, r·bits + k]`` has its sign bit clear (+0 counts as
     positive, -0 as negative, as ``torch.copysign`` has it); the code is ``Σ_k bit_k · 2^k``.
@@ -271,15 +281,13 @@ def sign_codes(proj: Tensor, codes: Tensor, offset: int) -> bool:
         proj: `(N, n, R·bits)` float32, contiguous: the projections of positions
             ``offset .. offset + n`` of each of N rows.
         codes: `(N, L, R)` int32 or int64, contiguous; positions ``offset .. offset + n`` are written.
-
-    Returns:
-        False when the native kernel is unavailable or does not apply (then nothing is written).
     """
-    library = load() if proj.device.type == "cpu" else None
-    if library is None or proj.dtype != torch.float32 or codes.dtype not in (torch.int32, torch.int64):
-        return False
+    kernel = _kernel("sign_codes", codes)
+    if kernel is None or proj.dtype != torch.float32 or proj.device.type != "cpu":
+        raise RuntimeError(
+            f"lshattn.kernels.sign_codes needs the native kernels and float32 projections and int32/int64 "
+            f"codes on the CPU, got {proj.dtype} projections and {codes.dtype} codes on {proj.device}"
+        )
     N, n, K = proj.shape
     L, R = codes.shape[1], codes.shape[2]
-    kernel = library.lshattn_sign_codes_i32 if codes.dtype == torch.int32 else library.lshattn_sign_codes_i64
     kernel(proj.data_ptr(), codes.data_ptr(), n, R, K // R, L * R, offset, 0, N * n)
-    return True

@@ -339,11 +339,9 @@ def _native_surrogate_grads(
     where it does not run."""
     B, H, T, m = q_codes.shape
     S, D, Dv = k_hat.shape[2], q_hat.shape[-1], v.shape[-1]
-    readers = _masked_codes(q_codes, query_padding_mask, -1)
-    writers = _masked_codes(k_codes, key_padding_mask, -2)
-    rows = _table_rows(num_bits, S)
-    if rows != 2**num_bits:
-        readers, writers = _compact_codes(readers, writers)
+    readers, writers, rows = _table_codes(
+        _masked_codes(q_codes, query_padding_mask, -1), _masked_codes(k_codes, key_padding_mask, -2), num_bits, S
+    )
     flat = (x.reshape(B * H, -1, x.shape[-1]) for x in (q_hat, k_hat, v, grad))
     exact_bits = num_bits if rule == "exact" else 0
     grads = kernels.collision_grads(
@@ -418,9 +416,7 @@ def bucket_sums(
     Returns:
         `(N, T, Dv)` in the dtype of ``values``.
     """
-    rows = _table_rows(num_bits, values.shape[1])
-    if rows != 2**num_bits:
-        read_codes, write_codes = _compact_codes(read_codes, write_codes)
+    read_codes, write_codes, rows = _table_codes(read_codes, write_codes, num_bits, values.shape[1])
     out = kernels.bucket_sums(read_codes, write_codes, values, rows, causal=causal, reverse=reverse)
     if out is None:
         out = _torch_bucket_sums(read_codes, write_codes, values, rows, causal=causal, reverse=reverse)
@@ -493,6 +489,15 @@ def _running_sums(read_index: Tensor, write_index: Tensor, values: Tensor, rows:
         out[:, lo:hi] = torch.baddbmm(earlier, hits.to(values.dtype), block_values)
         table.index_add_(0, writes.reshape(-1), block_values[:, :, None, :].expand(N, n, g, Dv).reshape(-1, Dv))
     return out
+
+
+def _table_codes(read_codes: Tensor, write_codes: Tensor, num_bits: int, S: int) -> tuple[Tensor, Tensor, int]:
+    """The codes as rows of a bucket table, and its number of rows: the codes themselves (2^τ
+    rows), or their ranks among the writers' codes when 2^τ > 2S (``_compact_codes``)."""
+    rows = _table_rows(num_bits, S)
+    if rows != 2**num_bits:
+        read_codes, write_codes = _compact_codes(read_codes, write_codes)
+    return read_codes, write_codes, rows
 
 
 def _compact_codes(read_codes: Tensor, write_codes: Tensor) -> tuple[Tensor, Tensor]:
