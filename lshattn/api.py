@@ -17,7 +17,10 @@ arguments (an ``Inputs`` record), so the method modules contain only their algor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
+import types
 import typing
 from typing import Any, ClassVar, NamedTuple
 
@@ -60,8 +63,9 @@ _REGISTRY: dict[str, type[Method]] = {}
 class Method:
     """Base of every method spec. Subclasses are frozen dataclasses with a ``name``.
 
-    A subclass implements ``_attend(inputs) -> (out, aux)`` and ``cost(...)``; this class owns the
-    call signature, input validation, the string form and the registry used by ``parse``.
+    A subclass implements ``_attend(inputs) -> (out, aux)`` and ``cost(...)``, and may add range
+    checks of its fields in ``_check_fields``; this class owns the call signature, the type checks
+    of fields and the validation of inputs, the string form and the registry used by ``parse``.
     """
 
     name: ClassVar[str] = ""
@@ -74,6 +78,23 @@ class Method:
         # a user's variant) must not take over what ``parse`` returns for its parent's name.
         if cls.__dict__.get("name"):
             _REGISTRY[cls.name] = cls
+
+    def __post_init__(self) -> None:
+        """Check every field against its type hint, then the method's own ranges.
+
+        Types are checked here, once, for every method: a bool or str where a number is meant
+        would otherwise be accepted by a comparison (``True >= 1``) or a truth test (``"no"``)
+        and silently run something else. numpy scalars are normalised to Python ones, so
+        equality, hashing and ``str`` do not depend on where a value came from.
+        """
+        method = type(self).__name__
+        for field, hint in _field_hints(type(self)):
+            value = _check_field(method, field, hint, getattr(self, field.name))
+            object.__setattr__(self, field.name, value)  # frozen: normalising is part of __init__
+        self._check_fields()
+
+    def _check_fields(self) -> None:
+        """The method's range checks on its type-checked fields (override to add some)."""
 
     def __call__(
         self,
@@ -111,12 +132,14 @@ class Method:
 
         Raises:
             ValueError: shapes, masks or sizes that do not fit, with the sizes and the fix.
-            TypeError: q, k, v of a non-float dtype, of different dtypes or on different devices.
+            TypeError: q, k, v of a non-float dtype, of different dtypes or on different devices;
+                an argument of the wrong type (a str or bool where a number is meant, ...).
         """
         inputs = validate_inputs(
-            self, q, k, v, key_padding_mask, query_padding_mask, causal, scale, generator, dropout_p
+            self, q, k, v, key_padding_mask, query_padding_mask, causal, scale, generator, dropout_p,
+            return_aux=return_aux,
         )
-        out, aux = self._attend(inputs)
+        out, aux = self._attend(without_padding_values(inputs))
         return (out, aux) if return_aux else out
 
     def _attend(self, inputs: Inputs) -> tuple[Tensor, NamedTuple]:
@@ -167,14 +190,20 @@ def parse(text: str) -> Method:
     """Build a method spec from its string form: ``parse("smyrf:num_hashes=2,q_cluster_size=32")``.
 
     Unnamed parameters keep their defaults, and ``parse(str(m)) == m`` for every spec ``m``.
+
+    Raises:
+        TypeError: ``text`` is not a string.
+        ValueError: an unknown method or key, a key given twice, or a value that does not read
+            as its field's type or is out of its range.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"parse takes a string such as 'smyrf:num_hashes=2', got {_type_name(text)}")
     name, _, params = text.strip().partition(":")
     name = name.strip().lower()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r} in {text!r}; known methods: {', '.join(method_names())}")
     cls = _REGISTRY[name]
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {field.name: (field, hint) for field, hint in _field_hints(cls)}
     kwargs: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in params.split(","))):
         key, eq, raw = item.partition("=")
@@ -184,7 +213,10 @@ def parse(text: str) -> Method:
                 f"cannot read {item!r} in {text!r}: {name} takes key=value pairs with keys "
                 f"{', '.join(sorted(fields))}"
             )
-        kwargs[key] = _parse_value(raw.strip(), hints[key], f"{name}.{key}")
+        if key in kwargs:  # last-one-wins would hide a typo or a botched merge of two settings
+            raise ValueError(f"{key} is given twice in {text!r}; give each key once")
+        field, hint = fields[key]
+        kwargs[key] = _parse_value(raw.strip(), field, hint, f"{name} {key}", text)
     return cls(**kwargs)
 
 
@@ -192,32 +224,214 @@ def _format_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _parse_value(raw: str, hint: Any, where: str) -> Any:
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
-    if raw == "None" and type(None) in options:
-        return None
-    literal_options = [a for o in options if typing.get_origin(o) is typing.Literal for a in typing.get_args(o)]
-    if raw in literal_options:
-        return raw
-    for option in options:
-        if option is bool and raw in ("True", "False", "true", "false"):
-            return raw.lower() == "true"
-        if option is int:
-            try:
-                return int(raw)
-            except ValueError:
-                continue
-        if option is float:
-            try:
-                return float(raw)
-            except ValueError:
-                continue
-        if option is str:
-            return raw
-    raise ValueError(f"cannot read {raw!r} as {hint} for {where}")
+def _parse_value(raw: str, field: dataclasses.Field, hint: Any, where: str, text: str) -> Any:
+    """``raw`` read as a value of ``hint`` (the inverse of ``_format_value``); the spec then
+    checks its range. ValueError naming the field, the text and the type it expects."""
+    for option in _hint_options(hint):
+        value = _read_text(raw, option)
+        if value is not _REJECT:
+            return value
+    raise ValueError(
+        f"cannot read {raw!r} as {_hint_name(hint)} for {where} in {text!r}; write {_example(field, hint)}"
+    )
 
 
-_UnionType = type(int | None)
+def _read_text(raw: str, option: Any) -> Any:
+    """``raw`` as a value of one alternative of a hint, or ``_REJECT``."""
+    if option is type(None):
+        return None if raw == "None" else _REJECT
+    if typing.get_origin(option) is typing.Literal:
+        return next((a for a in typing.get_args(option) if _format_value(a) == raw), _REJECT)
+    if option is bool:
+        return {"True": True, "true": True, "False": False, "false": False}.get(raw, _REJECT)
+    if option in (int, float):
+        try:
+            return option(raw)
+        except ValueError:
+            return _REJECT
+    return raw if option in (str, Any) else _REJECT
+
+
+# --- checking values: one reader per kind of value, shared by spec fields and call arguments -----
+
+# What a reader returns for a value it does not take (None is a value some fields take).
+_REJECT: Any = object()
+
+# Integer fields end up as torch sizes and indices, which are int64.
+_INT64_MAX = 2**63 - 1
+
+
+def _flag(value: Any) -> Any:
+    """A bool (numpy's included) as a bool, else ``_REJECT``: 0, 1, "no" and None are not flags,
+    though Python would happily test their truth."""
+    return bool(value) if isinstance(value, bool) or _is_numpy_bool(value) else _REJECT
+
+
+def _integer(value: Any) -> Any:
+    """An integer (numpy's included) as an int, else ``_REJECT``. A bool is not one, though it
+    is an int to Python (``True >= 1`` would pass a range check); nor is 2.0 or "2"."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return _REJECT
+
+
+def _real(value: Any) -> Any:
+    """A real number (numpy's included) as a float, else ``_REJECT``: not a bool, str or tensor.
+    An integer beyond the float range becomes ±inf, for the range checks to refuse."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    return _REJECT
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    # By name: numpy is not a dependency of the core. Its bool type is numpy.bool (numpy.bool_
+    # before 2.0), and it is not a numbers.Integral, unlike Python's bool.
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+
+
+def _expect(read: typing.Callable[[Any], Any], value: Any, label: str, expected: str, fix: str) -> Any:
+    """``read(value)``, or TypeError saying what ``label`` takes, what it got and what to pass."""
+    checked = read(value)
+    if checked is _REJECT:
+        raise TypeError(f"{label} must be {expected}, got {_show(value)}; {fix}")
+    return checked
+
+
+def _show(value: Any) -> str:
+    """A given value and its type for an error message: ``True (bool)``."""
+    return f"{_short(value)} ({_type_name(value)})"
+
+
+def _short(value: Any) -> str:
+    """``repr`` on one line, shortened: a given value may be a large tensor or a 400-digit int."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+# --- spec fields ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _field_hints(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
+    """Each dataclass field of ``cls`` with its resolved type hint (``Any`` where none resolves).
+
+    The modules use ``from __future__ import annotations``, so annotations are strings until
+    ``typing.get_type_hints`` evaluates them. A subclass defined inside a function may annotate
+    with names only it can see; then the hints of the nearest class that resolves are used.
+    """
+    hints: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        try:
+            hints = typing.get_type_hints(klass)
+            break
+        except NameError:
+            continue
+    return tuple((field, hints.get(field.name, Any)) for field in dataclasses.fields(cls))
+
+
+def _check_field(method: str, field: dataclasses.Field, hint: Any, value: Any) -> Any:
+    """``value`` of ``method``'s ``field`` normalised to its hint: TypeError when no alternative
+    of the hint takes it, ValueError for a str outside a Literal's options or an int beyond int64."""
+    what = f"{method} {field.name}"
+    for option in _hint_options(hint):
+        checked = _read_value(value, option)
+        if checked is not _REJECT:
+            break
+    else:
+        options = _literal_options(hint)
+        if any(_same_kind(value, a) for a in options):  # the right kind, not one of the options
+            raise ValueError(f"{what} must be {_choices(options)}, got {value!r}")
+        raise TypeError(f"{what} must be {_expected(hint)}, got {_show(value)}; pass {_example(field, hint)}")
+    if type(checked) is int and not -_INT64_MAX - 1 <= checked <= _INT64_MAX:
+        raise ValueError(f"{what} must fit in int64 (torch sizes and indices are int64), got {_short(checked)}")
+    return checked
+
+
+def _read_value(value: Any, option: Any) -> Any:
+    """``value`` as a value of one alternative of a hint, normalised, or ``_REJECT``."""
+    if option is Any:
+        return value
+    if option is type(None):
+        return None if value is None else _REJECT
+    if typing.get_origin(option) is typing.Literal:
+        # The option itself is returned: a numpy str becomes a str.
+        return next((a for a in typing.get_args(option) if _same_kind(value, a) and value == a), _REJECT)
+    readers = {bool: _flag, int: _integer, float: _real}
+    if option in readers:
+        return readers[option](value)
+    if typing.get_origin(option) is None and isinstance(option, type):
+        return value if isinstance(value, option) else _REJECT
+    return value  # a hint this cannot check (list[int], a Protocol): left to the method
+
+
+def _same_kind(value: Any, option: Any) -> bool:
+    """Whether ``value`` is of the type of a Literal option; compared with ``==`` alone, True
+    would be the option 1."""
+    return isinstance(value, type(option)) and isinstance(value, bool) == isinstance(option, bool)
+
+
+def _hint_options(hint: Any) -> tuple[Any, ...]:
+    """The alternatives of a union hint (``int | None`` -> ``(int, NoneType)``), else ``(hint,)``."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _literal_options(hint: Any) -> list[Any]:
+    return [a for o in _hint_options(hint) if typing.get_origin(o) is typing.Literal for a in typing.get_args(o)]
+
+
+def _choices(options: list[Any]) -> str:
+    """``'any' or 'all'``; ``'a', 'b' or 'c'``."""
+    shown = [repr(a) for a in options]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def _hint_name(hint: Any) -> str:
+    """The type a hint names, as code: ``int``, ``Literal['any', 'all']``, ``int | None``."""
+
+    def name(option: Any) -> str:
+        if option is type(None):
+            return "None"
+        if typing.get_origin(option) is typing.Literal:
+            return f"Literal[{', '.join(repr(a) for a in typing.get_args(option))}]"
+        return option.__name__ if isinstance(option, type) and typing.get_origin(option) is None else str(option)
+
+    return " | ".join(name(o) for o in _hint_options(hint))
+
+
+def _expected(hint: Any) -> str:
+    """What a hint takes, in words: ``an int``, ``a bool``, ``'any' or 'all'``, ``an int or None``."""
+    words = {bool: "a bool", int: "an int", float: "a real number", str: "a str", type(None): "None"}
+
+    def word(option: Any) -> str:
+        if typing.get_origin(option) is typing.Literal:
+            return _choices(list(typing.get_args(option)))
+        return words.get(option) or f"a {_hint_name(option)}"
+
+    return " or ".join(word(o) for o in _hint_options(hint))
+
+
+def _example(field: dataclasses.Field, hint: Any) -> str:
+    """A setting of ``field`` to pass instead: ``shared_qk=True or shared_qk=False``,
+    ``rule='any' or rule='all'``, ``e.g. q_cluster_size=32`` (its default)."""
+    options = _hint_options(hint)
+    if bool in options:
+        return f"{field.name}=True or {field.name}=False"
+    if _literal_options(hint):
+        return " or ".join(f"{field.name}={a!r}" for a in _literal_options(hint))
+    if field.default is not dataclasses.MISSING:
+        return f"e.g. {field.name}={field.default!r}"
+    return f"a {_hint_name(hint)} as {field.name}"
+
+
+# --- call arguments -------------------------------------------------------------------------------
 
 
 def validate_inputs(
@@ -227,12 +441,18 @@ def validate_inputs(
     v: Any,
     key_padding_mask: Any,
     query_padding_mask: Any,
-    causal: bool,
-    scale: float | None,
-    generator: torch.Generator | None,
-    dropout_p: float,
+    causal: Any,
+    scale: Any,
+    generator: Any,
+    dropout_p: Any,
+    *,
+    return_aux: Any = False,
 ) -> Inputs:
-    """Check every argument of a call and return them normalised; raise with sizes and the fix."""
+    """Check every argument of a call and return them normalised; raise with sizes and the fix.
+
+    ValueError for values out of range or sizes that do not fit; TypeError for the wrong kind
+    of value (a str or bool where a number is meant, a tensor where a float is meant, ...).
+    """
     for label, x, dims in (("q", q, "(B, H, T, D)"), ("k", k, "(B, H, S, D)"), ("v", v, "(B, H, S, Dv)")):
         if not isinstance(x, Tensor):
             raise TypeError(f"{label} must be a torch.Tensor {dims}, got {type(x).__name__}")
@@ -265,22 +485,62 @@ def validate_inputs(
         )
     key_padding_mask = _check_mask(key_padding_mask, "key_padding_mask", (B, S), "(B, S)", q.device)
     query_padding_mask = _check_mask(query_padding_mask, "query_padding_mask", (B, T), "(B, T)", q.device)
+    causal = _expect(_flag, causal, "causal", "a bool", "pass causal=True or causal=False")
     if causal and T != S:
         raise ValueError(
             f"causal=True needs T == S (query t sees keys <= t), got T={T}, S={S}; "
             f"for cross-attention pass causal=False"
         )
-    if scale is None:
-        scale = D**-0.5
-    elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None (meaning D ** -0.5), got {scale!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = D**-0.5 if scale is None else _check_scale(scale, q.dtype)
+    dropout_p = _check_dropout(dropout_p)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    inputs = Inputs(q, k, v, key_padding_mask, query_padding_mask, bool(causal), float(scale), generator, dropout_p)
+        raise TypeError(f"generator must be a torch.Generator or None, got {_show(generator)}")
+    _expect(_flag, return_aux, "return_aux", "a bool", "pass return_aux=True or return_aux=False")
+    inputs = Inputs(q, k, v, key_padding_mask, query_padding_mask, causal, scale, generator, dropout_p)
     method._check_inputs(inputs)
     return inputs
+
+
+def _check_scale(scale: Any, dtype: torch.dtype) -> float:
+    """A given logit scale as a float: positive, finite and representable in the dtype the
+    logits are computed in (float32 for half and float32 inputs, as ``lshattn.blocks.compute_dtype``),
+    where 1e300 would become inf and every output NaN."""
+    value = _expect(
+        _real, scale, "scale", "a real number or None (meaning D ** -0.5)",
+        "pass a float, e.g. scale=0.125 (float(x) for a tensor or numpy array x)",
+    )  # fmt: skip
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"scale must be a positive finite number or None (meaning D ** -0.5), got {_short(scale)}")
+    compute = torch.promote_types(dtype, torch.float32)
+    limits = torch.finfo(compute)
+    if not limits.tiny <= value <= limits.max:
+        raise ValueError(
+            f"scale must be in [{limits.tiny:.6g}, {limits.max:.6g}] to be representable in {compute}, "
+            f"the compute dtype of {dtype} inputs, got {_short(scale)}"
+        )
+    return value
+
+
+def _check_dropout(dropout_p: Any) -> float:
+    value = _expect(
+        _real, dropout_p, "dropout_p", "a real number in [0, 1)", "pass e.g. dropout_p=0.1 (float(x) for a tensor x)"
+    )
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {_short(dropout_p)}")
+    return value
+
+
+def without_padding_values(inputs: Inputs) -> Inputs:
+    """Inputs whose padded slots hold zeros: padding is inert whatever it holds (NaN or inf
+    included), and its gradient is zero. Keys and values follow the key mask, queries the query
+    mask; one elementwise pass, only where a mask is given."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    if inputs.key_padding_mask is not None:
+        padded = ~inputs.key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
+    if inputs.query_padding_mask is not None:
+        q = q.masked_fill(~inputs.query_padding_mask[:, None, :, None], 0)
+    return inputs._replace(q=q, k=k, v=v)
 
 
 def _check_mask(mask: Any, label: str, shape: tuple[int, int], dims: str, device: torch.device) -> Tensor | None:

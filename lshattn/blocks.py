@@ -2,14 +2,16 @@
 
 Both methods reduce to the same computation once their hash has given each round a query order
 and a key order: cut the sorted queries into blocks of ``q_block`` and the sorted keys into
-blocks of ``k_block``; block n of the queries attends to key blocks n - before … n + after of
-the same round (never wrapping around); softmax inside; unsort; merge the rounds by their
-log-sum-exp. Everything here is vectorised over batch, heads, rounds and blocks; the only Python
-loops run over the (before + 1 + after) window offsets and, for the duplicate correction, over
-the rounds.
+blocks of ``k_block`` (real tokens first, padding after them); query block n attends to the
+key blocks ``m(n) - before … m(n) + after`` of the same round (never wrapping around), where
+``m`` matches the blocks of each sequence's real queries to those of its real keys by rank
+(``matched_key_blocks``; the identity when both give as many blocks); softmax inside; unsort;
+merge the rounds by their log-sum-exp. Everything here is vectorised over batch, heads, rounds
+and blocks; the only Python loop runs, for the duplicate correction, over the rounds.
 
-Shape legend: B batch, H heads, R rounds, Tp / Sp padded query / key length, N = Tp / q_block
-blocks per round, c = q_block, w = (before + 1 + after) · k_block keys per window, D, Dv dims.
+Shape legend: B batch, H heads, R rounds, Tp / Sp padded query / key length, Nq = Tp / q_block
+query blocks and Nk = Sp / k_block key blocks per round, c = q_block, w = (before + 1 + after) ·
+k_block keys per window, D, Dv dims.
 """
 
 from __future__ import annotations
@@ -25,11 +27,16 @@ from lshattn.hashing import gather_rows, inverse_order
 
 __all__ = [
     "SelfPairs",
+    "BlockLayout",
     "BlockResult",
+    "block_layout",
     "compute_dtype",
+    "matched_key_blocks",
+    "query_key_blocks",
     "pad_length",
     "padded_valid",
     "sorted_block_attention",
+    "window_positions",
     "softmax_with_lse",
     "block_softmax",
     "merge_softmax",
@@ -70,6 +77,72 @@ def pad_length(length: int, block: int) -> int:
     return -(-length // block) * block
 
 
+class BlockLayout(NamedTuple):
+    """How a call cuts its sorted queries and keys into blocks.
+
+    Attributes:
+        q_block: query slots per block, the method's size clamped to T (a larger block would
+            only hold padding). k_block: key slots per block, clamped to S.
+        q_blocks: Nq = ceil(T / q_block) query blocks per round. k_blocks: Nk = ceil(S / k_block).
+    """
+
+    q_block: int
+    k_block: int
+    q_blocks: int
+    k_blocks: int
+
+    @property
+    def padded_queries(self) -> int:
+        """Tp = Nq · q_block."""
+        return self.q_blocks * self.q_block
+
+    @property
+    def padded_keys(self) -> int:
+        """Sp = Nk · k_block."""
+        return self.k_blocks * self.k_block
+
+
+def block_layout(T: int, S: int, q_block: int, k_block: int) -> BlockLayout:
+    """The blocks of T queries and S keys for a method's block sizes. Clamping a block to its
+    sequence changes nothing a caller can see: every real token of a sequence of at most T
+    tokens lands in block 0 either way."""
+    q_block, k_block = min(q_block, T), min(k_block, S)
+    return BlockLayout(q_block, k_block, -(-T // q_block), -(-S // k_block))
+
+
+def matched_key_blocks(q_valid: Tensor, k_valid: Tensor, layout: BlockLayout) -> Tensor:
+    """The key block each query block meets: `(B, Nq)` int64.
+
+    Real tokens sort first, so a sequence with n_q real queries and n_k real keys fills
+    C_q = ceil(n_q / q_block) query blocks and C_k = ceil(n_k / k_block) key blocks. Query block
+    n meets the key block at the same relative rank, ``m(n) = ⌊(n + ½)·C_k / C_q⌋``: the identity
+    when C_q == C_k (equal lengths and block sizes, no padding), and otherwise still a block of
+    real keys for every block of real queries. So a real query never ends up facing only padding
+    when its sequence has fewer real keys than real queries (a key mask alone, cross-attention
+    with a padded encoder), and the blocks of a sequence depend on its real tokens only.
+
+    Args:
+        q_valid: `(B, Tp)` bool. k_valid: `(B, Sp)` bool.
+    """
+    q_real, k_real = q_valid.sum(1, keepdim=True), k_valid.sum(1, keepdim=True)
+    q_filled = (-(-q_real // layout.q_block)).clamp_min(1)
+    k_filled = -(-k_real // layout.k_block)
+    n = torch.arange(layout.q_blocks, device=q_valid.device)
+    # Blocks past C_q hold only padded queries, whose outputs are dropped: any key block will do.
+    return ((2 * n + 1) * k_filled // (2 * q_filled)).clamp_max(layout.k_blocks - 1)
+
+
+def query_key_blocks(q_order: Tensor, q_block: int, key_blocks: Tensor) -> Tensor:
+    """For every query and round, the key block its block meets: `(B, H, R, Tp)` int64.
+
+    Args:
+        q_order: `(B, H, R, Tp)` sorted position -> query index. key_blocks: `(B, Nq)`.
+    """
+    B, H, R, Tp = q_order.shape
+    block_of_query = inverse_order(q_order) // q_block
+    return key_blocks[:, None, None, :].expand(B, H, R, -1).gather(-1, block_of_query)
+
+
 def padded_valid(mask: Tensor | None, batch: int, length: int, padded: int, device: torch.device) -> Tensor:
     """`(B, padded)` bool: True for real tokens; the internal padding past ``length`` is False."""
     valid = torch.zeros(batch, padded, dtype=torch.bool, device=device)
@@ -89,6 +162,7 @@ def sorted_block_attention(
     q_order: Tensor,
     k_order: Tensor,
     k_valid: Tensor,
+    key_blocks: Tensor,
     *,
     q_block: int,
     k_block: int,
@@ -103,13 +177,15 @@ def sorted_block_attention(
     """Attention of sorted query blocks to windows of sorted key blocks, per round.
 
     Args:
-        q: `(B, H, Tp, D)`, k: `(B, H, Sp, D)`, v: `(B, H, Sp, Dv)`, padded so that
-            Tp / q_block == Sp / k_block.
+        q: `(B, H, Tp, D)`, k: `(B, H, Sp, D)`, v: `(B, H, Sp, Dv)`, padded to multiples of
+            ``q_block`` and ``k_block``.
         q_order: `(B, H, R, Tp)` sorted position -> query index. k_order: `(B, H, R, Sp)`.
         k_valid: `(B, Sp)` bool, False for padded keys.
-        before, after: key blocks attended before and after a query block's own.
+        key_blocks: `(B, Nq)` the key block each query block's window is centred on
+            (``matched_key_blocks``).
+        before, after: key blocks attended before and after the centre block.
         causal: a key is visible only at a position <= the query's.
-        self_pairs: how a query's own position is treated (see ``SelfPairs``).
+        self_pairs: how a query's own position is treated (see ``SelfPairs``; needs T == S).
         correct_duplicates: subtract log(number of rounds attending the pair) from each logit,
             so that the merged output is softmax over the union of attended pairs.
         scale: logit scale. dropout_p: dropout on the probabilities.
@@ -118,17 +194,18 @@ def sorted_block_attention(
         ``BlockResult`` with per-round outputs and log-sum-exps in token order.
     """
     B, H, R, Tp = q_order.shape
+    Sp = k_order.shape[-1]
     num_blocks = Tp // q_block
     rows = B * H * R * num_blocks
 
-    def to_blocks(x: Tensor, block: int) -> Tensor:  # (B, H, R, L, E) -> (B, H, R, N, block, E)
+    def to_blocks(x: Tensor, block: int) -> Tensor:  # (B, H, R, L, E) -> (B, H, R, Nq, block, E)
         return x.view(B, H, R, num_blocks, block, x.shape[-1])
 
     q_pos = q_order.view(B, H, R, num_blocks, q_block)
     q_blocks = to_blocks(gather_rows(q, q_order), q_block)
     # Key positions of every window slot (-1 past either end), then keys and values gathered
     # straight into window layout: one copy each, no sorted intermediate to concatenate.
-    k_pos = block_windows(k_order.view(B, H, R, num_blocks, k_block, 1), before, after, fill=-1)[..., 0]
+    k_pos = window_positions(k_order, key_blocks, k_block, before, after)
     window = k_pos.shape[-1]
     slots = k_pos.clamp_min(0).view(B, H, R, num_blocks * window)  # masked below, any row will do
     k_win, v_win = to_blocks(gather_rows(k, slots), window), to_blocks(gather_rows(v, slots), window)
@@ -149,7 +226,8 @@ def sorted_block_attention(
     zero, masked = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
     bias = torch.where(allowed, zero, masked)  # one pass over the (per-query) mask
     if correct_duplicates:
-        bias = bias - duplicate_counts(q_order, k_order, q_pos, k_pos, q_block, k_block, before, after).to(q.dtype).log()
+        counts = duplicate_counts(q_order, k_order, k_pos, q_block, k_block, key_blocks, before, after)
+        bias = bias - counts.to(q.dtype).log()
     bias = bias.expand(bias_shape)
     out, lse = block_softmax(
         q_blocks.reshape(rows, q_block, -1), k_win.reshape(rows, window, -1), v_win.reshape(rows, window, -1),
@@ -158,14 +236,16 @@ def sorted_block_attention(
     dot_products = rows * q_block * window
 
     if self_pairs == "column":
-        # The query's own key, merged in as one more softmax entry of its row.
+        # The query's own key, merged in as one more softmax entry of its row. Slots past the
+        # keys' padded length hold internal padding only (T == S), whose own key is no key.
+        own = torch.where(q_order < Sp, q_order, -1)
         q_sorted = q_blocks.reshape(rows, q_block, -1)
-        k_self = gather_rows(k, q_order).view_as(q_sorted)
-        v_self = gather_rows(v, q_order).view(rows, q_block, -1)
+        k_self = gather_rows(k, own.clamp_min(0)).view_as(q_sorted)
+        v_self = gather_rows(v, own.clamp_min(0)).view(rows, q_block, -1)
         self_score = (q_sorted * k_self).sum(-1) * scale
         if correct_duplicates:
             self_score = self_score - math.log(R)
-        self_score = self_score.masked_fill(~key_is_valid(k_valid, q_pos).view(rows, q_block), float("-inf"))
+        self_score = self_score.masked_fill(~key_is_valid(k_valid, own).view(rows, q_block), float("-inf"))
         # Two parts: weigh them elementwise (merge_softmax would stack both outputs first).
         weights, lse = softmax_with_lse(torch.stack([lse, self_score], dim=-1))
         out = torch.addcmul(out * weights[..., :1], v_self, weights[..., 1:])
@@ -269,57 +349,60 @@ def key_is_valid(k_valid: Tensor, positions: Tensor) -> Tensor:
     return valid.view_as(positions)
 
 
-def block_windows(x: Tensor, before: int, after: int, fill: float) -> Tensor:
-    """Concatenate each block with its ``before`` predecessors and ``after`` successors.
+def window_positions(k_order: Tensor, key_blocks: Tensor, k_block: int, before: int, after: int) -> Tensor:
+    """Key position of every slot of every query block's window, -1 past either end.
+
+    The window of query block n is key blocks ``key_blocks[n] - before … key_blocks[n] + after``
+    of the same round, earlier blocks first; it never wraps around.
 
     Args:
-        x: `(..., N, c, E)`.
-        fill: value of the slots past either end (a window never wraps around).
+        k_order: `(B, H, R, Sp)` sorted position -> key index. key_blocks: `(B, Nq)`.
 
     Returns:
-        `(..., N, (before + 1 + after) · c, E)`, earlier blocks first.
+        `(B, H, R, Nq, (before + 1 + after) · k_block)` int64.
     """
-    if before == after == 0:
-        return x
-    num_blocks = x.shape[-3]
-    pad_shape = list(x.shape)
-    pad_shape[-3] = before
-    head = x.new_full(pad_shape, fill)
-    pad_shape[-3] = after
-    tail = x.new_full(pad_shape, fill)
-    padded = torch.cat([head, x, tail], dim=-3)
-    return torch.cat([padded[..., o : o + num_blocks, :, :] for o in range(before + after + 1)], dim=-2)
+    B, H, R, Sp = k_order.shape
+    num_q_blocks, span = key_blocks.shape[1], before + 1 + after
+    blocks = F.pad(k_order.view(B, H, R, Sp // k_block, k_block), (0, 0, before, after), value=-1)
+    # With `before` fill blocks in front, block c - before + o of the keys is row c + o here.
+    index = key_blocks[:, :, None] + torch.arange(span, device=k_order.device)
+    index = index.view(B, 1, 1, num_q_blocks * span, 1).expand(B, H, R, -1, k_block)
+    return blocks.gather(3, index).view(B, H, R, num_q_blocks, span * k_block)
 
 
 def duplicate_counts(
     q_order: Tensor,
     k_order: Tensor,
-    q_pos: Tensor,
     k_pos: Tensor,
     q_block: int,
     k_block: int,
+    key_blocks: Tensor,
     before: int,
     after: int,
 ) -> Tensor:
     """In how many rounds each (query, key) slot pair of the windows is attended, at least 1.
 
-    A pair is attended in round r' when the key's block minus the query's block in that round
-    lies in [-before, after]; the masks do not depend on the round, so this counts exactly the
-    rounds in which the pair contributes. Loops over rounds to keep memory at one score tensor.
+    A pair is attended in round r' when the key's block minus the centre of the query's window
+    in that round lies in [-before, after]; the masks do not depend on the round, so this counts
+    exactly the rounds in which the pair contributes. Loops over rounds to keep memory at one
+    score tensor.
+
+    Args:
+        k_pos: `(B, H, R, Nq, w)` key position of each window slot (``window_positions``).
 
     Returns:
-        float `(B, H, R, N, c, w)`.
+        float `(B, H, R, Nq, c, w)`.
     """
-    q_block_of = inverse_order(q_order) // q_block  # (B, H, R', Tp): block of each query per round
-    k_block_of = inverse_order(k_order) // k_block
-    counts = torch.zeros(q_pos.shape + k_pos.shape[-1:], device=q_pos.device)
-    k_index = k_pos.clamp_min(0)
-    for r in range(q_block_of.shape[2]):
-        q_blk = torch.gather(q_block_of[:, :, r : r + 1].expand_as(q_order), -1, q_order)
-        k_blk = torch.gather(
-            k_block_of[:, :, r : r + 1].expand(*k_index.shape[:3], -1), -1, k_index.flatten(-2, -1)
-        )
-        diff = k_blk.view_as(k_pos)[..., None, :] - q_blk.view_as(q_pos)[..., :, None]
+    B, H, R, Tp = q_order.shape
+    centre_of = query_key_blocks(q_order, q_block, key_blocks)  # (B, H, R', Tp): per query and round
+    k_block_of = inverse_order(k_order) // k_block  # (B, H, R', Sp): block of each key per round
+    q_pos = q_order.view(*k_pos.shape[:4], q_block)
+    counts = torch.zeros(q_pos.shape + k_pos.shape[-1:], device=q_order.device)
+    k_index = k_pos.clamp_min(0).flatten(-2, -1)
+    for r in range(R):
+        centre = torch.gather(centre_of[:, :, r : r + 1].expand_as(q_order), -1, q_order)
+        k_blk = torch.gather(k_block_of[:, :, r : r + 1].expand(*k_index.shape[:3], -1), -1, k_index)
+        diff = k_blk.view_as(k_pos)[..., None, :] - centre.view_as(q_pos)[..., :, None]
         counts += ((diff >= -before) & (diff <= after)).float()
     return counts.clamp_min(1)
 

@@ -37,19 +37,28 @@ Decisions a user should know:
   anyway. The prompt (prefill) runs the method.
 * **Reproducible by default**: hash projections come from a ``torch.Generator`` seeded by
   ``(seed, layer index)``. In eval every forward draws the same projections, so two forwards
-  give identical outputs, in this process or after ``save_pretrained`` and re-applying. In
-  training (``module.training``) the projections are redrawn on every forward, as the SMYRF and
-  Reformer papers do, from seeds ``(seed, layer, step)`` with a per-layer step counter, so a
-  training run is reproducible too; ``redraw_in_training=False`` keeps the eval projections.
-  (With gradient checkpointing, pass ``redraw_in_training=False``: a recomputed forward would
-  otherwise draw new projections.)
+  give identical outputs, in this process or after ``save_pretrained`` and re-applying.
+* **Training redraws per optimizer step**: in training (``module.training``) the projections
+  are redrawn once per *optimizer step* (the SMYRF and Reformer reference code redraws them on
+  every call), from ``(seed, layer, step + 1)``, so even step 0 trains on other projections than
+  eval's. Every forward of one step draws the same ones: the forward recomputed in backward under
+  gradient checkpointing (whose gradients are therefore those of the plain forward), the
+  micro-batches of gradient accumulation, and every DDP rank. The step is a per-model counter
+  that a global ``torch.optim`` step post-hook (registered on import) advances after each
+  ``step()`` of any optimizer holding at least one of the model's parameters, so plain loops,
+  ``transformers.Trainer``, accelerate and DDP need no code; ``set_step(model, n)`` sets it (a
+  training callback on resume). An optimizer that holds other tensors than the model's own
+  parameters (FSDP with flattened parameters can be one) does not advance it: the projections
+  then stay those of the last step until ``set_step`` is called. ``redraw_in_training=False`` keeps
+  the eval projections in training.
 * **Layer indices** are the positions of the attention modules in ``model.named_modules()``
   order (``attention_layers(model)`` lists them); for BERT-likes, GPT-2 and Llama they are the
   usual layer numbers. Each ``use`` call sets the whole model: the method on ``layers`` (all by
   default), exact attention on every other layer.
 * **ALBERT** shares one attention module across its layers (``num_hidden_groups`` modules for
   ``num_hidden_layers`` layers), so a method there covers every layer of a group; ``layers=`` is
-  refused unless each group has its own module.
+  refused unless each group has its own module. All depths served by one module draw the same
+  projections: in eval, and in training within one optimizer step.
 * **Refused models**: those whose attention does not go through ``AttentionInterface``
   (DeBERTa-v2, MPNet, …: ``_supports_attention_backend=False``), and calls that need a score
   bias or a pattern the methods do not have (T5's ``position_bias``, sliding windows, logit
@@ -74,13 +83,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import numbers
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lshattn.api import Method, parse
 from lshattn.methods import Dense, Reformer
@@ -92,13 +104,14 @@ try:
 except ImportError as _err:  # pragma: no cover - depends on the environment
     raise ImportError("lshattn.hf needs transformers >= 5: pip install 'lshattn[hf]'") from _err
 
-__all__ = ["NAME", "use", "use_saved", "attention_layers", "AttentionLayer", "mean_pool"]
+__all__ = ["NAME", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer", "mean_pool"]
 
 NAME = "lshattn"
 """The name registered in transformers' AttentionInterface and AttentionMaskInterface."""
 
 _STATE = "_lshattn_state"  # attribute of an attention module holding its _LayerState
 _ORIGINAL = "_lshattn_original_attn_implementation"  # attribute of the model: what `None` restores
+_STEPS = "_lshattn_steps"  # attribute of the model: its _StepCounter, shared by its layers' states
 _RECORD = "lshattn"  # attribute of model.config: the setting, saved with save_pretrained
 
 # Keyword arguments some models pass to the attention function that change the scores or the
@@ -125,22 +138,37 @@ _REFUSED = {
 }
 
 
+class _StepCounter:
+    """The optimizer step of one model: how many ``step()`` calls of optimizers holding its
+    parameters have run since ``use`` (or the last ``set_step``). Lives in the model's
+    ``__dict__``; every layer's ``_LayerState`` holds the same one (``copy.deepcopy`` of the
+    model keeps it shared among the copy's layers)."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step: int = 0) -> None:
+        self.step = step
+
+    def __reduce__(self) -> tuple:
+        return _StepCounter, (self.step,)
+
+    def __repr__(self) -> str:
+        return f"_StepCounter(step={self.step})"
+
+
 @dataclass
 class _LayerState:
-    """What ``use`` stores on an attention module: its method, seed and layer index."""
+    """What ``use`` stores on an attention module: its method, seed, layer index and the model's step."""
 
     method: Method | None
     index: int
     seed: int
     redraw_in_training: bool
-    training_draws: int = 0
+    steps: _StepCounter
 
     def generator(self, training: bool) -> torch.Generator:
-        """The generator for this call: seeded by (seed, layer) in eval, (seed, layer, step) in training."""
-        step = 0
-        if training and self.redraw_in_training:
-            self.training_draws += 1
-            step = self.training_draws
+        """The generator for this call: seeded by (seed, layer) in eval, (seed, layer, step + 1) in training."""
+        step = self.steps.step + 1 if training and self.redraw_in_training else 0
         return torch.Generator().manual_seed(_mix_seed(self.seed, self.index, step))
 
 
@@ -180,12 +208,16 @@ def use(
             every other layer runs exact attention. None: all layers.
         seed: seeds the per-layer hash projections, ``(seed, layer index)``; the same seed gives
             the same outputs in eval, in any process.
-        redraw_in_training: in training mode, draw new projections on every forward (as the
-            SMYRF and Reformer papers do), from ``(seed, layer, step)``; False keeps the eval
-            projections in training too.
+        redraw_in_training: in training mode, draw new projections once per optimizer step,
+            from ``(seed, layer, step + 1)``: every forward between two ``optimizer.step()``
+            calls (recomputed forwards under gradient checkpointing, accumulated micro-batches,
+            DDP ranks) hashes alike; see ``set_step``. False keeps the eval projections in
+            training too.
 
     Returns:
-        ``model``, changed in place.
+        ``model``, changed in place. Its training step counter (see ``set_step``) starts at 0 on
+        the first ``use`` and is kept by later calls, so switching methods mid-training keeps
+        counting; ``use(model, None)`` removes it.
 
     Raises:
         ValueError: a model whose attention cannot be routed (the message says why), an index
@@ -212,15 +244,23 @@ def use(
             layer.module.__dict__.pop(_STATE, None)
         model.set_attn_implementation(_original_implementation(model))
         model.__dict__.pop(_ORIGINAL, None)
+        model.__dict__.pop(_STEPS, None)
+        _MODELS.discard(model)
+        _remove_step_registration(model)
         if hasattr(model.config, _RECORD):
             delattr(model.config, _RECORD)
         return model
 
     if model.config._attn_implementation != NAME:
         setattr(model, _ORIGINAL, model.config._attn_implementation)
+    steps = model.__dict__.get(_STEPS)
+    if steps is None:
+        steps = model.__dict__[_STEPS] = _StepCounter()
+    _register_for_steps(model)
     for layer in found:
         layer_method = method if layer.index in chosen else None
-        setattr(layer.module, _STATE, _LayerState(layer_method, layer.index, int(seed), bool(redraw_in_training)))
+        state = _LayerState(layer_method, layer.index, int(seed), bool(redraw_in_training), steps)
+        setattr(layer.module, _STATE, state)
     setattr(
         model.config,
         _RECORD,
@@ -255,6 +295,47 @@ def use_saved(model: PreTrainedModel) -> PreTrainedModel:
         seed=record.get("seed", 0),
         redraw_in_training=record.get("redraw_in_training", True),
     )
+
+
+def set_step(model: PreTrainedModel, step: int) -> PreTrainedModel:
+    """Set the optimizer step that seeds ``model``'s training-mode hash projections.
+
+    In training, each layer draws its projections from ``(seed, layer, step + 1)``, where
+    ``step`` counts the ``step()`` calls of optimizers holding the model's parameters since
+    ``use`` (a global optimizer hook advances it; nothing else does). Every forward between two
+    optimizer steps therefore hashes alike. Set it explicitly when the count is not the one
+    wanted: when resuming a run (``trainer.state.global_step``), or when the optimizer does not
+    hold the model's own parameters (as FSDP with flattened parameters may not), where the hook
+    cannot see the step. After ``set_step(model, n)`` the model hashes as one that reached ``n``
+    by optimizer steps, and counting goes on from ``n``. Eval projections do not depend on the
+    step.
+
+    Args:
+        model: a model given a method by ``use``.
+        step: optimizer steps taken so far, an integer ≥ 0.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a ``PreTrainedModel`` or ``step`` is not an integer.
+        ValueError: ``step`` is negative, or ``model`` has no lshattn method (call ``use`` first).
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"set_step takes a transformers PreTrainedModel, got {type(model).__name__}")
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an integer (optimizer steps taken), got {step!r} ({type(step).__name__})")
+    if step < 0:
+        raise ValueError(f"step must be >= 0 (optimizer steps taken), got {step}")
+    steps = model.__dict__.get(_STEPS)
+    if steps is None:
+        raise ValueError(
+            f"{type(model).__name__} runs no lshattn method, so it has no step to set; call "
+            f"lshattn.hf.use(model, method) first"
+        )
+    steps.step = int(step)
+    _register_for_steps(model)
+    return model
 
 
 def attention_layers(model: PreTrainedModel) -> list[AttentionLayer]:
@@ -451,6 +532,46 @@ def _dropout(method: Method | None, dropout: float) -> float:
 
 AttentionInterface.register(NAME, _attention)
 AttentionMaskInterface.register(NAME, _padding_mask)
+
+
+# --- the training step: advanced by every optimizer step ------------------------------------------
+
+# Models with a step counter, held weakly. ``use`` adds a model; so does a forward pre-hook that
+# ``use`` puts on the model, which re-registers copies (``copy.deepcopy``, pickling) at their
+# first forward: a copy keeps its own counter, starting at the step it was copied at.
+_MODELS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+def _register_model(model: torch.nn.Module, args: Any) -> None:
+    """Forward pre-hook on a model given a method: keeps the model in ``_MODELS``."""
+    if _STEPS in model.__dict__:
+        _MODELS.add(model)
+
+
+def _register_for_steps(model: PreTrainedModel) -> None:
+    _MODELS.add(model)
+    if _register_model not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_register_model)
+
+
+def _remove_step_registration(model: PreTrainedModel) -> None:
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _register_model:
+            del model._forward_pre_hooks[key]
+
+
+def _advance_steps(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimizer step post-hook: advance the step of every model with a parameter in ``optimizer``."""
+    if not _MODELS:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for model in list(_MODELS):
+        steps = model.__dict__.get(_STEPS)
+        if steps is not None and any(id(p) in held for p in model.parameters()):
+            steps.step += 1
+
+
+_STEP_HOOK = register_optimizer_step_post_hook(_advance_steps)
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ SELF_CASES = [
     Case(3, 5, 37, 37, 60, 24),
     Case(2, 3, 100, 100, 32, 32),
 ]
-CROSS_CASES = [Case(2, 3, 40, 20, 16, 8), Case(1, 2, 65, 33, 8, 8)]
+CROSS_CASES = [Case(2, 3, 40, 20, 16, 8), Case(1, 2, 65, 33, 8, 8), Case(2, 2, 12, 70, 8, 4)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,11 @@ class Entry:
         data_dependent_cost: ``cost()`` is an expectation, because the work depends on which
             pairs collide (SimHash): the FLOPs of one call differ from ``cost().flops``.
         uses_scale: whether ``scale`` changes the output (YOSO's kernel has no temperature).
+        zero_free: a real query that can see a real key never outputs zeros (False where no
+            collision legitimately means no key: YOSO-m, SimHash's sparse mode).
+        near_keys: key i is a slightly perturbed query i, so that codes of many bits collide.
+        exact_dtype: the dtype of the exact-limit check. YOSO-E's arccos of a float32 cosine
+            near 1 is off by ~1e-3 (cos θ rounds to 1 below θ ≈ 3e-4), so near keys need float64.
     """
 
     method: lshattn.Method
@@ -74,9 +79,15 @@ class Entry:
     strictly_causal: bool = True
     data_dependent_cost: bool = False
     uses_scale: bool = True
+    zero_free: bool = True
+    near_keys: bool = False
+    exact_dtype: torch.dtype = torch.float32
 
     def inputs(self, case: Case, seed: int = 0, dtype: torch.dtype = torch.float32):
         q, k, v = testing.make_qkv(case.B, case.H, case.T, case.S, case.D, case.Dv, seed=seed, dtype=dtype)
+        if self.near_keys:
+            n = min(case.T, case.S)
+            k = torch.cat([q[:, :, :n] + 1e-4 * k[:, :, :n], k[:, :, n:]], dim=2)
         return (q, q, v) if self.shared_qk else (q, k, v)
 
     def reference(self, q, k, v, aux, **kw):
@@ -120,7 +131,7 @@ def _reformer(**kw) -> Entry:
             keys=(lambda q, k: F.normalize(q, dim=-1)) if shared else (lambda q, k: k),
         ),
         shared_qk=shared,
-        cross=False,
+        cross=not shared,
         strictly_causal=False,
     )
 
@@ -149,6 +160,18 @@ METHODS = {
     "reformer-factorised": _reformer(num_hashes=2, bucket_size=16, num_buckets=256, correct_duplicates=True),
     "smyrf": _smyrf(num_hashes=3, q_cluster_size=8, k_cluster_size=8),
     "smyrf-dedup": _smyrf(num_hashes=2, q_cluster_size=4, k_cluster_size=4, correct_duplicates=True),
+    # Unequal cluster sizes (causal crashed with q_cluster_size > k_cluster_size), both ways.
+    "smyrf-wide-queries": _smyrf(num_hashes=2, q_cluster_size=6, k_cluster_size=4),
+    "smyrf-wide-keys": _smyrf(num_hashes=1, q_cluster_size=3, k_cluster_size=10, correct_duplicates=True),
+    # Clusters and buckets larger than any sequence here: clamped to it, so exact attention
+    # (which is strictly causal).
+    "smyrf-huge": dataclasses.replace(
+        _smyrf(num_hashes=1, q_cluster_size=4096, k_cluster_size=300), strictly_causal=True
+    ),
+    "reformer-huge": dataclasses.replace(
+        _reformer(num_hashes=2, bucket_size=4096, chunks_before=3, chunks_after=2, shared_qk=False),
+        strictly_causal=True,
+    ),
 }
 
 
@@ -159,6 +182,7 @@ def _simhash(**kw) -> Entry:
         exact=dataclasses.replace(method, num_bits=0),  # 0 bits: every pair collides
         brute_force=testing.simhash_brute_force,
         data_dependent_cost=True,
+        zero_free=method.mode == "faithful",
     )
 
 
@@ -168,6 +192,7 @@ METHODS.update(
         "simhash-sparse": _simhash(num_hashes=3, num_bits=3, mode="sparse"),
         "simhash-all": _simhash(num_hashes=2, num_bits=1, rule="all"),
         "simhash-all-sparse": _simhash(num_hashes=3, num_bits=1, rule="all", mode="sparse"),
+        "simhash-62-bits": dataclasses.replace(_simhash(num_hashes=2, num_bits=62), near_keys=True),  # longest code
     }
 )
 
@@ -182,6 +207,7 @@ def _yoso(**kw) -> Entry:
         ),
         brute_force=testing.yoso_brute_force,
         uses_scale=False,
+        zero_free=method.expectation,
     )
 
 
@@ -190,17 +216,12 @@ METHODS.update(
         "yoso": _yoso(num_hashes=8, num_bits=3),
         "yoso-exact-grad": _yoso(num_hashes=6, num_bits=10, backward="exact"),  # 2^10 > 2S: compact tables
         "yoso-unnormalised": _yoso(num_hashes=8, num_bits=3, normalize_output=False),
+        # The widest codes of each dtype: int32 up to τ = 31 (whose sentinels overflowed it), int64 above.
+        "yoso-31-bits": dataclasses.replace(
+            _yoso(num_hashes=4, num_bits=31), near_keys=True, exact_dtype=torch.float64
+        ),
+        "yoso-62-bits": dataclasses.replace(
+            _yoso(num_hashes=4, num_bits=62, backward="exact"), near_keys=True, exact_dtype=torch.float64
+        ),
     }
 )
-
-
-def for_case(entry: Entry, case: Case) -> Entry:
-    """The entry adapted to the case: SMYRF needs as many key clusters as query clusters, so
-    its k_cluster_size is fitted to S when T ≠ S."""
-    method = entry.method
-    if isinstance(method, lshattn.SMYRF) and case.S != case.T:
-        clusters = -(-case.T // method.q_cluster_size)
-        size = -(-case.S // clusters)
-        assert -(-case.S // size) == clusters, f"case {case.id} has no fitting k_cluster_size"
-        return dataclasses.replace(entry, method=dataclasses.replace(method, k_cluster_size=size))
-    return entry

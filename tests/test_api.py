@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from catalogue import METHODS
+from catalogue import METHODS, Case
 
 import lshattn
 from lshattn import testing
@@ -82,8 +82,7 @@ def test_attention_function_equals_calling_the_spec():
 def test_scale_none_means_inverse_sqrt_d(name):
     entry = METHODS[name]
     spec = entry.method
-    q, k, v = testing.make_qkv(2, 2, 24, 24, 16)
-    k = q if entry.shared_qk else k
+    q, k, v = entry.inputs(Case(2, 2, 24, 24, 16, 16))
     default = spec(q, k, v, generator=torch.Generator().manual_seed(0))
     explicit = spec(q, k, v, scale=16**-0.5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(default, explicit)
@@ -94,23 +93,24 @@ def test_scale_none_means_inverse_sqrt_d(name):
         assert torch.equal(default, other)
 
 
-@pytest.mark.parametrize("spec", SPECS)
-def test_global_rng_is_used_but_never_reseeded(spec):
-    """generator=None draws from the global RNG (so two calls differ) and leaves it advanced,
-    never reset."""
-    q, k, v = testing.make_qkv(1, 2, 64, 64, 16)
-    k = q if getattr(spec, "shared_qk", False) else k
+@pytest.mark.parametrize("name", METHODS)
+def test_global_rng_is_used_but_never_reseeded(name):
+    """generator=None draws from the global RNG (so two calls hash differently) and leaves it
+    advanced, never reset."""
+    entry = METHODS[name]
+    spec = entry.method
+    q, k, v = entry.inputs(Case(1, 2, 64, 64, 16, 16))
     torch.manual_seed(123)
     seeded = torch.get_rng_state()
-    first = spec(q, k, v)
+    first, first_aux = spec(q, k, v, return_aux=True)
     advanced = not torch.equal(seeded, torch.get_rng_state())
-    second = spec(q, k, v)
+    second, second_aux = spec(q, k, v, return_aux=True)
     torch.manual_seed(123)
     assert torch.equal(spec(q, k, v), first)
     if isinstance(spec, lshattn.Dense):
         assert not advanced and torch.equal(first, second)
-    else:  # a method that reseeded would repeat itself
-        assert advanced and not torch.equal(first, second)
+    else:  # a method that reseeded would repeat itself; the first aux field holds its hashes
+        assert advanced and not torch.equal(first_aux[0], second_aux[0])
 
 
 @pytest.mark.parametrize("name", ["reformer-separate", "smyrf", "reformer-shared"])

@@ -96,8 +96,40 @@ def test_merge_rounds_ignores_empty_rounds_and_zeroes_empty_queries():
     assert torch.equal(merged[0, 0, 2], torch.zeros(4)) and torch.isneginf(merged_lse[0, 0, 2])
 
 
-def test_block_windows_never_wrap():
-    x = torch.arange(4).view(1, 4, 1, 1).float()  # four blocks of one token
-    windows = blocks.block_windows(x, before=1, after=1, fill=-1)
-    assert windows[0, :, :, 0].tolist() == [[-1, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, -1]]
-    assert blocks.block_windows(x, 0, 0, fill=-1) is x
+def test_windows_never_wrap():
+    order = torch.arange(4).view(1, 1, 1, 4)  # four key blocks of one token, in order
+    identity = torch.arange(4).view(1, 4)
+    windows = blocks.window_positions(order, identity, k_block=1, before=1, after=1)
+    assert windows[0, 0, 0].tolist() == [[-1, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, -1]]
+    assert blocks.window_positions(order, identity, 1, 0, 0)[0, 0, 0].tolist() == [[0], [1], [2], [3]]
+
+
+def test_windows_are_centred_on_the_matched_key_blocks():
+    order = torch.tensor([[[[5, 4, 3, 2, 1, 0]]]])  # three key blocks of two keys
+    centres = torch.tensor([[0, 0, 2, 1]])  # four query blocks
+    windows = blocks.window_positions(order, centres, k_block=2, before=1, after=0)
+    assert windows[0, 0, 0].tolist() == [[-1, -1, 5, 4], [-1, -1, 5, 4], [3, 2, 1, 0], [5, 4, 3, 2]]
+
+
+@pytest.mark.parametrize(
+    "real_queries, real_keys, expected",
+    [
+        (8, 8, [0, 1, 2, 3]),  # as many blocks: block n meets block n
+        (8, 2, [0, 0, 0, 0]),  # one block of keys: every query block meets it
+        (8, 3, [0, 0, 1, 1]),  # two blocks of keys: by relative rank
+        (8, 5, [0, 1, 1, 2]),  # three: ⌊(n + ½)·3 / 4⌋
+        (3, 8, [1, 3, 3, 3]),  # two blocks of queries, four of keys: centred; padded blocks clamp
+        (8, 0, [0, 0, 0, 0]),  # no real key: nothing to meet, block 0 holds padding
+    ],
+)
+def test_matched_key_blocks_pair_blocks_by_relative_rank(real_queries, real_keys, expected):
+    layout = blocks.block_layout(8, 8, 2, 2)
+    q_valid = torch.arange(8)[None] < real_queries
+    k_valid = torch.arange(8)[None] < real_keys
+    assert blocks.matched_key_blocks(q_valid, k_valid, layout)[0].tolist() == expected
+
+
+def test_block_layout_clamps_blocks_to_the_sequence():
+    assert blocks.block_layout(64, 10, 4096, 3) == (64, 3, 1, 4)
+    layout = blocks.block_layout(37, 37, 8, 8)
+    assert (layout.q_blocks, layout.padded_queries, layout.padded_keys) == (5, 40, 40)

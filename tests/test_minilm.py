@@ -7,6 +7,7 @@ package to install. The measured numbers are in docs/hf.md.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -109,19 +110,60 @@ def test_smyrf_cosine_rises_with_the_budget(model, batch, exact):
     assert 0.3 < means[0] < 0.95, means  # plain SMYRF without retraining is far from exact at low budget
 
 
-def test_padded_batch_equals_one_at_a_time(model, minilm, batch):
-    """Sequences of different lengths padded into one batch give the embeddings each gets alone."""
+@pytest.fixture(scope="module")
+def uneven(minilm, batch) -> list[str]:
+    """Four documents of 128, 100, 77 and 45 tokens, to pad into one batch."""
     tokenizer, _ = minilm
     docs = tokenizer.batch_decode(batch["input_ids"][:4], skip_special_tokens=True)
     lengths = [TOKENS, 100, 77, 45]
-    texts = [
+    return [
         tokenizer.decode(tokenizer(doc, truncation=True, max_length=n)["input_ids"][1:-1])
         for doc, n in zip(docs, lengths)
     ]
-    hf.use(model, lshattn.SMYRF(num_hashes=2, q_cluster_size=32, k_cluster_size=32))
+
+
+def padded_and_alone(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of ``texts`` padded into one batch, and of each text alone."""
     padded = tokenizer(texts, truncation=True, max_length=TOKENS, padding=True, return_tensors="pt")
-    assert padded["attention_mask"].sum(1).tolist() != [TOKENS] * 4  # really padded
+    assert padded["attention_mask"].sum(1).tolist() != [TOKENS] * len(texts)  # really padded
     together = embed(model, padded)
     alone = torch.cat([embed(model, tokenizer([text], return_tensors="pt")) for text in texts])
-    assert (together * alone).sum(-1).min() >= 0.9999
-    assert (together - alone).abs().max() <= 1e-4
+    return together, alone
+
+
+# Why the tolerances below differ by method. Padding changes no output at the attention level
+# (tested exactly there, and on tiny models in test_hf.py). At the model level in float32 the
+# model's own matrix products give last-bit differences between a batch of 4 and a batch of 1,
+# and a near-tie in SMYRF's sort can then flip a token into the neighbouring cluster; the flip
+# propagates through the later layers. Measured on these 128-token documents (docs/hf.md):
+# Dense (no sort to flip) stays within 2e-7; SMYRF 2x32 flipped 18 of 512 documents under
+# relative noise of 2^-24 on the embeddings' output (worst cosine 0.991), and one run of this
+# test elsewhere flipped with a max difference of 5e-4. A dropped padding mask gives cosines of
+# 0.47-0.78 on the padded documents with SMYRF (0.71-0.95 with Dense). In float64 a flip would
+# need a tie within ~1e-16, so there the padded batch equals one at a time to rounding.
+
+
+@pytest.mark.parametrize("method", ["dense", "smyrf"])
+def test_padded_batch_equals_one_at_a_time(model, minilm, uneven, method):
+    """Sequences of different lengths padded into one batch give the embeddings each gets alone:
+    Dense to float rounding; SMYRF up to a cluster flip by a near-tie (see above)."""
+    tokenizer, _ = minilm
+    if method == "dense":
+        hf.use(model, lshattn.Dense())
+        together, alone = padded_and_alone(model, tokenizer, uneven)
+        assert (together - alone).abs().max() <= 1e-5  # measured <= 2e-7
+    else:
+        hf.use(model, lshattn.SMYRF(num_hashes=2, q_cluster_size=32, k_cluster_size=32))
+        together, alone = padded_and_alone(model, tokenizer, uneven)
+        assert (together * alone).sum(-1).min() >= 0.95  # flips measured >= 0.991; no mask: <= 0.78
+
+
+def test_padded_batch_equals_one_at_a_time_in_float64(minilm, uneven):
+    """The model-level pad invariance of an LSH method without near-tie flips: in float64 the
+    last-bit differences across batch shapes are ~1e-16, too small to flip SMYRF's sort."""
+    tokenizer, model = minilm
+    model = copy.deepcopy(model).double()
+    hf.use(model, lshattn.SMYRF(num_hashes=2, q_cluster_size=32, k_cluster_size=32))
+    together, alone = padded_and_alone(model, tokenizer, uneven)
+    assert together.dtype == torch.float64
+    assert (together - alone).abs().max() <= 1e-10  # measured <= 3e-16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from catalogue import CROSS_CASES, METHODS, SELF_CASES, Case, for_case
+from catalogue import CROSS_CASES, METHODS, SELF_CASES, Case
 
 import lshattn
 from lshattn import testing
@@ -63,7 +63,7 @@ def masks_for(case: Case, seed: int = 1):
 def test_exact_limit(name, case, causal, padded):
     """One block or cluster holding everything is exact attention (fp32, 1e-5)."""
     entry = entry_of(name)
-    q, k, v = entry.inputs(case)
+    q, k, v = entry.inputs(case, dtype=entry.exact_dtype)
     key_mask, query_mask = masks_for(case) if padded else (None, None)
     kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
     out = entry.exact(q, k, v, generator=gen(), **kw)
@@ -75,7 +75,7 @@ def test_exact_limit(name, case, causal, padded):
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
 def test_brute_force(name, case, causal, padded):
     """With the assignments from return_aux, a naive loop over the same pairs gives the output."""
-    entry = for_case(entry_of(name), case)
+    entry = entry_of(name)
     q, k, v = entry.inputs(case, seed=2)
     key_mask, query_mask = masks_for(case) if padded else (None, None)
     kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)
@@ -84,29 +84,71 @@ def test_brute_force(name, case, causal, padded):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def spread(x, positions, length, fill):
+    """`(B, H, L, E)` tokens put at ``positions`` `(B, L)` of a `(B, H, length, E)` tensor; the
+    other slots hold ``fill``."""
+    B, H, L, E = x.shape
+    out = x.new_full((B, H, length, E), fill)
+    return out.scatter(2, positions[:, None, :, None].expand(B, H, L, E), x)
+
+
+def real_positions(B, real, length, layout, seed):
+    """`(B, real)` ascending positions of the real tokens among ``length`` slots: on the right
+    (padding after), on the left (padding before) or scattered at random per sequence."""
+    if layout == "right":
+        return torch.arange(real).expand(B, -1)
+    if layout == "left":
+        return torch.arange(length - real, length).expand(B, -1)
+    g = gen(seed)
+    return torch.stack([torch.randperm(length, generator=g)[:real].sort().values for _ in range(B)])
+
+
+def mask_at(positions, length):
+    return torch.zeros(positions.shape[0], length, dtype=torch.bool).scatter(1, positions, True)
+
+
 @pytest.mark.parametrize("name, case, causal", grid(causal=True))
-def test_pad_invariance(name, case, causal):
-    """Appending padded keys and queries does not change the real outputs."""
-    entry = for_case(entry_of(name), case)
+@pytest.mark.parametrize("layout", ["right", "left", "scattered"])
+def test_pad_invariance(name, case, causal, layout):
+    """Real tokens among padded ones (after, before or between them, the padded slots holding
+    NaN and inf) give the outputs they give alone; padded queries output zeros."""
+    entry = entry_of(name)
     q, k, v = entry.inputs(case, seed=4)
-    extra_q = extra_k = 13
-    if case.S != case.T:  # cross-attention: keep the numbers of query and key clusters equal
-        extra_q, extra_k = (2 * getattr(entry.method, f, 1) for f in ("q_cluster_size", "k_cluster_size"))
-
-    def append(x, extra):
-        return torch.cat([x, torch.randn(*x.shape[:2], extra, x.shape[3]) * 10], dim=2)
-
-    q2, k2, v2 = append(q, extra_q), append(k, extra_k), append(v, extra_k)
-    if entry.shared_qk:
-        k2 = q2
-    key_mask = torch.arange(case.S + extra_k).expand(case.B, -1) < case.S
-    query_mask = torch.arange(case.T + extra_q).expand(case.B, -1) < case.T
+    t_len, s_len = case.T + 13, case.S + (13 if case.S == case.T else 7)
+    q_at = real_positions(case.B, case.T, t_len, layout, seed=20)
+    k_at = q_at if case.S == case.T else real_positions(case.B, case.S, s_len, layout, seed=21)
+    q2 = spread(q, q_at, t_len, float("nan"))
+    k2 = q2 if entry.shared_qk else spread(k, k_at, s_len, float("inf"))
+    v2 = spread(v, k_at, s_len, float("nan"))
+    query_mask, key_mask = mask_at(q_at, t_len), mask_at(k_at, s_len)
     out = entry.method(q, k, v, generator=gen(5), causal=causal)
     out_padded = entry.method(
         q2, k2, v2, generator=gen(5), causal=causal, key_padding_mask=key_mask, query_padding_mask=query_mask
     )
-    torch.testing.assert_close(out_padded[:, :, : case.T], out, atol=1e-6, rtol=1e-6)
-    assert torch.equal(out_padded[:, :, case.T :], torch.zeros_like(out_padded[:, :, case.T :]))
+    real_rows = out_padded.gather(2, q_at[:, None, :, None].expand_as(out))
+    torch.testing.assert_close(real_rows, out, atol=1e-6, rtol=1e-6)
+    padded_rows = out_padded.masked_select(~query_mask[:, None, :, None])
+    assert torch.equal(padded_rows, torch.zeros_like(padded_rows))
+
+
+@pytest.mark.parametrize("name, case", [(p.values[0], p.values[1]) for p in grid() if entry_of(p.values[0]).cross])
+def test_key_mask_alone_equals_attention_to_the_real_keys(name, case):
+    """With a key mask and no query mask, every query attends as if only the real keys were
+    given: the same as cross-attention to them. So a sequence with fewer real keys than real
+    queries never leaves a query facing padding only: a real query that can see a key never
+    outputs zeros (where the method promises it)."""
+    entry = entry_of(name)
+    q, k, v = entry.inputs(case, seed=22)
+    real_keys = [max(1, case.S // (2 + b)) for b in range(case.B)]  # fewer real keys than queries
+    key_mask = torch.stack([mask_at(real_positions(1, n, case.S, "scattered", seed=23 + b), case.S)[0]
+                            for b, n in enumerate(real_keys)])  # fmt: skip
+    out = entry.method(q, k, v, key_padding_mask=key_mask, generator=gen(24))
+    for b in range(case.B):
+        real = key_mask[b]
+        alone = entry.method(q[b : b + 1], k[b : b + 1, :, real], v[b : b + 1, :, real], generator=gen(24))
+        torch.testing.assert_close(out[b : b + 1], alone, atol=1e-6, rtol=1e-6)
+    if entry.zero_free:
+        assert (out.abs().amax(-1) > 0).all()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -168,21 +210,21 @@ def test_causal_pattern_sees_the_whole_sequence(name):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_determinism(name, causal):
     """The same generator state gives bit-identical outputs and gradients; another state
-    (for a hashing method) gives other outputs."""
+    (for a hashing method) draws other hashes."""
     entry = entry_of(name)
     case = Case(2, 3, 40, 40, 16, 16)
 
     def run(seed):
         q, k, v = (x.requires_grad_() for x in entry.inputs(case, seed=12))
-        out = entry.method(q, q if entry.shared_qk else k, v, causal=causal, generator=gen(seed))
+        out, aux = entry.method(q, q if entry.shared_qk else k, v, causal=causal, generator=gen(seed), return_aux=True)
         out.pow(2).sum().backward()
-        return out.detach(), q.grad, (q.grad if entry.shared_qk else k.grad), v.grad
+        return (out.detach(), q.grad, (q.grad if entry.shared_qk else k.grad), v.grad), aux[0]
 
-    first, second = run(13), run(13)
+    (first, hashes), (second, _) = run(13), run(13)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    if name != "dense":
-        assert not torch.equal(first[0], run(14)[0])
+    if name != "dense":  # the first aux field holds codes, buckets or projections
+        assert not torch.equal(hashes, run(14)[1])
 
 
 @pytest.mark.parametrize("name, case, causal", grid(causal=True, with_pattern=True))
@@ -190,7 +232,7 @@ def test_gradients_match_reference(name, case, causal):
     """In float64, gradients equal those of the brute-force reference over the same pairs."""
     if case.T * case.S * case.B * case.H > 20000:
         case = Case(2, 2, case.T, case.S, 8, 8)
-    entry = for_case(entry_of(name), case)
+    entry = entry_of(name)
     q, k, v = entry.inputs(case, seed=15, dtype=torch.float64)
     key_mask, query_mask = masks_for(case)
     kw = dict(key_padding_mask=key_mask, query_padding_mask=query_mask, causal=causal)

@@ -11,12 +11,14 @@ from torch import Tensor
 
 from lshattn.api import Inputs, Method
 from lshattn.blocks import (
+    block_layout,
     compute_dtype,
     finish_output,
+    matched_key_blocks,
     merge_rounds,
-    pad_length,
     pad_tokens,
     padded_valid,
+    query_key_blocks,
     sorted_block_attention,
 )
 from lshattn.cost import Cost, sorted_blocks_cost
@@ -34,8 +36,10 @@ class ReformerAux(NamedTuple):
     Attributes:
         buckets: `(B, H, R, T)` query buckets; padded tokens are in the extra bucket
             ``num_buckets``, sorted after every real one.
-        key_buckets: `(B, H, R, S)` key buckets (equal to ``buckets`` when ``shared_qk``).
-        query_chunks: `(B, H, R, T)` chunk of each query after the sort.
+        key_buckets: `(B, H, R, S)` key buckets (equal to ``buckets`` at tokens that are real
+            queries and real keys when ``shared_qk``).
+        query_chunks: `(B, H, R, T)` the key chunk each query's window is centred on: the chunk
+            of the query after the sort when queries and keys fill as many chunks.
         key_chunks: `(B, H, R, S)` chunk of each key after the sort.
         dot_products: scores computed (B·H summed; padding slots included).
     """
@@ -64,14 +68,19 @@ class Reformer(Method):
     ``k=q``), and a token attends to itself only when nothing else is visible in any round.
     ``shared_qk=False`` is for pretrained models with separate Q and K: both are hashed with
     the same rotations and sorted separately, chunk n of the queries meeting chunk n of the keys.
+    Where a sequence's real queries and real keys fill different numbers of chunks (a key mask
+    alone, or T ≠ S, which ``shared_qk=False`` allows without ``causal``), query chunk n meets
+    the key chunk of the same relative rank instead (``lshattn.blocks.matched_key_blocks``), so
+    a real query never faces only padding.
 
     Logits are ``scale · q·k`` with ``scale = D**-0.5`` by default, as in lucidrains'
     implementation; trax and HF use unit keys with no scale, which is ``scale=1.0``.
 
     ``num_buckets`` is fixed rather than tied to the length, so padding a batch never changes a
     sequence's buckets; the paper's rule of thumb is ``num_buckets ≈ 2·T / bucket_size``. Above
-    64 it must be a power of two and is factorised into independent hashes of at most 64
-    buckets, which keeps hashing O(T·D·log num_buckets) instead of O(T·D·num_buckets).
+    64 it must be a power of two (at most 2**24, the ids the sort keeps exact) and is factorised
+    into independent hashes of at most 64 buckets, which keeps hashing O(T·D·log num_buckets)
+    instead of O(T·D·num_buckets).
 
     ``correct_duplicates=True`` subtracts log(number of rounds attending a pair) from its logit,
     so a pair found by several rounds counts once (the trax option); by default, as in HF and the
@@ -93,7 +102,8 @@ class Reformer(Method):
     shared_qk: bool = True
     correct_duplicates: bool = False
 
-    def __post_init__(self) -> None:
+    def _check_fields(self) -> None:
+        """Ranges; ``Method.__post_init__`` has checked the types and calls this."""
         for field in ("num_hashes", "bucket_size"):
             if getattr(self, field) < 1:
                 raise ValueError(f"Reformer {field} must be >= 1, got {getattr(self, field)}")
@@ -103,6 +113,15 @@ class Reformer(Method):
         nb = self.num_buckets
         if nb < 2 or nb % 2:
             raise ValueError(f"Reformer num_buckets must be even and >= 2 (argmax over [xR, -xR]), got {nb}")
+        # hashing.sort_order sorts bucket ids as float32 keys, exact only up to 2**24: above it
+        # neighbouring buckets would merge. (A larger count is meaningless anyway: it exceeds
+        # any sequence length that fits in memory.)
+        max_buckets = 2**24
+        if nb > max_buckets:
+            raise ValueError(
+                f"Reformer num_buckets must be at most 2**24 = {max_buckets} (bucket ids are sorted as "
+                f"float32), got {nb}; the rule of thumb is num_buckets ≈ 2·T / bucket_size"
+            )
         if nb > MAX_BUCKETS_PER_FACTOR and nb & (nb - 1):
             raise ValueError(
                 f"Reformer num_buckets above {MAX_BUCKETS_PER_FACTOR} must be a power of two to be "
@@ -111,43 +130,48 @@ class Reformer(Method):
 
     def _check_inputs(self, inputs: Inputs) -> None:
         T, S = inputs.q.shape[2], inputs.k.shape[2]
-        if T != S:
-            raise ValueError(
-                f"Reformer sorts queries and keys into the same chunks and needs T == S, got T={T}, "
-                f"S={S}; for cross-attention use SMYRF, whose q_cluster_size and k_cluster_size may differ"
-            )
         if self.shared_qk and inputs.k is not inputs.q and not torch.equal(inputs.k, inputs.q):
             raise ValueError(
-                "Reformer(shared_qk=True) uses the normalised queries as keys, so k must be q; "
-                "pass k=q, or use Reformer(shared_qk=False) for separate queries and keys"
+                f"Reformer(shared_qk=True) uses the normalised queries as keys, so k must be q (got "
+                f"T={T} queries and S={S} keys); pass k=q, or use Reformer(shared_qk=False) for "
+                f"separate queries and keys, cross-attention included"
             )
 
     def _attend(self, inputs: Inputs) -> tuple[Tensor, ReformerAux]:
-        q, v = inputs.q, inputs.v
+        q, k, v = inputs.q, inputs.k, inputs.v
         B, H, T, D = q.shape
+        S = k.shape[2]
         dtype = compute_dtype(q.dtype)
-        padded = pad_length(T, self.bucket_size)
-        q_valid = padded_valid(inputs.query_padding_mask, B, T, padded, q.device)
-        k_valid = padded_valid(inputs.key_padding_mask, B, T, padded, q.device)
-        q_pad, v_pad = pad_tokens(q.to(dtype), padded), pad_tokens(v.to(dtype), padded)
-        k_pad = F.normalize(q_pad, dim=-1) if self.shared_qk else pad_tokens(inputs.k.to(dtype), padded)
+        layout = block_layout(T, S, self.bucket_size, self.bucket_size)
+        t_pad, s_pad = layout.padded_queries, layout.padded_keys
+        q_valid = padded_valid(inputs.query_padding_mask, B, T, t_pad, q.device)
+        k_valid = padded_valid(inputs.key_padding_mask, B, S, s_pad, q.device)
+        q_pad, k_raw, v_pad = pad_tokens(q.to(dtype), t_pad), pad_tokens(k.to(dtype), s_pad), pad_tokens(v.to(dtype), s_pad)
+        # Shared QK: the keys are the unit queries. They come from k (which is q, with its
+        # padded keys zeroed by the key mask) so that a token that is a real key but a padded
+        # query keeps its key.
+        k_pad = F.normalize(k_raw, dim=-1) if self.shared_qk else k_raw
+        # Both masks alike (or none): queries and keys are the same tokens, hashed and sorted once.
+        same_tokens = self.shared_qk and _same_mask(inputs.query_padding_mask, inputs.key_padding_mask)
 
         factors = angular_factors(self.num_buckets)
         rotations = draw_normal((H, D, self.num_hashes, sum(factors) // 2), inputs.generator, q.device)
         with torch.no_grad():
             q_buckets = angular_buckets(q_pad, rotations, factors)
-            if self.shared_qk:
-                k_buckets = q_buckets
-                k_order = q_order = sort_order(q_buckets, k_valid)
+            q_order = sort_order(q_buckets, q_valid)
+            if same_tokens:
+                k_buckets, k_order = q_buckets, q_order
             else:
-                k_buckets = angular_buckets(k_pad, rotations, factors)
-                q_order, k_order = sort_order(q_buckets, q_valid), sort_order(k_buckets, k_valid)
+                k_buckets = angular_buckets(k_raw, rotations, factors)
+                k_order = sort_order(k_buckets, k_valid)
+            key_blocks = matched_key_blocks(q_valid, k_valid, layout)
 
+        # A window reaching more than the other blocks would only hold padding.
+        before, after = (min(n, layout.k_blocks - 1) for n in (self.chunks_before, self.chunks_after))
         self_pairs = "exclude" if self.shared_qk else ("column" if inputs.causal else "none")
         result = sorted_block_attention(
-            q_pad, k_pad, v_pad, q_order, k_order, k_valid,
-            q_block=self.bucket_size, k_block=self.bucket_size,
-            before=self.chunks_before, after=self.chunks_after,
+            q_pad, k_pad, v_pad, q_order, k_order, k_valid, key_blocks,
+            q_block=layout.q_block, k_block=layout.k_block, before=before, after=after,
             causal=inputs.causal, self_pairs=self_pairs,
             correct_duplicates=self.correct_duplicates,
             scale=inputs.scale, dropout_p=inputs.dropout_p,
@@ -159,14 +183,14 @@ class Reformer(Method):
             out = torch.where(alone[..., None], v_pad, out)
         out = finish_output(out, T, inputs.query_padding_mask, q.dtype)
 
-        def real(x: Tensor, valid: Tensor) -> Tensor:
-            return x.masked_fill(~valid[:, None, None, :], self.num_buckets)[..., :T]
+        def real(x: Tensor, valid: Tensor, length: int) -> Tensor:
+            return x.masked_fill(~valid[:, None, None, :], self.num_buckets)[..., :length]
 
         aux = ReformerAux(
-            buckets=real(q_buckets, k_valid if self.shared_qk else q_valid),
-            key_buckets=real(k_buckets, k_valid),
-            query_chunks=(inverse_order(q_order) // self.bucket_size)[..., :T],
-            key_chunks=(inverse_order(k_order) // self.bucket_size)[..., :T],
+            buckets=real(q_buckets, q_valid, T),
+            key_buckets=real(k_buckets, k_valid, S),
+            query_chunks=query_key_blocks(q_order, layout.q_block, key_blocks)[..., :T],
+            key_chunks=(inverse_order(k_order) // layout.k_block)[..., :S],
             dot_products=result.dot_products,
         )
         return out, aux
@@ -174,16 +198,26 @@ class Reformer(Method):
     def cost(
         self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4
     ) -> Cost:
-        """Analytic cost (``lshattn.cost.sorted_blocks_cost``) with ``Tp`` = T rounded up to a
-        multiple of ``bucket_size``, windows of ``w = (chunks_before + 1 + chunks_after)·bucket_size``
-        keys, and hashing ``2·B·H·R·n·Tp·D·Σfactors/2`` flops with n = 1 (shared QK) or 2.
+        """Analytic cost (``lshattn.cost.sorted_blocks_cost``) with chunks of
+        ``c = min(bucket_size, T)`` queries and ``min(bucket_size, S)`` keys, ``Tp`` = T rounded
+        up to a multiple of c, windows of ``w = (before + 1 + after)·min(bucket_size, S)`` keys
+        (before and after clamped to the other key chunks), and hashing
+        ``2·B·H·R·(Tp + n·Sp)·D·Σfactors/2`` flops with n = 0 (shared QK) or 1.
         An own-key column is added when causal with separate Q and K."""
-        padded = pad_length(T, self.bucket_size)
+        layout = block_layout(T, S, self.bucket_size, self.bucket_size)
+        before, after = (min(n, layout.k_blocks - 1) for n in (self.chunks_before, self.chunks_after))
         rotations = sum(angular_factors(self.num_buckets)) // 2
-        hashed = 1 if self.shared_qk else 2
+        hashed = layout.padded_queries + (0 if self.shared_qk else layout.padded_keys)
         return sorted_blocks_cost(
-            B=B, H=H, T=T, S=S, D=D, Dv=Dv, rounds=self.num_hashes, padded_queries=padded,
-            q_block=self.bucket_size, window=(self.chunks_before + 1 + self.chunks_after) * self.bucket_size,
+            B=B, H=H, T=T, S=S, D=D, Dv=Dv, rounds=self.num_hashes, padded_queries=layout.padded_queries,
+            q_block=layout.q_block, window=(before + 1 + after) * layout.k_block,
             self_column=causal and not self.shared_qk,
-            hashing_flops=2 * B * H * self.num_hashes * hashed * padded * D * rotations, itemsize=itemsize,
+            hashing_flops=2 * B * H * self.num_hashes * hashed * D * rotations, itemsize=itemsize,
         )  # fmt: skip
+
+
+def _same_mask(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two padding masks mark the same tokens (None: every token is real)."""
+    if a is None or b is None:
+        return a is b
+    return a is b or torch.equal(a, b)

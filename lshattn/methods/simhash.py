@@ -113,17 +113,15 @@ class SimHash(Method):
     rule: Literal["any", "all"] = "any"
     mode: Literal["faithful", "sparse"] = "faithful"
 
-    def __post_init__(self) -> None:
+    def _check_fields(self) -> None:
+        """Ranges; ``Method.__post_init__`` has checked the types (and ``rule`` and ``mode``
+        against their options) and calls this."""
         if self.num_hashes < 1:
             raise ValueError(f"SimHash num_hashes must be >= 1, got {self.num_hashes}")
         if not 0 <= self.num_bits <= MAX_SIMHASH_BITS:
             raise ValueError(
                 f"SimHash num_bits must be in [0, {MAX_SIMHASH_BITS}] (codes are int64), got {self.num_bits}"
             )
-        if self.rule not in ("any", "all"):
-            raise ValueError(f"SimHash rule must be 'any' or 'all', got {self.rule!r}")
-        if self.mode not in ("faithful", "sparse"):
-            raise ValueError(f"SimHash mode must be 'faithful' or 'sparse', got {self.mode!r}")
         if self.rule == "all" and self.num_hashes * self.num_bits > MAX_SIMHASH_BITS:
             raise ValueError(
                 f"SimHash rule='all' packs the num_hashes·num_bits = {self.num_hashes}·{self.num_bits} = "
@@ -282,7 +280,7 @@ def plan_collisions(
     """Sort one table's codes and list the block pairs that can hold colliding pairs.
 
     Args:
-        q_codes: `(BH, T)` int64 codes in ``[0, 2^num_bits)``. k_codes: `(BH, S)`.
+        q_codes: `(BH, T)` integer codes (int32 or int64) in ``[0, 2^num_bits)``. k_codes: `(BH, S)`.
         q_valid: `(BH, T)` bool or None (all valid). k_valid: `(BH, S)` bool or None.
         causal: drop block pairs whose keys all come after all of their queries.
         block: slots per block (default ``block_size(T, S)``).
@@ -293,6 +291,9 @@ def plan_collisions(
     block = block_size(T, S) if block is None else block
     budget = PAIR_BUDGET if budget is None else budget
     device = q_codes.device
+    # int64 whatever the codes' dtype: the sentinels need num_bits + 1 bits (YOSO passes int32
+    # codes for τ <= 31, and 2^31 does not fit them).
+    q_codes, k_codes = q_codes.long(), k_codes.long()
     q_sentinel, k_sentinel = 2**num_bits, 2**num_bits + 1  # match nothing, not even each other
     if q_valid is not None:
         q_codes = q_codes.masked_fill(~q_valid, q_sentinel)
@@ -524,19 +525,20 @@ class CollisionSoftmax(torch.autograd.Function):
             count = hit_count.double().sum().round().long()
         elif faithful:
             hit_count, hit_values = hit_count[:-1], hit_values[:-1]
+        background = None  # queries with visible keys at logit 0 (faithful mode)
         if faithful:  # the visible keys that collide with nothing: one more part, at logit 0
-            acc_max, acc_sum = _add_zero_logits(v, col, hit_count, hit_values, acc_max, acc_sum, acc_out)
+            acc_max, acc_sum, background = _add_zero_logits(v, col, hit_count, hit_values, acc_max, acc_sum, acc_out)
         tiny = torch.finfo(q.dtype).tiny
         out = acc_out.div_(acc_sum.clamp_min(tiny)[:, None])  # 0 / tiny = 0 where nothing is seen
         lse = torch.where(acc_sum > 0, acc_max + acc_sum.clamp_min(tiny).log(), float("-inf"))
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, background)
         ctx.col, ctx.scale, ctx.faithful = col, scale, faithful
         ctx.mark_non_differentiable(count)
         return out.view(B, H, T, Dv), count
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_count):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, background = ctx.saved_tensors
         col, scale = ctx.col, ctx.scale
         B, H, T, S = col.shape
         D, Dv = q.shape[-1], v.shape[-1]
@@ -546,7 +548,12 @@ class CollisionSoftmax(torch.autograd.Function):
         zero = lse.new_zeros(1)  # the dump row of slots past the end
         delta = torch.cat([(g_flat * out).sum(-1), zero])
         lse_x = torch.cat([torch.where(finite, lse, torch.zeros_like(lse)), zero])
-        zero_weight = torch.cat([torch.where(finite, torch.exp(-lse), torch.zeros_like(lse)), zero])
+        # e^{-lse_i}: the probability of each logit-0 key of query i. Only queries that have such
+        # keys get it: for the others it is not a probability, and at very negative logits it is
+        # huge, so adding it to every key and subtracting it from the colliding ones would cancel
+        # the true gradient (all of it below a logit of about -17 in float32).
+        has_zero_logits = finite if background is None else finite & background
+        zero_weight = torch.cat([torch.where(has_zero_logits, torch.exp(-lse), torch.zeros_like(lse)), zero])
         grad_q, grad_k = q.new_zeros(B * H * T + 1, D), q.new_zeros(B * H * S + 1, D)
         grad_v = q.new_zeros(B * H * S + 1, Dv)
         for table, plan in enumerate(col.plans):
@@ -592,10 +599,10 @@ def _merge(
 
 def _add_zero_logits(
     v: Tensor, col: Collisions, hit_count: Tensor, hit_values: Tensor, acc_max: Tensor, acc_sum: Tensor, acc_out: Tensor
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Merge, into ``acc_out`` in place, the part of faithful mode's logit-0 keys: the visible
     keys minus the colliding ones (``hit_count`` of them, summing to ``hit_values``, which is
-    consumed). Returns the merged max and sum."""
+    consumed). Returns the merged max and sum, and `(B·H·T,)` bool: which queries have such keys."""
     n_visible, v_visible = _visible_sums(v, col)
     missed = n_visible - hit_count
     background = missed > 0.5
@@ -603,7 +610,7 @@ def _add_zero_logits(
     missed_values = missed_values.view(-1, v.shape[-1]).mul_(background[:, None])  # exact zeros when none missed
     zero_logit = torch.where(background, 0.0, float("-inf")).to(v.dtype)
     acc_max, acc_sum, _ = _merge(acc_max, acc_sum, acc_out, zero_logit, missed, missed_values)
-    return acc_max, acc_sum
+    return acc_max, acc_sum, background
 
 
 def _visible_sums(v: Tensor, col: Collisions) -> tuple[Tensor, Tensor]:

@@ -10,11 +10,14 @@ from torch import Tensor
 
 from lshattn.api import Inputs, Method
 from lshattn.blocks import (
+    block_layout,
     compute_dtype,
     finish_output,
+    matched_key_blocks,
     merge_rounds,
     pad_tokens,
     padded_valid,
+    query_key_blocks,
     sorted_block_attention,
 )
 from lshattn.cost import Cost, sorted_blocks_cost
@@ -32,7 +35,8 @@ class SMYRFAux(NamedTuple):
     Attributes:
         query_projections: `(B, H, R, T)` the hash value queries were sorted by.
         key_projections: `(B, H, R, S)` the hash value keys were sorted by.
-        query_clusters: `(B, H, R, T)` cluster of each query.
+        query_clusters: `(B, H, R, T)` the key cluster each query's cluster meets (its own
+            cluster's index when queries and keys fill as many clusters).
         key_clusters: `(B, H, R, S)` cluster of each key.
         dot_products: scores computed (B·H summed; padding slots included).
     """
@@ -55,8 +59,14 @@ class SMYRF(Method):
     attends to the i-th key cluster with exact softmax. The ``num_hashes`` rounds are merged by
     their log-sum-exp. The estimate improves with more rounds and larger clusters; one cluster
     holding every token is exact attention. Q and K stay separate, so it drops into a
-    pretrained model without retraining, and T ≠ S works when both give the same number of
-    clusters: ``ceil(T / q_cluster_size) == ceil(S / k_cluster_size)``.
+    pretrained model without retraining, and T ≠ S works with any cluster sizes.
+
+    In a sequence with n_q real queries and n_k real keys, the queries fill C_q = ceil(n_q /
+    q_cluster_size) clusters and the keys C_k = ceil(n_k / k_cluster_size). When those counts
+    differ (T ≠ S, a key mask alone, a padded encoder in cross-attention), query cluster n meets
+    the key cluster of the same relative rank, ⌊(n + ½)·C_k / C_q⌋
+    (``lshattn.blocks.matched_key_blocks``), so every real query meets real keys; when they are
+    equal, cluster n meets cluster n, as in the paper.
 
     Lengths that do not divide the cluster sizes are padded inside, and padding (internal or
     from the masks) sorts after every real token of its own sequence, so it never takes a real
@@ -79,37 +89,19 @@ class SMYRF(Method):
     k_cluster_size: int = 32
     correct_duplicates: bool = False
 
-    def __post_init__(self) -> None:
+    def _check_fields(self) -> None:
+        """Ranges; ``Method.__post_init__`` has checked the types and calls this."""
         for field in ("num_hashes", "q_cluster_size", "k_cluster_size"):
             if getattr(self, field) < 1:
                 raise ValueError(f"SMYRF {field} must be >= 1, got {getattr(self, field)}")
-
-    def clusters(self, T: int, S: int) -> int:
-        """Number of clusters per round for T queries and S keys; raises when they differ."""
-        q_clusters, k_clusters = -(-T // self.q_cluster_size), -(-S // self.k_cluster_size)
-        if q_clusters != k_clusters:
-            k_fit, q_fit = _block_for(S, q_clusters), _block_for(T, k_clusters)
-            fix = (
-                f"use k_cluster_size={k_fit}" if k_fit else f"use q_cluster_size={q_fit}" if q_fit
-                else "choose sizes with ceil(T / q_cluster_size) == ceil(S / k_cluster_size)"
-            )
-            raise ValueError(
-                f"SMYRF needs as many query clusters as key clusters: T={T} with "
-                f"q_cluster_size={self.q_cluster_size} gives {q_clusters}, S={S} with "
-                f"k_cluster_size={self.k_cluster_size} gives {k_clusters}; {fix}"
-            )
-        return q_clusters
-
-    def _check_inputs(self, inputs: Inputs) -> None:
-        self.clusters(inputs.q.shape[2], inputs.k.shape[2])
 
     def _attend(self, inputs: Inputs) -> tuple[Tensor, SMYRFAux]:
         q, k, v = inputs.q, inputs.k, inputs.v
         B, H, T, D = q.shape
         S = k.shape[2]
         dtype = compute_dtype(q.dtype)
-        clusters = self.clusters(T, S)
-        t_pad, s_pad = clusters * self.q_cluster_size, clusters * self.k_cluster_size
+        layout = block_layout(T, S, self.q_cluster_size, self.k_cluster_size)
+        t_pad, s_pad = layout.padded_queries, layout.padded_keys
         q_valid = padded_valid(inputs.query_padding_mask, B, T, t_pad, q.device)
         k_valid = padded_valid(inputs.key_padding_mask, B, S, s_pad, q.device)
         q_pad, k_pad, v_pad = pad_tokens(q.to(dtype), t_pad), pad_tokens(k.to(dtype), s_pad), pad_tokens(v.to(dtype), s_pad)
@@ -119,10 +111,11 @@ class SMYRF(Method):
             q_aug, k_aug = xbox_plus(q_pad, k_pad, q_valid, k_valid)
             q_proj, k_proj = e2lsh_projection(q_aug, directions), e2lsh_projection(k_aug, directions)
             q_order, k_order = sort_order(q_proj, q_valid), sort_order(k_proj, k_valid)
+            key_blocks = matched_key_blocks(q_valid, k_valid, layout)
 
         result = sorted_block_attention(
-            q_pad, k_pad, v_pad, q_order, k_order, k_valid,
-            q_block=self.q_cluster_size, k_block=self.k_cluster_size, before=0, after=0,
+            q_pad, k_pad, v_pad, q_order, k_order, k_valid, key_blocks,
+            q_block=layout.q_block, k_block=layout.k_block, before=0, after=0,
             causal=inputs.causal, self_pairs="column" if inputs.causal else "none",
             correct_duplicates=self.correct_duplicates,
             scale=inputs.scale, dropout_p=inputs.dropout_p,
@@ -132,8 +125,8 @@ class SMYRF(Method):
         aux = SMYRFAux(
             query_projections=q_proj[..., :T],
             key_projections=k_proj[..., :S],
-            query_clusters=(inverse_order(q_order) // self.q_cluster_size)[..., :T],
-            key_clusters=(inverse_order(k_order) // self.k_cluster_size)[..., :S],
+            query_clusters=query_key_blocks(q_order, layout.q_block, key_blocks)[..., :T],
+            key_clusters=(inverse_order(k_order) // layout.k_block)[..., :S],
             dot_products=result.dot_products,
         )
         return out, aux
@@ -141,19 +134,14 @@ class SMYRF(Method):
     def cost(
         self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4
     ) -> Cost:
-        """Analytic cost (``lshattn.cost.sorted_blocks_cost``) with ``n = ceil(T / q_cluster_size)``
-        clusters per round, windows of ``k_cluster_size`` keys, projections
+        """Analytic cost (``lshattn.cost.sorted_blocks_cost``) with cluster sizes clamped to the
+        lengths, ``c = min(q_cluster_size, T)`` and ``w = min(k_cluster_size, S)``,
+        ``n = ceil(T / c)`` query clusters per round, windows of ``w`` keys, projections
         ``2·B·H·R·(Tp + Sp)·(D + 2)`` flops, and an own-key column when causal."""
-        clusters = self.clusters(T, S)
-        t_pad, s_pad = clusters * self.q_cluster_size, clusters * self.k_cluster_size
+        layout = block_layout(T, S, self.q_cluster_size, self.k_cluster_size)
+        t_pad, s_pad = layout.padded_queries, layout.padded_keys
         return sorted_blocks_cost(
             B=B, H=H, T=T, S=S, D=D, Dv=Dv, rounds=self.num_hashes, padded_queries=t_pad,
-            q_block=self.q_cluster_size, window=self.k_cluster_size, self_column=causal,
+            q_block=layout.q_block, window=layout.k_block, self_column=causal,
             hashing_flops=2 * B * H * self.num_hashes * (t_pad + s_pad) * (D + 2), itemsize=itemsize,
         )  # fmt: skip
-
-
-def _block_for(length: int, blocks: int) -> int | None:
-    """A block size cutting ``length`` tokens into exactly ``blocks`` blocks, if one exists."""
-    size = -(-length // blocks)
-    return size if -(-length // size) == blocks else None

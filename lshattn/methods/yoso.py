@@ -111,15 +111,15 @@ class YOSO(Method):
     backward: Literal["approx", "exact"] = "approx"
     normalize_output: bool = True
 
-    def __post_init__(self) -> None:
+    def _check_fields(self) -> None:
+        """Ranges; ``Method.__post_init__`` has checked the types (and ``backward`` against its
+        options) and calls this."""
         if self.num_hashes < 1:
             raise ValueError(f"YOSO num_hashes must be >= 1, got {self.num_hashes}")
         if not 1 <= self.num_bits <= MAX_SIMHASH_BITS:
             raise ValueError(
                 f"YOSO num_bits (τ) must be in [1, {MAX_SIMHASH_BITS}] (bucket ids are int64), got {self.num_bits}"
             )
-        if self.backward not in ("approx", "exact"):
-            raise ValueError(f"YOSO backward must be 'approx' or 'exact', got {self.backward!r}")
 
     def _check_inputs(self, inputs: Inputs) -> None:
         if inputs.dropout_p > 0:
