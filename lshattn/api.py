@@ -139,7 +139,12 @@ class Method:
             self, q, k, v, key_padding_mask, query_padding_mask, causal, scale, generator, dropout_p,
             return_aux=return_aux,
         )
-        out, aux = self._attend(without_padding_values(inputs))
+        # Under mixed precision (torch.autocast, Trainer's bf16/fp16) the method still computes in
+        # its own dtypes: float32 at least (blocks.compute_dtype), the output in q's dtype. Autocast
+        # would otherwise run the hash projections in half precision, where near-ties flip codes
+        # and cluster orders, and mix dtypes inside the methods' own products.
+        with torch.autocast(q.device.type, enabled=False):
+            out, aux = self._attend(without_padding_values(inputs))
         return (out, aux) if return_aux else out
 
     def _attend(self, inputs: Inputs) -> tuple[Tensor, NamedTuple]:

@@ -1,4 +1,4 @@
-"""The ``lshattn`` command: ``info``, ``bench`` (and the evaluation commands).
+"""The ``lshattn`` command: ``info``, ``bench``, the evaluation commands and ``train``.
 
 Methods are given as strings that ``lshattn.parse`` reads, e.g. ``"smyrf:num_hashes=2"``.
 Every command exits non-zero on failure; ``--json`` writes machine-readable output.
@@ -142,7 +142,43 @@ def build_parser() -> argparse.ArgumentParser:
     fidelity_parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     fidelity_parser.add_argument("--docs", type=int, default=4, help="Wikipedia articles (batch size)")
     fidelity_parser.add_argument("--json", help="write every row to this file")
+    _add_train_commands(commands)
     return parser
+
+
+def _add_train_commands(commands: argparse._SubParsersAction) -> None:
+    """``lshattn train RECIPE``: one sub-command per recipe of ``lshattn.train``, whose flags the
+    recipe module declares (``add_arguments``). Only built when transformers is installed."""
+    try:
+        import importlib
+
+        from lshattn import train
+    except ImportError as error:
+        missing = str(error)
+        train_parser = commands.add_parser("train", help=f"training recipes (unavailable: {missing})")
+        train_parser.set_defaults(unavailable=missing)
+        return
+    train_parser = commands.add_parser(
+        "train", help="train with a method: fine-tuning, MLM pretraining, label-free adaptation",
+        description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    recipes = train_parser.add_subparsers(dest="recipe", required=True)
+    for name in train.RECIPES:
+        module = importlib.import_module(f"lshattn.train.{name}")
+        recipe_parser = recipes.add_parser(
+            name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        module.add_arguments(recipe_parser)
+        recipe_parser.set_defaults(recipe_module=module)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if getattr(args, "unavailable", None):
+        raise ImportError(f"lshattn train needs transformers and accelerate: pip install 'lshattn[train]' ({args.unavailable})")
+    metrics = args.recipe_module.run_from_args(args)
+    print(f"report: {args.out}/report.md ({metrics['seconds'] / 60:.1f} min of training)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,9 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "fidelity":
             return _fidelity(args)
-    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as error:
+        if args.command == "train":
+            return _train(args)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError, ImportError) as error:
         print(f"lshattn {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        print(f"lshattn {args.command}: {interrupt or 'interrupted'}", file=sys.stderr)
+        return 130
     return 2
 
 

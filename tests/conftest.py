@@ -18,3 +18,18 @@ def native_kernels(monkeypatch):
 
     yield choose
     kernels.load.cache_clear()  # the environment is restored after this, before the next load
+
+
+try:
+    from hypothesis import settings
+except ImportError:  # the test extra installs it; without it the property-based tests skip
+    settings = None
+
+if settings is not None:
+    # The property-based suite (tests/test_property_based.py) sizes each test as a share of
+    # max_examples. "ci", the default: a fixed, derandomised budget (the same examples every run),
+    # no deadline (an example may take a second), nothing written to an example database.
+    # "slow" (--hypothesis-profile=slow): the same tests with fresh random examples, > 10,000 in all.
+    settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None)
+    settings.register_profile("slow", max_examples=800, derandomize=False, deadline=None, database=None, print_blob=True)
+    settings.load_profile("ci")

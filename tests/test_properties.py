@@ -282,3 +282,22 @@ def test_dtypes(name, dtype):
     # A low-precision sort key may order a near-tie differently: allow a few rows to differ.
     close = torch.isclose(out.float(), expected, atol=tolerance, rtol=tolerance).all(-1)
     assert close.float().mean() >= (1.0 if dtype == torch.float64 else 0.9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_changes_nothing_inside_a_method(name, dtype):
+    """Under mixed precision (torch.autocast, as Trainer's bf16) a method gets half-precision
+    inputs and computes exactly as it does on them without autocast: its hashing and products
+    stay in float32 (autocast would run them in half precision, flipping near-ties and mixing
+    dtypes), and gradients are finite."""
+    entry = entry_of(name)
+    case = Case(2, 2, 40, 40, 16, 16)
+    q, k, v = (x.to(dtype).requires_grad_() for x in entry.inputs(case, seed=25))
+    k = q if entry.shared_qk else k
+    expected = entry.method(q, k, v, generator=gen(26))
+    with torch.autocast("cpu", dtype=dtype):
+        out = entry.method(q, k, v, generator=gen(26))
+    assert out.dtype == dtype and torch.equal(out, expected)
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, v))
