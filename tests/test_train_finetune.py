@@ -202,3 +202,31 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
 
     result, _ = common.run_trainer(trainer(config, []), dataclasses.replace(settings, resume=True), tmp_path)
     assert result.global_step == 4
+
+
+@pytest.mark.parametrize("accumulate", [2, 4])
+def test_gradient_accumulation_trains_like_one_large_batch(tmp_path, accumulate):
+    """With the loss declared a batch mean, a step over ``accumulate`` micro-batches of 8 / n
+    moves the weights as one batch of 8 (Trainer would otherwise not divide a **kwargs model's
+    loss by the accumulation steps)."""
+    from transformers import BertConfig, BertForSequenceClassification, Trainer
+
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    dataset = tasks.TokenizedDataset(
+        [{"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": i % 2} for i in range(8)]
+    )
+    settings = common.RecipeConfig(method=None, max_steps=1, batch_size=8, warmup_ratio=0.0, progress=False)
+
+    def one_step(batch_size, steps):
+        torch.manual_seed(0)
+        model = common.loss_is_a_batch_mean(BertForSequenceClassification(config))
+        args = common.training_arguments(
+            settings, tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=steps,
+            eval_strategy="no", save_strategy="no", lr_scheduler_type="constant", max_grad_norm=0.0,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=dataset).train()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(one_step(8 // accumulate, accumulate), one_step(8, 1), atol=1e-6, rtol=1e-5)

@@ -32,6 +32,7 @@ __all__ = [
     "check_trainable",
     "resolve_method",
     "use_method",
+    "loss_is_a_batch_mean",
     "training_arguments",
     "last_checkpoint",
     "run_trainer",
@@ -136,6 +137,18 @@ def use_method(model: Any, method: Method | None, layers: Sequence[int] | None, 
     hf.use(model, method, layers=layers, seed=seed)
 
 
+def loss_is_a_batch_mean(model: Any) -> Any:
+    """Tell ``Trainer`` that ``model``'s loss is a mean over its batch.
+
+    Trainer decides from the forward's signature: a ``**kwargs`` (as every transformers task
+    model has) makes it believe the model normalises by ``num_items_in_batch``, so it does not
+    divide the loss by the gradient-accumulation steps and multiplies it by the number of
+    processes. ``BertForSequenceClassification`` takes a plain mean, so accumulation and DDP
+    would scale its loss and gradients. Returns ``model``."""
+    model.accepts_loss_kwargs = False
+    return model
+
+
 def method_label(method: Method | str | None) -> str:
     """How a method is named in reports: its string form, or "dense"."""
     if isinstance(method, str):
@@ -194,6 +207,11 @@ def run_trainer(trainer: Any, config: RecipeConfig, out: Path) -> tuple[Any, flo
         resume_from = last_checkpoint(out)
         if resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; run without --resume to start")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not config.progress:  # Trainer's own bars follow disable_tqdm; checkpoint writing's follow this
+        hf_logging.disable_progress_bar()
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -201,6 +219,9 @@ def run_trainer(trainer: Any, config: RecipeConfig, out: Path) -> tuple[Any, flo
         found = last_checkpoint(out)
         where = f"the last checkpoint is {found}" if found else f"no checkpoint was written yet (every {config.save_steps} steps)"
         raise KeyboardInterrupt(f"training interrupted; {where}; continue with --resume") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return result, time.perf_counter() - start
 
 

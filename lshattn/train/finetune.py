@@ -70,7 +70,7 @@ def finetune(config: FinetuneConfig, out: str | Path) -> dict[str, Any]:
         config.task, tokenizer, max_length=config.max_length, train=config.train_size, test=config.eval_size,
         seed=config.seed,
     )  # fmt: skip
-    model = models.minilm_classifier(task.classes)
+    model = common.loss_is_a_batch_mean(models.minilm_classifier(task.classes))
     tasks.check_length(length, model.config.max_position_embeddings, "--max-length")
     train_set = tasks.classification_dataset(task.train_texts, task.train_labels, task.classes, tokenizer, length)
     eval_set = tasks.classification_dataset(task.test_texts, task.test_labels, task.classes, tokenizer, length)
