@@ -121,6 +121,12 @@ def e2lsh_projection(x: Tensor, directions: Tensor) -> Tensor:
     The E2LSH offset β and width r of the reference code shift and scale every token alike, so
     they cannot change a sort and are left out.
 
+    Each projection is a product and a sum over the token's own row, not a matrix product: a
+    GEMM rounds a row differently by where it falls in its tiles (its position, the batch's
+    shape), so identical tokens, which tie exactly, would be ordered by rounding rather than by
+    position, and a sequence's clusters would depend on the rest of the batch. The temporary,
+    `(B, H, L, R, E)`, is the size of the tokens gathered for R rounds.
+
     Args:
         x: `(B, H, L, E)`.
         directions: `(H, R, E)`.
@@ -128,7 +134,8 @@ def e2lsh_projection(x: Tensor, directions: Tensor) -> Tensor:
     Returns:
         `(B, H, R, L)`.
     """
-    return torch.einsum("bhle,hre->bhrl", x, directions.to(x.dtype))
+    products = x[:, :, :, None, :] * directions.to(x.dtype)[None, :, None]  # (B, H, L, R, E)
+    return products.sum(-1).transpose(-1, -2)
 
 
 def sort_order(sort_key: Tensor, valid: Tensor) -> Tensor:

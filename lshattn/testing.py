@@ -1,8 +1,12 @@
 """Test helpers and brute-force references, shared by the tests and the benchmark's verify step.
 
-The references here are written to be read, not to be fast: explicit Python loops over every
-query and key, float64, and no code shared with the methods they check. Keep their inputs small
-(T, S of a few hundred at most).
+The references here are written to be read, not to be fast, and share no code with the methods
+they check: each builds the dense `(B, H, T, S)` table of which query sees which key (and how
+many times), in float64, and takes one masked softmax (or kernel sum) over it. They are
+differentiable (the gradient tests compare against them) with finite gradients everywhere,
+including rows with no visible key. Padded slots are inert: the references zero q at padded
+queries and k, v at padded keys before computing, so NaN or inf held there never reaches an
+output or a gradient. Memory is O(B·H·R·T·S): keep T, S to a few hundred.
 """
 
 from __future__ import annotations
@@ -52,20 +56,58 @@ def make_padding_mask(B: int, L: int, *, seed: int = 0, fully_padded: int | None
     return mask
 
 
+def _real(x: Tensor, mask: Tensor | None) -> Tensor:
+    """x `(B, H, L, E)` in float64 with the slots ``mask`` `(B, L)` calls padded set to zero."""
+    x = x.double()
+    return x if mask is None else torch.where(mask[:, None, :, None], x, 0.0)
+
+
+def _visible_pairs(B, T, S, key_padding_mask, causal, device="cpu"):
+    """`(B, 1, T, S)` bool: the keys each query may see (real keys, and j <= i when causal)."""
+    visible = torch.ones(B, 1, T, S, dtype=torch.bool, device=device)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(T, S, dtype=torch.bool, device=device).tril()
+    return visible
+
+
+def _zero_padded_queries(out: Tensor, query_padding_mask: Tensor | None) -> Tensor:
+    return out if query_padding_mask is None else torch.where(query_padding_mask[:, None, :, None], out, 0.0)
+
+
+def _weighted_softmax(logits: Tensor, weights: Tensor, v: Tensor) -> Tensor:
+    """``Σ_j w_ij e^{l_ij} v_j / Σ_j w_ij e^{l_ij}``: softmax in which entry (i, j) counts w_ij times.
+
+    Args:
+        logits: `(B, H, T, S)` float64. weights: `(B, H, T, S)` (or broadcastable), >= 0; pairs
+            with weight 0 are not entries (their logits are never read). v: `(B, H, S, Dv)`.
+
+    Returns:
+        `(B, H, T, Dv)`, zeros for a row with no entry. Gradients are finite everywhere: logits
+        of non-entries are replaced before the exponential (no -inf - -inf, no exp overflow).
+    """
+    weights = weights.double()
+    entry = weights > 0
+    row_max = torch.where(entry, logits, float("-inf")).amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0).detach()  # softmax is shift-invariant
+    shifted = torch.where(entry, logits - row_max, 0.0)  # <= 0 on entries
+    e = weights * torch.exp(shifted)
+    total = e.sum(-1, keepdim=True)
+    return (e @ v) / torch.where(total > 0, total, 1.0)
+
+
 def dense_reference(
     q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
     query_padding_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,
 ) -> Tensor:  # fmt: skip
-    """Exact attention in float64 by explicit softmax; zeros where a query sees no key."""
+    """Exact attention in float64 by explicit softmax; zeros where a query sees no key and at
+    padded queries."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = q.double(), k.double(), v.double()
-    visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal)
-    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)
-    out = probs @ v
-    if query_padding_mask is not None:
-        out = out * query_padding_mask[:, None, :, None]
-    return out
+    q, k, v = _real(q, query_padding_mask), _real(k, key_padding_mask), _real(v, key_padding_mask)
+    visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
+    out = _weighted_softmax(q @ k.transpose(-1, -2) * scale, visible, v)
+    return _zero_padded_queries(out, query_padding_mask)
 
 
 def reformer_rounds(aux, chunks_before: int, chunks_after: int) -> Tensor:
@@ -84,12 +126,14 @@ def rounds_reference(
     query_padding_mask: Tensor | None = None, causal: bool = False, self_pairs: str = "none",
     correct_duplicates: bool = False, scale: float | None = None,
 ) -> Tensor:  # fmt: skip
-    """Multi-round sparse attention by a naive loop over queries, rounds and keys.
+    """Multi-round sparse attention, as one softmax over a dense table of entry counts.
 
     Every (round, key) a query attends is one softmax entry, so a pair found in several rounds
     counts once per round (``correct_duplicates`` makes it count once). ``self_pairs`` follows
     ``lshattn.blocks.SelfPairs``: "exclude" never attends the own position unless nothing else
-    is visible, "column" attends it once per round on top of the round's pairs.
+    is visible in any round (then the output is the own value, if that key is real), "column"
+    attends it once per round on top of the round's pairs (if that key is real). Both need T == S.
+    Padded queries, and queries with no entry, output zeros.
 
     Args:
         q `(B, H, T, D)`, k `(B, H, S, D)`, v `(B, H, S, Dv)`.
@@ -99,36 +143,24 @@ def rounds_reference(
         `(B, H, T, Dv)` float64.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = q.double(), k.double(), v.double()
-    B, H, R, T, S = in_round.shape
-    key_ok = torch.ones(B, S, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
-    query_ok = torch.ones(B, T, dtype=torch.bool) if query_padding_mask is None else query_padding_mask
-    out = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            for i in range(T):
-                if not query_ok[b, i]:
-                    continue
-                entries: list[int] = []  # one key index per softmax entry
-                for r in range(R):
-                    for j in range(S):
-                        visible = bool(in_round[b, h, r, i, j]) and bool(key_ok[b, j])
-                        visible = visible and (not causal or j <= i)
-                        visible = visible and (self_pairs == "none" or j != i)
-                        if visible:
-                            entries.append(j)
-                    if self_pairs == "column" and key_ok[b, i]:
-                        entries.append(i)
-                if not entries:
-                    if self_pairs == "exclude" and key_ok[b, i]:
-                        out[b, h, i] = v[b, h, i]
-                    continue
-                logits = torch.stack([q[b, h, i] @ k[b, h, j] * scale for j in entries])
-                if correct_duplicates:
-                    logits = logits - torch.tensor([math.log(entries.count(j)) for j in entries], dtype=torch.float64)
-                weights = torch.softmax(logits, 0)
-                out[b, h, i] = sum(w * v[b, h, j] for w, j in zip(weights, entries))
-    return out
+    q, k, v = _real(q, query_padding_mask), _real(k, key_padding_mask), _real(v, key_padding_mask)
+    B, _, R, T, S = in_round.shape
+    visible = _visible_pairs(B, T, S, key_padding_mask, causal, q.device)  # (B, 1, T, S)
+    own = torch.eye(T, S, dtype=torch.bool, device=q.device)  # the query's own position
+    if self_pairs != "none":
+        visible = visible & ~own
+    counts = (in_round & visible[:, :, None]).sum(2)  # (B, H, T, S): entries per pair over rounds
+    if self_pairs == "column":
+        own_real = own if key_padding_mask is None else own & key_padding_mask[:, None, None, :]
+        counts = counts + R * own_real
+    weights = counts > 0 if correct_duplicates else counts
+    out = _weighted_softmax(q @ k.transpose(-1, -2) * scale, weights, v)
+    if self_pairs == "exclude":
+        alone = (counts == 0).all(-1, keepdim=True)  # (B, H, T, 1)
+        if key_padding_mask is not None:
+            alone = alone & key_padding_mask[:, None, :, None]
+        out = torch.where(alone, v, out)
+    return _zero_padded_queries(out, query_padding_mask)
 
 
 # --- SimHash (BERT-LSH) ---------------------------------------------------------------------------
@@ -143,37 +175,21 @@ def collisions_from_aux(aux, rule: str) -> Tensor:
 def simhash_reference(
     q, k, v, collide, *, faithful: bool, key_padding_mask=None, query_padding_mask=None, causal=False, scale=None
 ):
-    """The BERT-LSH attention by a naive loop over queries, in float64.
+    """The BERT-LSH attention, densely in float64.
 
-    Every key query i may see is a softmax entry: colliding pairs with logit ``scale·q_i·k_j``,
-    the others with logit 0 (faithful) or left out (sparse). A query with no entry gets zeros.
+    Every key query i may see is a softmax entry: colliding pairs (``collide`` `(B, H, T, S)`
+    bool) with logit ``scale·q_i·k_j``, the others with logit 0 (faithful) or left out
+    (sparse). A query with no entry, and a padded query, gets zeros.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = q.double(), k.double(), v.double()
-    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    out = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            for i in range(T):
-                if query_padding_mask is not None and not query_padding_mask[b, i]:
-                    continue
-                logits, keys = [], []
-                for j in range(S):
-                    if key_padding_mask is not None and not key_padding_mask[b, j]:
-                        continue
-                    if causal and j > i:
-                        continue
-                    if collide[b, h, i, j]:
-                        logits.append(q[b, h, i] @ k[b, h, j] * scale)
-                    elif faithful:
-                        logits.append(q.new_zeros(()))
-                    else:
-                        continue
-                    keys.append(j)
-                if keys:
-                    weights = torch.softmax(torch.stack(logits), 0)
-                    out[b, h, i] = weights @ v[b, h, keys]
-    return out + 0 * (q.sum() + k.sum() + v.sum())  # in the graph even when no pair collides
+    q, k, v = _real(q, query_padding_mask), _real(k, key_padding_mask), _real(v, key_padding_mask)
+    visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
+    scores = q @ k.transpose(-1, -2) * scale
+    if faithful:
+        out = _weighted_softmax(torch.where(collide, scores, 0.0), visible, v)
+    else:
+        out = _weighted_softmax(scores, visible & collide, v)
+    return _zero_padded_queries(out, query_padding_mask)
 
 
 def simhash_brute_force(method, q, k, v, aux, **kw):
@@ -184,44 +200,45 @@ def simhash_brute_force(method, q, k, v, aux, **kw):
 # --- YOSO -------------------------------------------------------------------------------------------
 
 
-def _visible_pairs(B, T, S, key_padding_mask, causal):
-    """`(B, 1, T, S)` bool: the keys each query may see."""
-    visible = torch.ones(B, 1, T, S, dtype=torch.bool)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    if causal:
-        visible = visible & torch.ones(T, S, dtype=torch.bool).tril()
-    return visible
-
-
 def _finish_yoso(y, normalize_output, query_padding_mask):
     if normalize_output:
         y = y / torch.clamp(y.norm(dim=-1, keepdim=True), min=1e-12)  # norm's gradient at 0 is 0
-    if query_padding_mask is not None:
-        y = y * query_padding_mask[:, None, :, None]
-    return y
+    return _zero_padded_queries(y, query_padding_mask)
+
+
+def _unit(x: Tensor) -> Tensor:
+    """Rows of x divided by their norm (zero rows stay zero, with finite gradients)."""
+    return x / torch.clamp(x.norm(dim=-1, keepdim=True), min=1e-12)
 
 
 def yoso_expectation_reference(
     q, k, v, *, num_bits, normalize_output=True, key_padding_mask=None, query_padding_mask=None, causal=False,
-    scale=None,
+    scale=None, backward=None,
 ):  # fmt: skip
-    """YOSO-E by a naive loop over queries and keys, in float64:
-    ``Y_i = Σ_{j visible} (1 − arccos(q̂_i·k̂_j)/π)^τ · v_j``, then L2-normalised."""
-    q, k, v = q.double(), k.double(), v.double()
-    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    visible = _visible_pairs(B, T, S, key_padding_mask, causal)
-    out = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            for i in range(T):
-                qi = q[b, h, i] / torch.clamp(q[b, h, i].norm(), min=1e-12)
-                for j in range(S):
-                    if visible[b, 0, i, j]:
-                        kj = k[b, h, j] / torch.clamp(k[b, h, j].norm(), min=1e-12)
-                        cosine = torch.clamp(qi @ kj, -1.0, 1.0)
-                        out[b, h, i] += (1 - torch.acos(cosine) / math.pi) ** num_bits * v[b, h, j]
-    return _finish_yoso(out, normalize_output, query_padding_mask)
+    """YOSO-E densely in float64:
+    ``Y_i = Σ_{j visible} (1 − arccos(q̂_i·k̂_j)/π)^τ · v_j``, then L2-normalised.
+
+    ``backward=None`` differentiates this formula; "approx" or "exact" keeps the value and gives
+    q and k the paper's surrogate gradients instead, as ``YOSO(expectation=True, backward=...)``
+    does: the kernel's derivative in q̂·k̂ replaced by (τ/2)·kernel ("approx") or taken exactly
+    at q̂·k̂ clamped to ±0.99 ("exact"). ``scale`` is accepted and ignored (the kernel has none).
+    """
+    q, k, v = _real(q, query_padding_mask), _real(k, key_padding_mask), _real(v, key_padding_mask)
+    visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
+    cosine = _unit(q) @ _unit(k).transpose(-1, -2)
+    clamped = torch.clamp(torch.where(visible, cosine, 0.0), -1.0, 1.0)  # arccos never sees a hidden pair
+    kernel = torch.where(visible, (1 - torch.acos(clamped) / math.pi) ** num_bits, 0.0)
+    if backward is None:
+        y = kernel @ v
+    else:
+        kernel = kernel.detach()
+        if backward == "approx":
+            slope = (num_bits / 2) * kernel
+        else:
+            slope = visible * exact_derivative_reference(cosine.detach(), num_bits)
+        surrogate = (slope * cosine) @ v.detach()
+        y = kernel @ v + (surrogate - surrogate.detach())
+    return _finish_yoso(y, normalize_output, query_padding_mask)
 
 
 def exact_derivative_reference(x, num_bits, clamp=0.99):
@@ -240,21 +257,18 @@ def yoso_lsh_reference(
     q and k given the codes; their gradients are those of the surrogate
     ``Σ_j φ(q̂_i·k̂_j) v_j`` (value 0 added to Y), with ``φ'`` = (τ/2)·(collision fraction)
     ("approx") or the exact kernel derivative on pairs colliding in some hash ("exact").
+
+    Args:
+        query_codes: `(B, H, m, T)` integer codes. key_codes: `(B, H, m, S)`.
     """
-    q, k, v = q.double(), k.double(), v.double()
-    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    q, k, v = _real(q, query_padding_mask), _real(k, key_padding_mask), _real(v, key_padding_mask)
     m = query_codes.shape[2]
-    visible = _visible_pairs(B, T, S, key_padding_mask, causal)
+    visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
     if query_padding_mask is not None:
         visible = visible & query_padding_mask[:, None, :, None]
     hits = (query_codes[..., :, None] == key_codes[..., None, :]).sum(2) * visible  # (B, H, T, S)
-    y = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64) + 0 * v.sum()
-    for h_ in range(m):  # per hash: the values in the query's bucket
-        same = (query_codes[:, :, h_, :, None] == key_codes[:, :, h_, None, :]) & visible
-        y = y + same.double() @ v / m
-    q_hat = q / torch.clamp(q.norm(dim=-1, keepdim=True), min=1e-12)
-    k_hat = k / torch.clamp(k.norm(dim=-1, keepdim=True), min=1e-12)
-    cosine = q_hat @ k_hat.transpose(-1, -2)
+    y = hits.double() @ v / m
+    cosine = _unit(q) @ _unit(k).transpose(-1, -2)
     if backward == "approx":
         slope = (num_bits / 2) * hits.double() / m
     else:

@@ -26,10 +26,15 @@ except ImportError:  # the test extra installs it; without it the property-based
     settings = None
 
 if settings is not None:
-    # The property-based suite (tests/test_property_based.py) sizes each test as a share of
-    # max_examples. "ci", the default: a fixed, derandomised budget (the same examples every run),
-    # no deadline (an example may take a second), nothing written to an example database.
-    # "slow" (--hypothesis-profile=slow): the same tests with fresh random examples, > 10,000 in all.
-    settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None)
-    settings.register_profile("slow", max_examples=800, derandomize=False, deadline=None, database=None, print_blob=True)
+    # Profiles of the property-based suite (tests/test_property_based.py), whose tests each take
+    # a share of max_examples.
+    # "ci", the default: a fixed budget, derandomised (the same examples on every run, so a
+    # failure reproduces), no deadline (an example may take a second on a loaded machine),
+    # nothing written to an example database. About 4,000 examples in all, half a minute.
+    settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None, database=None)
+    # "slow" (pytest --hypothesis-profile=slow): the same tests with fresh random examples on every
+    # run, about 13,500 in all; a failure prints the blob to replay it with @reproduce_failure.
+    settings.register_profile(
+        "slow", max_examples=1000, derandomize=False, deadline=None, database=None, print_blob=True
+    )
     settings.load_profile("ci")

@@ -18,6 +18,7 @@ pytest.importorskip("transformers", reason="lshattn.hf needs transformers (pip i
 
 import lshattn  # noqa: E402
 from lshattn import data, hf  # noqa: E402
+from assets import or_skip  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
@@ -25,16 +26,9 @@ TOKENS = 128
 DOCS = 16
 
 
-def _or_skip(load):
-    try:
-        return load()
-    except data.MissingPackageError as err:
-        pytest.skip(str(err))
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    tokenizer, model = _or_skip(data.load_minilm)
+    tokenizer, model = or_skip(data.load_minilm)
     return tokenizer, model
 
 
@@ -42,7 +36,7 @@ def minilm():
 def batch(minilm):
     """DOCS documents of exactly TOKENS tokens: consecutive RT snippets joined."""
     tokenizer, _ = minilm
-    snippets = [text for text, _ in _or_skip(data.rotten_tomatoes)]
+    snippets = [text for text, _ in or_skip(data.rotten_tomatoes)]
     docs = data.join_to_tokens(snippets, tokenizer, TOKENS, count=DOCS)
     encoded = tokenizer(docs, truncation=True, max_length=TOKENS, padding=True, return_tensors="pt")
     assert encoded["attention_mask"].all() and encoded["input_ids"].shape == (DOCS, TOKENS)
@@ -77,7 +71,7 @@ def test_loaders_give_the_real_model_and_text(minilm):
     tokenizer, model = minilm
     assert type(model).__name__ == "BertModel" and model.config.num_hidden_layers == 6
     assert model.config.hidden_size == 384 and model.config.num_attention_heads == 12
-    rows = _or_skip(data.rotten_tomatoes)
+    rows = or_skip(data.rotten_tomatoes)
     assert len(rows) == 12808 and {label for _, label in rows} == {"fresh", "rotten"}
     paraphrase = tokenizer(
         ["A gripping, beautifully acted film.", "The movie is compelling and the acting is superb.",

@@ -164,3 +164,27 @@ def test_padded_encoder_never_zeroes_a_cross_attention_row():
     assert len(rows) == 2
     for out in rows:  # (B, T, hidden): every decoder position is a real query
         assert (out.abs().amax(-1) > 0).all()
+
+
+def test_smyrf_orders_identical_tokens_alike_in_any_batch():
+    """Found by the property-based suite: with repeated tokens, a sequence alone and the same
+    sequence next to a padded one got different outputs (up to 3.95 apart). The projections were
+    one matrix product, which rounds a row by where it falls in its tiles, so identical tokens
+    (exact ties) were ordered by last-bit rounding instead of by position."""
+    torch.manual_seed(0)
+    distinct = torch.randn(1, 1, 3, 60)
+    pattern = torch.tensor([0, 0, 1, 1, 1, 2, 0])
+    q = distinct[:, :, pattern]
+    k = distinct[:, :, pattern.roll(3)]
+    v = torch.randn(1, 1, 7, 60)
+    method = lshattn.SMYRF(num_hashes=1, q_cluster_size=1, k_cluster_size=1)
+    alone = method(q, k, v, causal=True, generator=gen())
+    mask = torch.tensor([[False] * 7, [True] * 7])
+    batched = method(
+        torch.cat([torch.randn_like(q), q]), torch.cat([torch.randn_like(k), k]), torch.cat([torch.randn_like(v), v]),
+        causal=True, key_padding_mask=mask, query_padding_mask=mask, generator=gen(),
+    )  # fmt: skip
+    assert torch.equal(batched[1:], alone)
+    _, aux = method(q, k, v, causal=True, generator=gen(), return_aux=True)
+    projections = aux.query_projections[0, 0, 0]
+    assert projections[0] == projections[1] == projections[6] and projections[2] == projections[3] == projections[4]

@@ -18,17 +18,11 @@ from lshattn import cli, data  # noqa: E402
 from lshattn import train  # noqa: E402
 from lshattn.train import common, models, tasks  # noqa: E402
 from lshattn.train.finetune import FinetuneConfig  # noqa: E402
+from assets import or_skip  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
 SMYRF = "smyrf:num_hashes=1,q_cluster_size=16,k_cluster_size=16"
-
-
-def _or_skip(load):
-    try:
-        return load()
-    except data.MissingPackageError as err:
-        pytest.skip(str(err))
 
 
 def tiny(**overrides) -> FinetuneConfig:
@@ -42,8 +36,8 @@ def tiny(**overrides) -> FinetuneConfig:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny fine-tuning run shared by the tests that read its outputs."""
-    _or_skip(data.minilm_path)
-    _or_skip(data.rotten_tomatoes)
+    or_skip(data.minilm_path)
+    or_skip(data.rotten_tomatoes)
     out = tmp_path_factory.mktemp("finetune")
     return out, train.finetune(tiny(), out)
 
@@ -68,8 +62,8 @@ def test_resume_continues_from_the_last_checkpoint(run, tmp_path):
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
-    _or_skip(data.minilm_path)
-    _or_skip(data.rotten_tomatoes)
+    or_skip(data.minilm_path)
+    or_skip(data.rotten_tomatoes)
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*run without --resume"):
         train.finetune(tiny(resume=True), tmp_path)
 
@@ -86,8 +80,8 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
     ids=["task", "length", "layers", "method", "eval-method"],
 )
 def test_bad_settings_fail_before_training(tmp_path, overrides, error, message):
-    _or_skip(data.minilm_path)
-    _or_skip(data.rotten_tomatoes)
+    or_skip(data.minilm_path)
+    or_skip(data.rotten_tomatoes)
     with pytest.raises(error, match=message):
         train.finetune(tiny(**overrides), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
@@ -149,8 +143,8 @@ def test_check_length_names_the_fix():
 
 
 def test_cli_runs_the_recipe(tmp_path, capsys):
-    _or_skip(data.minilm_path)
-    _or_skip(data.rotten_tomatoes)
+    or_skip(data.minilm_path)
+    or_skip(data.rotten_tomatoes)
     code = cli.main([
         "train", "finetune", "--out", str(tmp_path), "--method", "dense", "--max-length", "32", "--train-size", "16",
         "--eval-size", "8", "--max-steps", "2", "--eval-steps", "2", "--save-steps", "2", "--batch-size", "8",
@@ -168,8 +162,8 @@ def test_cli_reports_bad_settings(tmp_path, capsys):
 def test_bf16_mixed_precision_trains(tmp_path):
     """Trainer's bf16 on the CPU: autocast around the model; the method computes in float32
     inside (see test_autocast_changes_nothing_inside_a_method) and the loss stays finite."""
-    _or_skip(data.minilm_path)
-    _or_skip(data.rotten_tomatoes)
+    or_skip(data.minilm_path)
+    or_skip(data.rotten_tomatoes)
     metrics = train.finetune(tiny(bf16=True, max_steps=2, eval_steps=2, eval_methods=(SMYRF,)), tmp_path)
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
     assert torch.isfinite(torch.tensor(metrics["evaluated_with"][SMYRF]["loss"]))
