@@ -17,11 +17,13 @@ See docs/training.md.
 
 from __future__ import annotations
 
+from lshattn.train.adapt import AdaptConfig, adapt
 from lshattn.train.common import RecipeConfig, StepCallback
 from lshattn.train.finetune import FinetuneConfig, finetune
+from lshattn.train.mlm import MLMConfig, pretrain
 from lshattn.train.models import extend_positions
 
-__all__ = ["RecipeConfig", "StepCallback", "FinetuneConfig", "finetune", "extend_positions", "RECIPES"]
+__all__ = ["RecipeConfig", "StepCallback", "FinetuneConfig", "finetune", "extend_positions", "AdaptConfig", "adapt", "MLMConfig", "pretrain", "RECIPES"]
 
 # name -> module with add_arguments(parser) and run_from_args(args); the CLI builds from it.
-RECIPES = ("finetune",)
+RECIPES = ("finetune", "mlm", "adapt")
