@@ -1,4 +1,4 @@
-"""The ``lshattn`` command: ``info``, ``bench``, the evaluation commands and ``train``.
+"""The ``lshattn`` command: ``info``, ``bench``, the evaluation commands, ``train`` and ``reproduce``.
 
 Methods are given as strings that ``lshattn.parse`` reads, e.g. ``"smyrf:num_hashes=2"``.
 Every command exits non-zero on failure; ``--json`` writes machine-readable output.
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     fidelity_parser.add_argument("--docs", type=int, default=4, help="Wikipedia articles (batch size)")
     fidelity_parser.add_argument("--json", help="write every row to this file")
     _add_train_commands(commands)
+    _add_reproduce_commands(commands)
     return parser
 
 
@@ -184,6 +185,42 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_reproduce_commands(commands: argparse._SubParsersAction) -> None:
+    """``lshattn reproduce NAME``: one sub-command per reproduction of ``lshattn.reproduce``, whose
+    flags the module declares (``add_arguments``). Only built when transformers is installed."""
+    from lshattn import reproduce
+
+    try:
+        modules = {name: reproduce.load(name) for name in reproduce.REPRODUCTIONS}  # they import lshattn.train
+    except ImportError as error:
+        missing = str(error)
+        reproduce_parser = commands.add_parser("reproduce", help=f"the papers' experiments (unavailable: {missing})")
+        reproduce_parser.set_defaults(unavailable=missing)
+        return
+    reproduce_parser = commands.add_parser(
+        "reproduce", help="the papers' experiments, scaled to this machine, with the papers' numbers beside ours",
+        description=reproduce.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    names = reproduce_parser.add_subparsers(dest="reproduction", required=True, metavar="NAME")
+    for name, module in modules.items():
+        name_parser = names.add_parser(
+            name, help=module.__doc__.splitlines()[0].replace("%", "%%"), description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        module.add_arguments(name_parser)
+        name_parser.set_defaults(reproduction_module=module)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    if getattr(args, "unavailable", None):
+        raise ImportError(
+            f"lshattn reproduce needs transformers and accelerate: pip install 'lshattn[train]' ({args.unavailable})"
+        )
+    metrics = args.reproduction_module.run_from_args(args)
+    print(f"report: {args.out}/report.md ({metrics['wall_seconds'] / 60:.1f} min of runs)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -201,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fidelity(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "reproduce":
+            return _reproduce(args)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError, ImportError) as error:
         print(f"lshattn {args.command}: error: {error}", file=sys.stderr)
         return 1

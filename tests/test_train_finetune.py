@@ -224,3 +224,16 @@ def test_gradient_accumulation_trains_like_one_large_batch(tmp_path, accumulate)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     torch.testing.assert_close(one_step(8 // accumulate, accumulate), one_step(8, 1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["rt", "bbc"])
+def test_the_default_splits_fit_each_task(task):
+    """`lshattn train finetune` with its defaults asked Rotten Tomatoes for 2,000 + 500 texts,
+    which it does not have (1,936)."""
+    or_skip(data.minilm_path)
+    or_skip(data.rotten_tomatoes if task == "rt" else data.bbc_news)
+    defaults = FinetuneConfig()
+    task_data, _ = tasks.load_task(
+        task, models.minilm_tokenizer(), max_length=None, train=defaults.train_size, test=defaults.eval_size, seed=0
+    )
+    assert (len(task_data.train_texts), len(task_data.test_texts)) == (defaults.train_size, defaults.eval_size)

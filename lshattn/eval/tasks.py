@@ -57,7 +57,10 @@ class Task:
         order = list(range(len(texts)))
         random.Random(seed).shuffle(order)
         if train + test > len(order):
-            raise ValueError(f"{name}: {len(order)} texts, {train} + {test} were asked for")
+            raise ValueError(
+                f"{name}: {len(order)} texts, {train} + {test} were asked for; ask for at most {len(order)} "
+                "in all (--train-size and --eval-size in lshattn train)"
+            )
         pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
         self.name, self.max_length = name, max_length
         self.train_texts, self.train_labels = pick(order[:train])

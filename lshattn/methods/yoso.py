@@ -338,7 +338,7 @@ def _native_surrogate_grads(
     """The query and key gradients by the native kernel (``kernels.collision_grads``); None
     where it does not run."""
     B, H, T, m = q_codes.shape
-    S, D, Dv = k_hat.shape[2], q_hat.shape[-1], v.shape[-1]
+    S, D = k_hat.shape[2], q_hat.shape[-1]
     readers, writers, rows = _table_codes(
         _masked_codes(q_codes, query_padding_mask, -1), _masked_codes(k_codes, key_padding_mask, -2), num_bits, S
     )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["minilm_tokenizer", "minilm_classifier", "extend_positions"]
+__all__ = ["minilm_tokenizer", "minilm_classifier", "reinit_attention", "extend_positions"]
 
 
 def minilm_tokenizer() -> Any:
@@ -30,6 +31,54 @@ def minilm_classifier(classes: list[str]) -> Any:
         data.minilm_path(), local_files_only=True, num_labels=len(classes),
         id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
     )  # fmt: skip
+
+
+def reinit_attention(model: Any, layers: Sequence[int] | None = None) -> list[str]:
+    """Throw away a pretrained model's attention weights, in place: the query, key, value and
+    output projections of each attention layer in ``layers`` (None: all; indices as
+    ``lshattn.hf.attention_layers`` counts them) get new weights from torch's global RNG
+    (seed it first), the model's own initialisation for linear layers (normal with
+    ``config.initializer_range`` as the std, zero bias). Every other weight (embeddings,
+    LayerNorms, feed-forward layers, the head) is kept.
+
+    This is what ALBERT-LSH did by accident (it replaced ALBERT's attention by a new module);
+    ``lshattn reproduce albert-lsh`` uses it as the control run.
+
+    The projections are the ``torch.nn.Linear`` modules inside the attention module (Q, K, V;
+    and the output projection where the module holds it, as in Llama) plus, in the BERT family,
+    ``output.dense`` beside it (``BertSelfOutput``). Returns their names in
+    ``model.named_modules()``.
+
+    Raises:
+        ValueError: a layer index out of range, or no projection found for a layer.
+    """
+    from lshattn import hf
+
+    found = hf.attention_layers(model)
+    chosen = range(len(found)) if layers is None else list(layers)
+    wrong = sorted({i for i in chosen if not 0 <= i < len(found)})
+    if wrong:
+        raise ValueError(
+            f"layer indices {wrong} are out of range: the model has {len(found)} attention layers (0..{len(found) - 1})"
+        )
+    modules = dict(model.named_modules())
+    std = model.config.initializer_range
+    names = []
+    for index in chosen:
+        layer = found[index]
+        parent = layer.name.rpartition(".")[0]
+        linear = [f"{layer.name}.{name}" for name, m in layer.module.named_modules() if isinstance(m, torch.nn.Linear)]
+        beside = f"{parent}.output.dense"  # BERT family: the output projection sits next to the attention module
+        if isinstance(modules.get(beside), torch.nn.Linear):
+            linear.append(beside)
+        if not linear:
+            raise ValueError(f"attention layer {index} ({layer.name}) holds no torch.nn.Linear to re-initialise")
+        for name in linear:
+            torch.nn.init.normal_(modules[name].weight, mean=0.0, std=std)
+            if modules[name].bias is not None:
+                torch.nn.init.zeros_(modules[name].bias)
+        names += linear
+    return names
 
 
 def extend_positions(model: Any, length: int) -> Any:
