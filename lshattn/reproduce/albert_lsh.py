@@ -107,14 +107,10 @@ def reproduce(
 ) -> dict[str, Any]:
     """Train the runs (skipping seeds already done in ``out``) and write the report.
     Returns the metrics written to ``out/metrics.json``."""
-    out = Path(out)
-    chosen = runs(quick)
-    results = common.run_seeds(chosen, seeds, out, progress=progress)
-    return common.write_reproduction(
+    return common.reproduce_paper(
         out, name=NAME, title="ALBERT-LSH: LSH attention with and without the pretrained attention weights",
-        intro=_intro(quick, results), rows=ROWS, runs=chosen, evaluated_with=METHODS, results=results,
-        scaled=SCALED + ([common.quick_scaled(FULL)] if quick else []),
-        command=common.command_line(NAME, out, quick, seeds),
+        runs=runs(quick), rows=ROWS, evaluated_with=METHODS, scaled=SCALED, full=FULL, intro=_intro, quick=quick,
+        seeds=seeds, progress=progress,
     )  # fmt: skip
 
 

@@ -404,6 +404,35 @@ Methods (strings for `lshattn.parse`): {methods}.
     return metrics
 
 
+def reproduce_paper(
+    out: str | Path,
+    *,
+    name: str,
+    title: str,
+    runs: Sequence[Run],
+    rows: Sequence[Row],
+    evaluated_with: Mapping[str, str],
+    scaled: Sequence[Scaled],
+    full: FinetuneConfig,
+    intro: Callable[[bool, Mapping[str, list[dict]]], str],
+    quick: bool,
+    seeds: Sequence[int],
+    progress: bool,
+    sections: str = "",
+) -> dict[str, Any]:
+    """What every reproduction's ``reproduce`` does: train ``runs`` once per seed (skipping seeds
+    already done in ``out``), then write the report (``write_reproduction``), whose introduction
+    is ``intro(quick, results)``. Returns the metrics written to ``out/metrics.json``."""
+    out = Path(out)
+    results = run_seeds(runs, seeds, out, progress=progress)
+    return write_reproduction(
+        out, name=name, title=title, intro=intro(quick, results), rows=rows, runs=runs,
+        evaluated_with=evaluated_with, results=results,
+        scaled=list(scaled) + ([quick_scaled(full)] if quick else []),
+        command=command_line(name, out, quick, seeds), sections=sections,
+    )  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """The flags every reproduction takes."""
     parser.add_argument("--out", default=f"runs/reproduce-{name}", help=f"directory (default: runs/reproduce-{name})")

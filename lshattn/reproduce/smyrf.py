@@ -92,18 +92,14 @@ def reproduce(
 ) -> dict[str, Any]:
     """Train the runs (skipping seeds already done in ``out``) and write the report.
     Returns the metrics written to ``out/metrics.json``."""
-    out = Path(out)
-    chosen = runs(quick)
-    results = common.run_seeds(chosen, seeds, out, progress=progress)
-    return common.write_reproduction(
-        out, name=NAME, title="SMYRF: fine-tuning with 50 % and 25 % of the dot products", intro=_intro(quick),
-        rows=ROWS, runs=chosen, evaluated_with=METHODS, results=results,
-        scaled=SCALED + ([common.quick_scaled(FULL)] if quick else []),
-        command=common.command_line(NAME, out, quick, seeds), sections=_SECTIONS,
+    return common.reproduce_paper(
+        out, name=NAME, title="SMYRF: fine-tuning with 50 % and 25 % of the dot products", runs=runs(quick),
+        rows=ROWS, evaluated_with=METHODS, scaled=SCALED, full=FULL, intro=_intro, quick=quick, seeds=seeds,
+        progress=progress, sections=_SECTIONS,
     )  # fmt: skip
 
 
-def _intro(quick: bool) -> str:
+def _intro(quick: bool, results: Any = None) -> str:
     config = common.quick_config(FULL) if quick else FULL
     smoke = "**Quick run: a smoke test of the pipeline, not a result.** " if quick else ""
     return (
