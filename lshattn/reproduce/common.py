@@ -126,8 +126,9 @@ def run_seeds(
     recipe: Callable[[Any, Path], dict] = finetune,
 ) -> dict[str, list[dict]]:
     """Train every run with every seed, each into ``out/<run.name>/seed<N>``, and return each run's
-    per-seed metrics (the recipe's, plus ``wall_seconds``), in the order of ``seeds``.
-    ``progress``: the recipe's progress bars.
+    per-seed metrics (the recipe's, plus ``wall_seconds``), in the order of ``seeds``. Seed by
+    seed: every run at the first seed, then at the next, so a reproduction stopped early still
+    compares every run. ``progress``: the recipe's progress bars.
 
     A seed whose ``metrics.json`` exists is not trained again but read back, so an interrupted
     reproduction resumes where it stopped (a seed cut short restarts from its beginning; Ctrl-C
@@ -136,11 +137,10 @@ def run_seeds(
     Raises:
         ValueError: a finished seed was trained with other settings than ``run.config``.
     """
-    results: dict[str, list[dict]] = {}
+    results: dict[str, list[dict]] = {run.name: [] for run in runs}
     total, done = len(runs) * len(seeds), 0
-    for run in runs:
-        results[run.name] = []
-        for seed in seeds:
+    for seed in seeds:
+        for run in runs:
             done += 1
             folder = out / run.name / f"seed{seed}"
             config = dataclasses.replace(run.config, seed=seed, progress=progress)
