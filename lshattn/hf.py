@@ -67,7 +67,8 @@ Decisions a user should know:
   (Dense, Reformer, SMYRF); YOSO and SimHash apply none, and a warning says so.
 * ``Reformer(shared_qk=True)`` is refused: it replaces the keys by the normalised queries, which
   a pretrained model with separate Q and K projections was not trained for. Use
-  ``shared_qk=False``.
+  ``shared_qk=False``, or, for a model trained from scratch with shared QK (the Reformer
+  paper's setting; its key projection is then unused), ``allow_shared_qk=True``.
 * ``use`` records its setting in ``model.config.lshattn`` (a small dict that
   ``save_pretrained`` writes to config.json); ``use_saved(model)`` re-applies it after
   ``from_pretrained``. ``config._attn_implementation`` itself is not saved, so a saved model
@@ -195,6 +196,7 @@ def use(
     *,
     seed: int = 0,
     redraw_in_training: bool = True,
+    allow_shared_qk: bool = False,
 ) -> PreTrainedModel:
     """Run ``method`` as the attention of ``model`` (in place), or restore exact attention.
 
@@ -213,6 +215,9 @@ def use(
             calls (recomputed forwards under gradient checkpointing, accumulated micro-batches,
             DDP ranks) hashes alike; see ``set_step``. False keeps the eval projections in
             training too.
+        allow_shared_qk: accept ``Reformer(shared_qk=True)``, whose keys are the normalised
+            queries (the model's key projection goes unused): for a model trained from scratch
+            that way. A pretrained model was trained with its own keys: leave it False.
 
     Returns:
         ``model``, changed in place. Its training step counter (see ``set_step``) starts at 0 on
@@ -222,7 +227,7 @@ def use(
     Raises:
         ValueError: a model whose attention cannot be routed (the message says why), an index
             out of range, ``layers=`` on ALBERT with shared layers, or
-            ``Reformer(shared_qk=True)``.
+            ``Reformer(shared_qk=True)`` without ``allow_shared_qk``.
         TypeError: ``model`` is not a transformers ``PreTrainedModel`` or ``method`` is not a
             method spec.
     """
@@ -230,11 +235,12 @@ def use(
         method = parse(method)
     if method is not None and not isinstance(method, Method):
         raise TypeError(f"method must be a lshattn method spec, its string form or None, got {type(method).__name__}")
-    if isinstance(method, Reformer) and method.shared_qk:
+    if isinstance(method, Reformer) and method.shared_qk and not allow_shared_qk:
         raise ValueError(
             "Reformer(shared_qk=True) uses the normalised queries as keys, but a pretrained model has "
             "separate query and key projections and was not trained for that; use "
-            f"lshattn.Reformer(shared_qk=False, ...) instead (got {method})"
+            f"lshattn.Reformer(shared_qk=False, ...) instead (got {method}), or, for a model trained "
+            "from scratch with shared QK, hf.use(..., allow_shared_qk=True)"
         )
     found = attention_layers(model)
     chosen = _select_layers(model, found, layers)
@@ -269,6 +275,7 @@ def use(
             "layers": None if layers is None else sorted(chosen),
             "seed": int(seed),
             "redraw_in_training": bool(redraw_in_training),
+            "allow_shared_qk": bool(allow_shared_qk),
         },
     )
     model.set_attn_implementation(NAME)
@@ -294,6 +301,7 @@ def use_saved(model: PreTrainedModel) -> PreTrainedModel:
         record.get("layers"),
         seed=record.get("seed", 0),
         redraw_in_training=record.get("redraw_in_training", True),
+        allow_shared_qk=record.get("allow_shared_qk", False),
     )
 
 
@@ -503,6 +511,13 @@ def _attention(
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     self_attention = T == S and not _is_cross_attention(module)
+    if isinstance(method, Reformer) and method.shared_qk:  # use(..., allow_shared_qk=True)
+        if not self_attention:
+            raise ValueError(
+                f"{type(module).__name__} is cross-attention, but Reformer(shared_qk=True) takes its keys "
+                f"from the queries; use Reformer(shared_qk=False) in this layer"
+            )
+        key = query  # the method normalises them; the model's key projection goes unused
     out = (method or Dense())(
         query,
         key,

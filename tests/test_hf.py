@@ -392,6 +392,7 @@ def test_string_methods_and_layer_listing():
         "layers": [0],
         "seed": 0,
         "redraw_in_training": True,
+        "allow_shared_qk": False,
     }
 
 
@@ -727,6 +728,27 @@ def test_reformer_shared_qk_is_refused():
     _, model = build(FAMILIES["bert"])
     with pytest.raises(ValueError, match="shared_qk=False"):
         hf.use(model, lshattn.Reformer(shared_qk=True))
+
+
+def test_reformer_shared_qk_runs_when_allowed_and_ignores_the_key_projection(tmp_path):
+    """``allow_shared_qk=True`` (a model trained from scratch with shared QK): the keys are the
+    normalised queries, so the key projection's weights cannot change the output; the setting
+    survives save_pretrained / from_pretrained."""
+    family = FAMILIES["bert"]
+    _, model = build(family)
+    method = lshattn.Reformer(num_hashes=2, bucket_size=4, num_buckets=4, shared_qk=True)
+    hf.use(model, method, allow_shared_qk=True)
+    batch = inputs(family)
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+        for layer in model.encoder.layer:
+            layer.attention.self.key.weight.normal_()
+        other_keys = model(**batch).last_hidden_state
+    torch.testing.assert_close(other_keys, out, atol=0, rtol=0)
+    model.save_pretrained(tmp_path)
+    loaded = hf.use_saved(type(model).from_pretrained(tmp_path).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).last_hidden_state, out, atol=1e-6, rtol=1e-6)
 
 
 def test_albert_shared_layers_refuse_layers_but_take_all():

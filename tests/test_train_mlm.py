@@ -277,6 +277,16 @@ def test_dot_products_are_counted_per_layer_from_the_method():
     assert all(0 < r["dot_products"] <= r["scores_computed"] and r["dot_products"] < r["dense"] for r in rows)
 
 
+def test_a_model_from_scratch_trains_with_shared_qk_reformer(tmp_path, bible):
+    """The Reformer paper trained with shared QK; a model from scratch may (hf.use refuses it on
+    pretrained weights), and its dot products are counted with the keys it really used."""
+    reformer = "reformer:num_hashes=1,bucket_size=8,num_buckets=4,shared_qk=True"
+    metrics = train.pretrain(tiny(method=reformer, max_steps=2, eval_steps=2, save_steps=2), tmp_path)
+    assert lshattn.parse(metrics["trained_with"]) == lshattn.parse(reformer)
+    assert np.isfinite(metrics["final"]["eval_loss"])
+    assert all(0 < row["dot_products"] < row["dense"] for row in metrics["dot_products"])
+
+
 # --- the recipe -----------------------------------------------------------------------------------
 
 

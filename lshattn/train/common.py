@@ -129,12 +129,16 @@ def check_trainable(method: Method) -> None:
         raise ValueError(f"{method} gives no finite gradient to its queries, keys or values, so it cannot train")
 
 
-def use_method(model: Any, method: Method | None, layers: Sequence[int] | None, seed: int) -> None:
+def use_method(
+    model: Any, method: Method | None, layers: Sequence[int] | None, seed: int, *, from_scratch: bool = False
+) -> None:
     """Put ``method`` into ``model`` on ``layers`` (exact attention elsewhere; None: exact
-    everywhere), through ``lshattn.hf.use``; layer indices are checked there."""
+    everywhere), through ``lshattn.hf.use``; layer indices are checked there. ``from_scratch``:
+    the model's weights are new, so ``Reformer(shared_qk=True)`` is allowed (it trains its
+    attention with shared QK, as the Reformer paper did)."""
     from lshattn import hf
 
-    hf.use(model, method, layers=layers, seed=seed)
+    hf.use(model, method, layers=layers, seed=seed, allow_shared_qk=from_scratch)
 
 
 def loss_is_a_batch_mean(model: Any) -> Any:

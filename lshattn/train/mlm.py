@@ -686,11 +686,13 @@ class _Counting(Method):
     calls: list = dataclasses.field(default_factory=list)
 
     def _attend(self, inputs: Inputs):
-        from lshattn.methods import Dense
+        from lshattn.methods import Dense, Reformer
 
         method = self.method or Dense()
+        # Shared-QK Reformer takes its keys from the queries (lshattn.hf does the same).
+        keys = inputs.q if isinstance(method, Reformer) and method.shared_qk else inputs.k
         out, aux = method(
-            inputs.q, inputs.k, inputs.v, key_padding_mask=inputs.key_padding_mask,
+            inputs.q, keys, inputs.v, key_padding_mask=inputs.key_padding_mask,
             query_padding_mask=inputs.query_padding_mask, causal=inputs.causal, scale=inputs.scale,
             generator=inputs.generator, return_aux=True,
         )  # fmt: skip
@@ -735,7 +737,7 @@ def count_dot_products(
         with torch.no_grad():  # the encoder alone: the prediction head has no attention to count
             model.base_model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
-        common.use_method(model, method, layers, seed)
+        common.use_method(model, method, layers, seed, from_scratch=True)
         model.train(training)
     if len(counter.calls) != len(chosen):
         raise RuntimeError(f"expected one attention call per layer {chosen}, counted {len(counter.calls)}")
@@ -848,7 +850,7 @@ def pretrain(
     tokenizer = models.minilm_tokenizer()
     set_seed(config.seed)
     model = build_model(config, len(tokenizer), tokenizer.pad_token_id)
-    common.use_method(model, method, config.layers, config.seed)
+    common.use_method(model, method, config.layers, config.seed, from_scratch=True)
     _dry_run(method, config)
 
     # Every parameter of BertForMaskedLM gets a gradient: DDP need not search for unused ones.
