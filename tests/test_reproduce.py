@@ -210,9 +210,9 @@ def test_finetune_cli_passes_reinit_attention(monkeypatch, tmp_path):
 
 
 def test_the_registry_names_only_the_reproductions_that_exist():
-    assert list(reproduce.REPRODUCTIONS) == ["smyrf", "albert-lsh"]
+    assert list(reproduce.REPRODUCTIONS) == ["smyrf", "albert-lsh", "reformer"]
     assert reproduce.load("albert-lsh") is albert_lsh
-    with pytest.raises(ValueError, match="unknown reproduction 'yoso'; choose one of smyrf, albert-lsh"):
+    with pytest.raises(ValueError, match="unknown reproduction 'yoso'; choose one of smyrf, albert-lsh, reformer"):
         reproduce.load("yoso")
 
 

@@ -19,6 +19,7 @@ __all__ = ["REPRODUCTIONS", "load"]
 REPRODUCTIONS = {
     "smyrf": "lshattn.reproduce.smyrf",
     "albert-lsh": "lshattn.reproduce.albert_lsh",
+    "reformer": "lshattn.reproduce.reformer",
 }
 
 

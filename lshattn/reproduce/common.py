@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lshattn.train import FinetuneConfig, finetune
-from lshattn.train.common import environment, method_label
+from lshattn.train.common import RecipeConfig, environment, method_label
 
 __all__ = [
     "ROTTEN_TOMATOES",
@@ -63,12 +63,13 @@ class Run:
     Attributes:
         name: its folder under ``out`` (``out/<name>/seed<N>``); a plain word.
         label: how the tables name it (e.g. "SMYRF 2×32 (50 %)").
-        config: the recipe's settings; the seed is replaced per seed.
+        config: the recipe's settings (a ``FinetuneConfig`` unless the reproduction passes
+            another recipe); the seed is replaced per seed.
     """
 
     name: str
     label: str
-    config: FinetuneConfig
+    config: RecipeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +167,7 @@ def run_seeds(
     return results
 
 
-def _check_same_settings(metrics: Mapping[str, Any], config: FinetuneConfig, folder: Path) -> None:
+def _check_same_settings(metrics: Mapping[str, Any], config: RecipeConfig, folder: Path) -> None:
     """Refuse to reuse a finished seed whose recorded settings differ from ``config``'s."""
     wanted = json.loads(json.dumps({**dataclasses.asdict(config), "method": method_label(config.method)}, default=str))
     stored = metrics.get("config", {})
@@ -413,22 +414,26 @@ def reproduce_paper(
     rows: Sequence[Row],
     evaluated_with: Mapping[str, str],
     scaled: Sequence[Scaled],
-    full: FinetuneConfig,
+    full: RecipeConfig,
     intro: Callable[[bool, Mapping[str, list[dict]]], str],
     quick: bool,
     seeds: Sequence[int],
     progress: bool,
     sections: str = "",
+    recipe: Callable[[Any, Path], dict] = finetune,
+    quick_line: Scaled | None = None,
 ) -> dict[str, Any]:
-    """What every reproduction's ``reproduce`` does: train ``runs`` once per seed (skipping seeds
-    already done in ``out``), then write the report (``write_reproduction``), whose introduction
-    is ``intro(quick, results)``. Returns the metrics written to ``out/metrics.json``."""
+    """What every reproduction's ``reproduce`` does: train ``runs`` once per seed with ``recipe``
+    (skipping seeds already done in ``out``), then write the report (``write_reproduction``),
+    whose introduction is ``intro(quick, results)``. ``quick_line``: what ``--quick`` shrank, for
+    the scaled settings (default: ``quick_scaled(full)``, the finetune recipe's). Returns the
+    metrics written to ``out/metrics.json``."""
     out = Path(out)
-    results = run_seeds(runs, seeds, out, progress=progress)
+    results = run_seeds(runs, seeds, out, progress=progress, recipe=recipe)
     return write_reproduction(
         out, name=name, title=title, intro=intro(quick, results), rows=rows, runs=runs,
         evaluated_with=evaluated_with, results=results,
-        scaled=list(scaled) + ([quick_scaled(full)] if quick else []),
+        scaled=list(scaled) + ([quick_line or quick_scaled(full)] if quick else []),
         command=command_line(name, out, quick, seeds), sections=sections,
     )  # fmt: skip
 
