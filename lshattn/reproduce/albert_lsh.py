@@ -26,7 +26,8 @@ at 128 tokens, the budget of the SMYRF reproduction's 2×32.
 Full settings, and why: ``common.ROTTEN_TOMATOES``, as for ``lshattn reproduce smyrf`` (250
 steps of batch 16 on 1,400 documents, 500 held out, lr 5e-5; about 12 min per run measured on
 the busy machine, 4.5–6 min estimated idle; see that module), with 2 evaluation methods per run
-instead of 3: 3 runs × 3 seeds, 40–55 min on 2 idle cores. ``--quick``: 8 steps on 96 documents, one seed.
+instead of 3: 3 runs × 3 seeds, 6.4–6.7 min a run measured on 2 cores (about 60 min).
+``--quick``: 8 steps on 96 documents, one seed.
 """
 
 from __future__ import annotations
