@@ -22,8 +22,9 @@ machine was busy with other jobs (1 thread, load 2.9 on 2 cores): 2.2–2.5 s pe
 documents per second evaluated, so about 12 min per run, 1 h 50 min for the 9. The demo's timing
 on the idle machine (13 ms against 34 ms per 128-token document, exact attention) makes idle
 2 cores 2–2.6× faster: 4.5–6 min per run, 40–55 min for the 9 (an estimate; measured since:
-6.2–7.5 min a run, 75 min for the 9 with other jobs running; each run's wall time is recorded). In the speed check dense attention reached 90.5 % held-out accuracy after 60 such
-steps, so 250 train the classifier well.
+6.2–7.5 min a run, 75 min for the 9 with other jobs running; each run's wall time is recorded).
+In the speed check dense attention reached 90.5 % held-out accuracy after 60 such steps, so 250
+train the classifier well.
 ``--quick``: 8 steps on 96 documents, one seed.
 """
 
