@@ -17,6 +17,7 @@ __all__ = ["REPRODUCTIONS", "load"]
 
 # name -> module with reproduce(), add_arguments(parser) and run_from_args(args); the CLI builds from it.
 REPRODUCTIONS = {
+    "bert-lsh": "lshattn.reproduce.bert_lsh",
     "smyrf": "lshattn.reproduce.smyrf",
     "albert-lsh": "lshattn.reproduce.albert_lsh",
     "reformer": "lshattn.reproduce.reformer",

@@ -31,6 +31,7 @@ __all__ = [
     "add_arguments",
     "command_line",
     "cross_table",
+    "evaluated",
     "format_spread",
     "plot_accuracies",
     "quick_config",
@@ -222,6 +223,12 @@ def accuracies(results: Mapping[str, list[dict]], run: str, evaluated_with: str)
     return values
 
 
+def evaluated(results: Mapping[str, list[dict]], run: str, method: str) -> bool:
+    """Whether every seed of ``run`` was evaluated with ``method``."""
+    label = method_label(method)
+    return all(label in metrics["evaluated_with"] for metrics in results[run])
+
+
 def row_values(row: Row, results: Mapping[str, list[dict]]) -> list[float]:
     """The per-seed values of a table row: an accuracy, or a difference paired by seed."""
     values = accuracies(results, row.run, row.evaluated_with)
@@ -261,12 +268,16 @@ def results_table(
 
 def cross_table(runs: Sequence[Run], evaluated_with: Mapping[str, str], results: Mapping[str, list[dict]]) -> str:
     """The interchange table: one line per run (trained with), one column per evaluation method
-    (``evaluated_with``: column title -> method string), cells mean ± std accuracy in percent."""
+    (``evaluated_with``: column title -> method string), cells mean ± std accuracy in percent
+    ("–" where the run was not evaluated with the column's method)."""
     head = "| trained with ↓ / evaluated with → | " + " | ".join(evaluated_with) + " |"
     lines = [head, "|---" * (len(evaluated_with) + 1) + "|"]
     for run in runs:
         cells = []
         for method in evaluated_with.values():
+            if not evaluated(results, run.name, method):
+                cells.append("–")
+                continue
             stats = spread(accuracies(results, run.name, method))
             cells.append(f"{stats['mean']:.1f}" + ("" if stats["std"] is None else f" ± {stats['std']:.1f}"))
         lines.append(f"| {run.label} | " + " | ".join(cells) + " |")
@@ -284,7 +295,8 @@ def plot_accuracies(
     runs: Sequence[Run], evaluated_with: Mapping[str, str], results: Mapping[str, list[dict]], path: Path, title: str
 ) -> Path:
     """Accuracy per run (x) and evaluation method (colour): each seed a small dot, the mean a
-    large one with a ±1 std bar. Written as a PNG to ``path``."""
+    large one with a ±1 std bar (nothing where the run was not evaluated with the method).
+    Written as a PNG to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,12 +306,13 @@ def plot_accuracies(
     width = 0.7 / max(1, len(evaluated_with))
     for j, (column, method) in enumerate(evaluated_with.items()):
         colour = f"C{j}"
-        for i, run in enumerate(runs):
+        shown = [(i, run) for i, run in enumerate(runs) if evaluated(results, run.name, method)]
+        for i, run in shown:
             stats = spread(accuracies(results, run.name, method))
             x = i - 0.35 + width * (j + 0.5)
             axis.scatter([x] * stats["n"], stats["values"], s=10, color=colour, alpha=0.5)
             axis.errorbar(x, stats["mean"], yerr=stats["std"] or 0.0, fmt="o", color=colour, capsize=3,
-                          label=f"evaluated with {column}" if i == 0 else None)  # fmt: skip
+                          label=f"evaluated with {column}" if i == shown[0][0] else None)  # fmt: skip
     axis.set_xticks(range(len(runs)), [f"trained with\n{run.label}" for run in runs])
     axis.set_ylabel("held-out accuracy (%)")
     axis.set_title(title)
@@ -329,17 +342,21 @@ def write_reproduction(
     scaled: Sequence[Scaled],
     command: str,
     sections: str = "",
+    extra: Mapping[str, Any] | None = None,
+    extra_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``out/metrics.json``, ``out/report.md`` and ``out/accuracy.png`` and return the metrics.
 
     The report: ``intro``, the paper-vs-ours table, the interchange table (``cross_table``), the
     plot, ``sections`` (markdown the reproduction adds), every scaled setting, links to each
-    seed's training curves, and the command.
+    seed's training curves, and the command. ``extra``: more entries for ``metrics.json``, from
+    a stage before ``runs`` (e.g. pretraining), whose wall time ``extra_seconds`` counts in the
+    total.
     """
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracies(runs, evaluated_with, results, out / "accuracy.png", title)
     seeds = [m["config"]["seed"] for m in next(iter(results.values()))]
-    walls = [m.get("wall_seconds") or 0.0 for ms in results.values() for m in ms]
+    wall = extra_seconds + sum(m.get("wall_seconds") or 0.0 for ms in results.values() for m in ms)
     methods = "; ".join(f"{title}: `{m}`" for title, m in evaluated_with.items())
     curves = "\n".join(
         f"- {run.label}: " + ", ".join(f"[seed {s}]({run.name}/seed{s}/loss.png)" for s in seeds) for run in runs
@@ -348,10 +365,14 @@ def write_reproduction(
         "reproduction": name,
         "command": command,
         "seeds": seeds,
-        "wall_seconds": sum(walls),
+        "wall_seconds": wall,
         "rows": [{**dataclasses.asdict(row), **spread(row_values(row, results))} for row in rows],
         "interchange": {
-            run.name: {column: spread(accuracies(results, run.name, m)) for column, m in evaluated_with.items()}
+            run.name: {
+                column: spread(accuracies(results, run.name, m))
+                for column, m in evaluated_with.items()
+                if evaluated(results, run.name, m)
+            }
             for run in runs
         },
         "runs": {
@@ -367,6 +388,7 @@ def write_reproduction(
             for run in runs
         },
         "scaled": [dataclasses.asdict(s) for s in scaled],
+        **(extra or {}),
         "environment": environment(),
     }
     report = f"""# Reproduction: {title}
@@ -374,7 +396,7 @@ def write_reproduction(
 {intro}
 
 Measured on {metrics['environment']['device']}, lshattn {metrics['environment']['lshattn']}; seeds
-{', '.join(map(str, seeds))}; {sum(walls) / 60:.1f} min of wall time in all.
+{', '.join(map(str, seeds))}; {wall / 60:.1f} min of wall time in all.
 
 {results_table(rows, runs, evaluated_with, results)}
 

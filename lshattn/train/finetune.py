@@ -5,8 +5,10 @@ every method of ``eval_methods``: SMYRF's interchange table (trained with X, eva
 
     lshattn train finetune --method "smyrf:num_hashes=2,q_cluster_size=16,k_cluster_size=16" --out runs/ft
     lshattn train finetune --task bbc --method "reformer:bucket_size=32,num_buckets=32,shared_qk=False" --layers 3 4 5
+    lshattn train finetune --model runs/mlm/checkpoints/checkpoint-2000 --method simhash:num_bits=2 --out runs/ft-mlm
 
-The model is all-MiniLM-L6-v2 with a new classification head; the task is Rotten Tomatoes
+The model is all-MiniLM-L6-v2 with a new classification head, or (``--model``) a BERT checkpoint
+with MiniLM's vocabulary, such as those ``lshattn train mlm`` writes; the task is Rotten Tomatoes
 sentiment on 128-token documents (``--task rt``) or BBC News topics on 512-token articles
 (``--task bbc``), with the splits of the demo's probes.
 """
@@ -39,6 +41,9 @@ class FinetuneConfig(common.RecipeConfig):
         reinit_attention: throw away the pretrained attention weights (Q, K, V and output
             projections of the layers in ``layers``) before training
             (``models.reinit_attention``): ALBERT-LSH's defect, as a control.
+        model: the pretrained BERT to start from, a checkpoint folder (e.g. ``lshattn train
+            mlm``'s ``out/checkpoints/checkpoint-N``; it must use MiniLM's vocabulary, as those
+            do), or None: all-MiniLM-L6-v2.
     """
 
     task: str = "rt"
@@ -47,6 +52,7 @@ class FinetuneConfig(common.RecipeConfig):
     eval_size: int = 500
     eval_methods: tuple[str, ...] | None = None
     reinit_attention: bool = False
+    model: str | None = None
 
     def quick(self) -> FinetuneConfig:
         """A run of a couple of minutes on two CPU cores, to see it work."""
@@ -74,7 +80,7 @@ def finetune(config: FinetuneConfig, out: str | Path) -> dict[str, Any]:
         config.task, tokenizer, max_length=config.max_length, train=config.train_size, test=config.eval_size,
         seed=config.seed,
     )  # fmt: skip
-    model = common.loss_is_a_batch_mean(models.minilm_classifier(task.classes))
+    model = common.loss_is_a_batch_mean(models.minilm_classifier(task.classes, config.model))
     tasks.check_length(length, model.config.max_position_embeddings, "--max-length")
     if config.reinit_attention:
         models.reinit_attention(model, config.layers)
@@ -107,6 +113,7 @@ def finetune(config: FinetuneConfig, out: str | Path) -> dict[str, Any]:
         "max_length": length,
         "trained_with": trained,
         "layers": None if config.layers is None else list(config.layers),
+        "model": config.model or "all-MiniLM-L6-v2",
         "config": {**dataclasses.asdict(config), "method": trained},
         "train_size": len(train_set),
         "eval_size": len(eval_set),
@@ -146,7 +153,7 @@ def _report(metrics: dict[str, Any]) -> str:
     reinit = ", its pretrained attention weights re-initialised," if metrics["config"]["reinit_attention"] else ","
     return f"""# Fine-tuning: {metrics['task']}
 
-all-MiniLM-L6-v2 with a new classification head{reinit} trained with **{metrics['trained_with']}** in
+{metrics['model']} with a new classification head{reinit} trained with **{metrics['trained_with']}** in
 {layers} ({budget} at {metrics['max_length']} tokens), {metrics['steps']} steps on
 {metrics['train_size']} texts in {metrics['seconds'] / 60:.1f} min ({metrics['environment']['device']}).
 
@@ -171,6 +178,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reinit-attention", action="store_true",
         help="re-initialise the pretrained attention weights (Q, K, V, output) of --layers before training",
     )  # fmt: skip
+    parser.add_argument(
+        "--model", default=None,
+        help="a BERT checkpoint folder to start from (e.g. lshattn train mlm's <out>/checkpoints/checkpoint-N; "
+        "default: all-MiniLM-L6-v2)",
+    )  # fmt: skip
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,5 +194,6 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         eval_size=args.eval_size,
         eval_methods=None if args.eval_methods is None else tuple(args.eval_methods),
         reinit_attention=args.reinit_attention,
+        model=args.model,
     )
     return finetune(config.quick() if args.quick else config, args.out)

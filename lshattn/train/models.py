@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,18 +20,36 @@ def minilm_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(data.minilm_path(), local_files_only=True)
 
 
-def minilm_classifier(classes: list[str]) -> Any:
-    """all-MiniLM-L6-v2 (from its package, offline) with a new head over ``classes``: a
-    ``BertForSequenceClassification`` whose head's weights come from torch's global RNG (seed
-    it first)."""
+def minilm_classifier(classes: list[str], path: str | Path | None = None) -> Any:
+    """all-MiniLM-L6-v2 (from its package, offline), or the BERT checkpoint in folder ``path``
+    (e.g. ``lshattn train mlm``'s ``out/checkpoints/checkpoint-N``, which uses MiniLM's
+    vocabulary), with a new head over ``classes``: a ``BertForSequenceClassification`` whose
+    new weights (the head, and the pooler a masked-LM checkpoint lacks) come from torch's
+    global RNG (seed it first).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder holding a ``config.json``.
+    """
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     from lshattn import data
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        data.minilm_path(), local_files_only=True, num_labels=len(classes),
-        id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
-    )  # fmt: skip
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a model folder (no config.json in it); give a checkpoint folder such as "
+            f"<mlm out>/checkpoints/checkpoint-N"
+        )
+    verbosity = hf_logging.get_verbosity()
+    if path is not None:  # a masked LM has no pooler and no head: transformers lists them as new, as meant
+        hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            data.minilm_path() if path is None else path, local_files_only=True, num_labels=len(classes),
+            id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
+        )  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def reinit_attention(model: Any, layers: Sequence[int] | None = None) -> list[str]:
