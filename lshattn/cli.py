@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import platform
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -151,73 +152,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_commands(commands: argparse._SubParsersAction) -> None:
-    """``lshattn train RECIPE``: one sub-command per recipe of ``lshattn.train``, whose flags the
-    recipe module declares (``add_arguments``). Only built when transformers is installed."""
-    try:
-        import importlib
+    """``lshattn train RECIPE``: one sub-command per recipe of ``lshattn.train``."""
 
+    def recipes() -> tuple[str, dict]:
         from lshattn import train
-    except ImportError as error:
-        missing = str(error)
-        train_parser = commands.add_parser("train", help=f"training recipes (unavailable: {missing})")
-        train_parser.set_defaults(unavailable=missing)
-        return
-    train_parser = commands.add_parser(
-        "train", help="train with a method: fine-tuning, MLM pretraining, label-free adaptation",
-        description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    recipes = train_parser.add_subparsers(dest="recipe", required=True)
-    for name in train.RECIPES:
-        module = importlib.import_module(f"lshattn.train.{name}")
-        recipe_parser = recipes.add_parser(
-            name, help=module.__doc__.splitlines()[0], description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
-        module.add_arguments(recipe_parser)
-        recipe_parser.set_defaults(recipe_module=module)
 
+        return train.__doc__, {name: importlib.import_module(f"lshattn.train.{name}") for name in train.RECIPES}
 
-def _train(args: argparse.Namespace) -> int:
-    if getattr(args, "unavailable", None):
-        raise ImportError(f"lshattn train needs transformers and accelerate: pip install 'lshattn[train]' ({args.unavailable})")
-    metrics = args.recipe_module.run_from_args(args)
-    print(f"report: {args.out}/report.md ({metrics['seconds'] / 60:.1f} min of training)")
-    return 0
+    _add_module_commands(
+        commands, "train", "train with a method: fine-tuning, MLM pretraining, label-free adaptation", recipes
+    )
 
 
 def _add_reproduce_commands(commands: argparse._SubParsersAction) -> None:
-    """``lshattn reproduce NAME``: one sub-command per reproduction of ``lshattn.reproduce``, whose
-    flags the module declares (``add_arguments``). Only built when transformers is installed."""
-    from lshattn import reproduce
+    """``lshattn reproduce NAME``: one sub-command per reproduction of ``lshattn.reproduce``."""
 
-    try:
-        modules = {name: reproduce.load(name) for name in reproduce.REPRODUCTIONS}  # they import lshattn.train
-    except ImportError as error:
-        missing = str(error)
-        reproduce_parser = commands.add_parser("reproduce", help=f"the papers' experiments (unavailable: {missing})")
-        reproduce_parser.set_defaults(unavailable=missing)
-        return
-    reproduce_parser = commands.add_parser(
-        "reproduce", help="the papers' experiments, scaled to this machine, with the papers' numbers beside ours",
-        description=reproduce.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    def reproductions() -> tuple[str, dict]:
+        from lshattn import reproduce
+
+        return reproduce.__doc__, {name: reproduce.load(name) for name in reproduce.REPRODUCTIONS}
+
+    _add_module_commands(
+        commands, "reproduce", "the papers' experiments, scaled to this machine, with the papers' numbers beside ours",
+        reproductions,
     )  # fmt: skip
-    names = reproduce_parser.add_subparsers(dest="reproduction", required=True, metavar="NAME")
+
+
+def _add_module_commands(
+    commands: argparse._SubParsersAction, command: str, help: str, load: Callable[[], tuple[str, dict]]
+) -> None:
+    """``lshattn COMMAND NAME``: one sub-command per module of ``load()`` (which returns the
+    command's description and its modules by name), whose flags the module declares
+    (``add_arguments``) and which runs ``module.run_from_args``. The modules import
+    transformers: where it is missing, the command is listed as unavailable and says why when used."""
+    try:
+        description, modules = load()
+    except ImportError as error:
+        parser = commands.add_parser(command, help=f"{help} (unavailable: {error})")
+        parser.set_defaults(unavailable=str(error))
+        return
+    parser = commands.add_parser(
+        command, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    names = parser.add_subparsers(dest="name", required=True, metavar="NAME")
     for name, module in modules.items():
         name_parser = names.add_parser(
             name, help=module.__doc__.splitlines()[0].replace("%", "%%"), description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
         module.add_arguments(name_parser)
-        name_parser.set_defaults(reproduction_module=module)
+        name_parser.set_defaults(module=module)
 
 
-def _reproduce(args: argparse.Namespace) -> int:
+def _run_module(args: argparse.Namespace, seconds: str, of: str) -> int:
+    """Run the module of ``lshattn train|reproduce NAME`` and point at its report (its
+    ``metrics[seconds]`` is the time it took: ``of`` what)."""
     if getattr(args, "unavailable", None):
         raise ImportError(
-            f"lshattn reproduce needs transformers and accelerate: pip install 'lshattn[train]' ({args.unavailable})"
+            f"lshattn {args.command} needs transformers and accelerate: pip install 'lshattn[train]' ({args.unavailable})"
         )
-    metrics = args.reproduction_module.run_from_args(args)
-    print(f"report: {args.out}/report.md ({metrics['wall_seconds'] / 60:.1f} min of runs)")
+    metrics = args.module.run_from_args(args)
+    print(f"report: {args.out}/report.md ({metrics[seconds] / 60:.1f} min of {of})")
     return 0
 
 
@@ -237,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fidelity":
             return _fidelity(args)
         if args.command == "train":
-            return _train(args)
+            return _run_module(args, "seconds", "training")
         if args.command == "reproduce":
-            return _reproduce(args)
+            return _run_module(args, "wall_seconds", "runs")
     except (ValueError, TypeError, RuntimeError, FileNotFoundError, ImportError) as error:
         print(f"lshattn {args.command}: error: {error}", file=sys.stderr)
         return 1
