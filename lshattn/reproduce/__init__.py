@@ -21,6 +21,7 @@ REPRODUCTIONS = {
     "smyrf": "lshattn.reproduce.smyrf",
     "albert-lsh": "lshattn.reproduce.albert_lsh",
     "reformer": "lshattn.reproduce.reformer",
+    "yoso": "lshattn.reproduce.yoso",
 }
 
 
