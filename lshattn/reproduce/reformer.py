@@ -32,6 +32,8 @@ cores, which the lead puts at about 2× slower than idle), per step of 32 sequen
 0.37 s trained with full attention, 0.18–0.21 s with LSH-1, 0.28 s with LSH-2, 0.52 s with
 LSH-4 (the quick run's 100 steps, and 800-step checks for full and LSH-1). That makes 34 min
 per seed busy, plus the evaluations, so 1 h 45 min for the 3 seeds busy, 50–60 min idle.
+Measured since: 66 min for the 4 runs of seed 0 on the shared machine (load 3–4): full 16.2,
+LSH-4 36.7, LSH-2 8.9, LSH-1 4.4 min.
 Learnable at this scale: in 800-step checks at these settings, full attention went from 0.9 %
 held-out accuracy (chance 0.8 %) at step 200 to 100 % from step 400 on, and LSH-1 from 0.8 %
 at step 200 to 95.9 % at step 400 and 99.5 % at step 800; 1,500 steps leave room for every run
