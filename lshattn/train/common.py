@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "last_checkpoint",
     "run_trainer",
     "write_outputs",
+    "evaluate_with",
     "plot_curves",
     "method_label",
     "add_recipe_arguments",
@@ -139,6 +140,28 @@ def use_method(
     from lshattn import hf
 
     hf.use(model, method, layers=layers, seed=seed, allow_shared_qk=from_scratch)
+
+
+def evaluate_with(
+    trainer: Any,
+    methods: Mapping[str, Method | None],
+    trained: Method | None,
+    layers: Sequence[int] | None,
+    seed: int,
+    *,
+    from_scratch: bool = False,
+    keys: Sequence[str] = ("accuracy", "loss"),
+) -> dict[str, dict[str, float]]:
+    """Evaluate ``trainer``'s model with each of ``methods`` (label -> method; None: exact
+    attention everywhere) on its eval set, then put ``trained`` back on ``layers``: the
+    trained-with × evaluated-with row of a run. Returns label -> {key: the eval metric}."""
+    evaluations = {}
+    for label, method in methods.items():
+        use_method(trainer.model, method, layers if method is not None else None, seed, from_scratch=from_scratch)
+        scores = trainer.evaluate(metric_key_prefix="eval")
+        evaluations[label] = {key: scores[f"eval_{key}"] for key in keys}
+    use_method(trainer.model, trained, layers, seed, from_scratch=from_scratch)
+    return evaluations
 
 
 def loss_is_a_batch_mean(model: Any) -> Any:

@@ -99,12 +99,7 @@ def finetune(config: FinetuneConfig, out: str | Path) -> dict[str, Any]:
     )
     result, seconds = common.run_trainer(trainer, config, out)
 
-    evaluations = {}
-    for label, eval_method in eval_methods.items():
-        common.use_method(model, eval_method, config.layers if eval_method is not None else None, config.seed)
-        scores = trainer.evaluate(metric_key_prefix="eval")
-        evaluations[label] = {"accuracy": scores["eval_accuracy"], "loss": scores["eval_loss"]}
-    common.use_method(model, method, config.layers, config.seed)
+    evaluations = common.evaluate_with(trainer, eval_methods, method, config.layers, config.seed)
 
     trained = common.method_label(method)
     metrics = {

@@ -413,12 +413,7 @@ def train_listops(config: ListOpsConfig, out: str | Path) -> dict[str, Any]:
     )
     result, seconds = common.run_trainer(trainer, config, out)
 
-    evaluations = {}
-    for label, eval_method in eval_methods.items():
-        common.use_method(model, eval_method, None, config.seed, from_scratch=True)
-        scores = trainer.evaluate(metric_key_prefix="eval")
-        evaluations[label] = {"accuracy": scores["eval_accuracy"], "loss": scores["eval_loss"]}
-    common.use_method(model, method, None, config.seed, from_scratch=True)
+    evaluations = common.evaluate_with(trainer, eval_methods, method, None, config.seed, from_scratch=True)
 
     held_out = examples.labels[config.train_size :]
     trained = common.method_label(method)

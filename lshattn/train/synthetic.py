@@ -210,12 +210,10 @@ def train_duplication(config: DuplicationConfig, out: str | Path) -> dict[str, A
     )
     result, seconds = common.run_trainer(trainer, config, out)
 
-    evaluations = {}
-    for label, eval_method in eval_methods.items():
-        common.use_method(model, eval_method, None, config.seed, from_scratch=True)
-        scores = trainer.evaluate(metric_key_prefix="eval")
-        evaluations[label] = {k: scores[f"eval_{k}"] for k in ("accuracy", "sequence_accuracy", "loss")}
-    common.use_method(model, method, None, config.seed, from_scratch=True)
+    evaluations = common.evaluate_with(
+        trainer, eval_methods, method, None, config.seed, from_scratch=True,
+        keys=("accuracy", "sequence_accuracy", "loss"),
+    )  # fmt: skip
 
     trained = common.method_label(method)
     metrics = {
