@@ -10,8 +10,12 @@ queries and keys::
 """
 
 from lshattn.api import Method, attention, method_names, parse
+from lshattn.budget import for_budget, work_share
 from lshattn.cost import Cost
-from lshattn.methods import SMYRF, Dense, DenseAux, Reformer, ReformerAux, SimHash, SimHashAux, SMYRFAux, YOSO, YOSOAux
+from lshattn.methods import (
+    SMYRF, YOSO, Dense, DenseAux, RandomClusters, Reformer, ReformerAux, SimHash, SimHashAux, SMYRFAux, TopK, TopKAux,
+    YOSOAux,
+)
 
 __version__ = "0.1.0"
 
@@ -20,18 +24,23 @@ __all__ = [
     "Dense",
     "DenseAux",
     "Method",
+    "RandomClusters",
     "Reformer",
     "ReformerAux",
     "SMYRF",
     "SMYRFAux",
     "SimHash",
     "SimHashAux",
+    "TopK",
+    "TopKAux",
     "YOSO",
     "YOSOAux",
     "__version__",
     "attention",
+    "for_budget",
     "method_names",
     "parse",
+    "work_share",
 ]
 
 

@@ -89,8 +89,9 @@ def _fidelity(args: argparse.Namespace) -> int:
     from lshattn import data
     from lshattn.eval import capture, fidelity
 
-    methods = [lshattn.parse(text) for text in args.methods]
+    fixed_methods = [lshattn.parse(text) for text in args.methods]  # bad strings fail before MiniLM loads
     tokenizer, model = data.load_minilm()
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
     limit = model.config.max_position_embeddings
     if max(args.lengths) > limit:
         raise ValueError(f"MiniLM has {limit} positions; choose --lengths of at most {limit}")
@@ -101,6 +102,8 @@ def _fidelity(args: argparse.Namespace) -> int:
     for length in args.lengths:
         batch = tokenizer([t for _, t in articles], truncation=True, max_length=length, padding=True, return_tensors="pt")
         layers = capture.capture_attention_inputs(model, **batch)
+        T = layers[0].q.shape[2]
+        methods = fixed_methods if args.budget is None else budgeted(args.methods, args.budget, T, head_dim)
         length_rows = fidelity.fidelity_rows(methods, layers, seeds=args.seeds)
         rows += [{**row, "T": length} for row in length_rows]
         for r in fidelity.summarise(length_rows):
@@ -112,6 +115,17 @@ def _fidelity(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"articles": [title for title, _ in articles], "rows": rows}, f, indent=1)
     return 0
+
+
+def budgeted(texts: list[str], budget: float, T: int, D: int) -> list[lshattn.Method]:
+    """Each method's setting for ``budget`` at length ``T`` (``lshattn.for_budget``; the keys a
+    string names stay fixed), then the oracle top-k and the random-cluster control at the same budget."""
+    methods = []
+    for text in [*texts, "topk", "random"]:
+        spec = lshattn.parse(text)
+        named = [item.partition("=")[0].strip() for item in text.partition(":")[2].split(",") if item.strip()]
+        methods.append(lshattn.for_budget(spec.name, budget, T, D=D, **{key: getattr(spec, key) for key in named}))
+    return list(dict.fromkeys(methods))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     fidelity_parser.add_argument("--methods", nargs="+", required=True, help="method strings for lshattn.parse")
     fidelity_parser.add_argument("--lengths", nargs="+", type=int, default=[512], help="tokens per text (at most 512)")
     fidelity_parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    fidelity_parser.add_argument(
+        "--budget", type=float, help="set each method for this share of exact attention's work at each length "
+        "(lshattn.for_budget; keys named in a method string stay fixed) and add the oracle top-k and the random "
+        "control at the same budget",
+    )  # fmt: skip
     fidelity_parser.add_argument("--docs", type=int, default=4, help="Wikipedia articles (batch size)")
     fidelity_parser.add_argument("--json", help="write every row to this file")
     _add_train_commands(commands)

@@ -30,6 +30,7 @@ __all__ = [
     "rounds_reference",
     "reformer_rounds",
     "smyrf_rounds",
+    "topk_brute_force",
 ]
 
 
@@ -160,6 +161,30 @@ def rounds_reference(
         if key_padding_mask is not None:
             alone = alone & key_padding_mask[:, None, :, None]
         out = torch.where(alone, v, out)
+    return _zero_padded_queries(out, query_padding_mask)
+
+
+# --- TopK (the oracle) ------------------------------------------------------------------------------
+
+
+def topk_brute_force(method, q, k, v, aux, *, key_padding_mask=None, query_padding_mask=None, causal=False,
+                     scale=None) -> Tensor:  # fmt: skip
+    """`(B, H, T, Dv)` float64: softmax over the pairs ``aux.selected`` says ``TopK`` kept; with
+    ``method.tail``, plus the other visible keys as one entry: their exact total probability
+    (of the softmax over every visible key) times the mean of their values."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = _real(q, query_padding_mask), _real(k, key_padding_mask), _real(v, key_padding_mask)
+    visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
+    selected = aux.selected & visible
+    logits = q @ k.transpose(-1, -2) * scale
+    if not method.tail:
+        return _zero_padded_queries(_weighted_softmax(logits, selected, v), query_padding_mask)
+    rest = visible & ~selected
+    eye = torch.eye(k.shape[2], dtype=torch.float64, device=q.device)
+    probability = _weighted_softmax(logits, visible.expand_as(logits), eye)  # (B, H, T, S): row j of eye picks p_j
+    rest_mass = (probability * rest).sum(-1, keepdim=True)
+    rest_mean = (rest.double() @ v) / rest.sum(-1, keepdim=True).clamp_min(1)
+    out = (probability * selected) @ v + rest_mass * rest_mean
     return _zero_padded_queries(out, query_padding_mask)
 
 

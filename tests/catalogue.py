@@ -66,6 +66,7 @@ class Entry:
         zero_free: a real query that can see a real key never outputs zeros (False where no
             collision legitimately means no key: YOSO-m, SimHash's sparse mode).
         near_keys: key i is a slightly perturbed query i, so that codes of many bits collide.
+        draws_hashes: whether the output depends on the generator (not for Dense and TopK).
         exact_dtype: the dtype of the exact-limit check. YOSO-E's arccos of a float32 cosine
             near 1 is off by ~1e-3 (cos θ rounds to 1 below θ ≈ 3e-4), so near keys need float64.
     """
@@ -81,6 +82,7 @@ class Entry:
     uses_scale: bool = True
     zero_free: bool = True
     near_keys: bool = False
+    draws_hashes: bool = True
     exact_dtype: torch.dtype = torch.float32
 
     def inputs(self, case: Case, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -136,8 +138,8 @@ def _reformer(**kw) -> Entry:
     )
 
 
-def _smyrf(**kw) -> Entry:
-    method = lshattn.SMYRF(**kw)
+def _smyrf(cls=lshattn.SMYRF, **kw) -> Entry:
+    method = cls(**kw)
     return Entry(
         method=method,
         exact=dataclasses.replace(method, q_cluster_size=MAX_EXACT, k_cluster_size=MAX_EXACT),
@@ -150,7 +152,7 @@ def _smyrf(**kw) -> Entry:
 
 
 METHODS = {
-    "dense": Entry(lshattn.Dense(), lshattn.Dense()),
+    "dense": Entry(lshattn.Dense(), lshattn.Dense(), draws_hashes=False),
     "reformer-shared": _reformer(num_hashes=3, bucket_size=8, num_buckets=8),
     "reformer-separate": _reformer(num_hashes=2, bucket_size=8, num_buckets=4, shared_qk=False),
     "reformer-window-dedup": _reformer(
@@ -163,6 +165,8 @@ METHODS = {
     # Unequal cluster sizes (causal crashed with q_cluster_size > k_cluster_size), both ways.
     "smyrf-wide-queries": _smyrf(num_hashes=2, q_cluster_size=6, k_cluster_size=4),
     "smyrf-wide-keys": _smyrf(num_hashes=1, q_cluster_size=3, k_cluster_size=10, correct_duplicates=True),
+    # The control: SMYRF's clusters along random directions, unrelated to the scores.
+    "random-clusters": _smyrf(lshattn.RandomClusters, num_hashes=2, q_cluster_size=6, k_cluster_size=8),
     # Clusters and buckets larger than any sequence here: clamped to it, so exact attention
     # (which is strictly causal).
     "smyrf-huge": dataclasses.replace(
@@ -225,3 +229,14 @@ METHODS.update(
         ),
     }
 )
+
+
+def _topk(**kw) -> Entry:
+    method = lshattn.TopK(**kw)
+    return Entry(
+        method=method, exact=dataclasses.replace(method, fraction=1.0), brute_force=testing.topk_brute_force,
+        draws_hashes=False,
+    )
+
+
+METHODS.update({"topk": _topk(fraction=0.3), "topk-tail": _topk(fraction=0.1, tail=True)})

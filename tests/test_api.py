@@ -64,7 +64,7 @@ def test_parse_errors_name_the_problem(text, message):
 
 
 def test_method_names():
-    assert {"dense", "reformer", "simhash", "smyrf", "yoso"} <= set(lshattn.method_names())
+    assert {"dense", "random", "reformer", "simhash", "smyrf", "topk", "yoso"} <= set(lshattn.method_names())
 
 
 def test_attention_function_equals_calling_the_spec():
@@ -107,7 +107,7 @@ def test_global_rng_is_used_but_never_reseeded(name):
     second, second_aux = spec(q, k, v, return_aux=True)
     torch.manual_seed(123)
     assert torch.equal(spec(q, k, v), first)
-    if isinstance(spec, lshattn.Dense):
+    if not entry.draws_hashes:  # Dense, TopK: nothing to draw
         assert not advanced and torch.equal(first, second)
     else:  # a method that reseeded would repeat itself; the first aux field holds its hashes
         assert advanced and not torch.equal(first_aux[0], second_aux[0])

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import lshattn
@@ -58,3 +59,31 @@ def test_bench_causal_times_causal_calls(monkeypatch):
 def test_bad_method_string_exits_non_zero(capsys):
     assert cli.main(["bench", "--methods", "bogus", "--lengths", "64"]) == 1
     assert "unknown method 'bogus'" in capsys.readouterr().err
+
+
+def test_fidelity_budget_sets_each_method_and_adds_the_oracle_and_the_control():
+    """``--budget``: every method at its setting for the budget (keys the string names stay
+    fixed), then the references at the same budget."""
+    methods = cli.budgeted(["smyrf", "reformer:shared_qk=False,num_hashes=1", "topk"], 0.25, 128, 32)
+    assert methods == [
+        lshattn.SMYRF(num_hashes=2, q_cluster_size=16, k_cluster_size=16),
+        lshattn.for_budget("reformer", 0.25, 128, D=32, shared_qk=False, num_hashes=1),
+        lshattn.TopK(fraction=0.25),  # named once though asked for twice
+        lshattn.RandomClusters(num_hashes=2, q_cluster_size=16, k_cluster_size=16),
+    ]
+    assert all(lshattn.work_share(m, 128, 128, 32) <= 0.25 for m in methods)
+
+
+def test_fidelity_command_with_a_budget(capsys):
+    from lshattn import data
+
+    try:
+        data.load_minilm()
+    except data.MissingPackageError as missing:
+        pytest.skip(str(missing))
+    code = cli.main(["fidelity", "--methods", "smyrf", "--budget", "0.25", "--lengths", "64", "--docs", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for method in ("smyrf:q_cluster_size=8,k_cluster_size=8", "topk ", "random:q_cluster_size=8,k_cluster_size=8"):
+        assert method in printed
+    assert " 25.0% " in printed  # the oracle keeps exactly a quarter at 64 tokens

@@ -82,17 +82,40 @@ def test_headline_picks_the_method_keeping_most_within_the_budget():
     assert "yoso" not in line  # no dot products, but 30 % of the FLOPs
 
 
+def test_headline_measures_the_best_method_against_the_oracle_and_the_control():
+    """The oracle and the control are references: never named the best method, always beside it."""
+    from lshattn.eval import report
+
+    def task(name, rows):
+        return {"name": name, "length": 128, "test": 10, "exact_accuracy": 1.0, "exact_seconds_per_text": 0.1,
+                "rows": [dict(zip(("method", "budget", "accuracy", "cosine", "seconds_per_text", "flops_ratio"), r))
+                         for r in rows]}  # fmt: skip
+
+    rows = [
+        ("smyrf:num_hashes=1", 0.25, 0.8, 0.6, 0.2, 0.26), ("topk:fraction=0.125", 0.125, 0.95, 0.9, 0.2, 1.5),
+        ("topk", 0.25, 1.0, 0.98, 0.2, 1.5), ("topk:tail=True", 0.25, 1.0, 0.999, 0.2, 1.5),
+        ("topk:fraction=0.5", 0.5, 1.0, 0.999, 0.2, 1.5), ("random:num_hashes=1", 0.25, 0.85, 0.7, 0.2, 0.26),
+    ]  # fmt: skip
+    line = report.headline({"tasks": [task("Short", rows)]}, 0.25)
+    assert "the best method is smyrf" in line
+    assert "0.600 against the oracle top-k's 0.980 (`topk`) and the random-cluster control's 0.700 on Short" in line
+    assert report.label("topk") == "`topk` (oracle)" and report.label("random") == "`random` (control)"
+    assert report.label("smyrf") == "`smyrf`"
+
+
 def test_quick_demo_writes_a_report(minilm, tmp_path):
     from lshattn.eval import demo
 
     config = dataclasses.replace(
         demo.DemoConfig().quick(), wikipedia_docs=1, rt_train=20, rt_test=10, bbc_train=20, bbc_test=10,
         speed_lengths=(256,), fidelity_methods=("smyrf:num_hashes=2", "reformer:bucket_size=32,shared_qk=False"),
-        rt_methods=("smyrf:num_hashes=1",), bbc_methods=("smyrf:num_hashes=2", "nonexistent:x=1"),
+        rt_methods=("smyrf:num_hashes=1", "topk:fraction=0.25", "random:num_hashes=1"),
+        bbc_methods=("smyrf:num_hashes=2", "nonexistent:x=1"),
     )  # fmt: skip
     results = demo.run(config, tmp_path, progress=False)
     report = (tmp_path / "report.md").read_text()
     assert results["headline"] in report and "## 1. Attention fidelity" in report
+    assert "against the oracle top-k's" in results["headline"] and "| `topk` (oracle) | 25.0% |" in report
     assert {"fidelity.png", "speed.png", "report.json"} <= {p.name for p in tmp_path.iterdir()}
     saved = json.loads((tmp_path / "report.json").read_text())
     assert [r["method"] for r in saved["fidelity"]["summary"]] == [str(lshattn.parse(m)) for m in config.fidelity_methods]

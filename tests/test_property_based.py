@@ -21,7 +21,7 @@ test, 13,500 in all, about two minutes)::
     .venv/bin/python -m pytest tests/test_property_based.py -q --hypothesis-profile=slow --hypothesis-show-statistics
 
 ``LSHATTN_HYPOTHESIS_METHODS=smyrf,reformer`` restricts the drawn methods (names: dense, smyrf,
-reformer, simhash, yoso), to chase one method's failures without the others' shadowing them.
+random, reformer, simhash, yoso, topk), to chase one method's failures without the others' shadowing them.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from lshattn import kernels, testing
 
 # --- method settings --------------------------------------------------------------------------------
 
-KINDS = ("dense", "smyrf", "reformer", "simhash", "yoso")
+KINDS = ("dense", "smyrf", "random", "reformer", "simhash", "yoso", "topk")
 _ONLY = [name.strip() for name in os.environ.get("LSHATTN_HYPOTHESIS_METHODS", "").split(",") if name.strip()]
 assert set(_ONLY) <= set(KINDS), f"LSHATTN_HYPOTHESIS_METHODS names unknown methods: {_ONLY}; known: {KINDS}"
 
@@ -105,15 +105,21 @@ def _simhash(draw) -> lshattn.SimHash:
     return lshattn.SimHash(num_hashes, num_bits, rule, draw(st.sampled_from(["faithful", "sparse"])))
 
 
-_METHODS = {
-    "dense": st.just(lshattn.Dense()),
-    "smyrf": st.builds(
-        lshattn.SMYRF,
+def _clustered(cls) -> st.SearchStrategy:
+    """SMYRF or its random control, with clusters sometimes larger than the sequence."""
+    return st.builds(
+        cls,
         num_hashes=st.integers(1, 4),
         q_cluster_size=st.integers(1, MAX_BLOCK),
         k_cluster_size=st.integers(1, MAX_BLOCK),
         correct_duplicates=st.booleans(),
-    ),
+    )
+
+
+_METHODS = {
+    "dense": st.just(lshattn.Dense()),
+    "smyrf": _clustered(lshattn.SMYRF),
+    "random": _clustered(lshattn.RandomClusters),
     "reformer": st.builds(
         lshattn.Reformer,
         num_hashes=st.integers(1, 4),
@@ -132,6 +138,11 @@ _METHODS = {
         expectation=st.booleans(),
         backward=st.sampled_from(["approx", "exact"]),
         normalize_output=st.booleans(),
+    ),
+    "topk": st.builds(
+        lshattn.TopK,
+        fraction=st.one_of(st.sampled_from([1e-3, 0.1, 0.25, 0.5, 1.0]), st.floats(1e-3, 1.0)),
+        tail=st.booleans(),
     ),
 }
 
@@ -407,6 +418,8 @@ def brute_force(setting: Setting, q, k, v, aux, **kw) -> torch.Tensor:
         )  # fmt: skip
     if isinstance(method, lshattn.SimHash):
         return testing.simhash_brute_force(method, q, k, v, aux, **kw)
+    if isinstance(method, lshattn.TopK):
+        return testing.topk_brute_force(method, q, k, v, aux, **kw)
     if method.expectation:
         return testing.yoso_expectation_reference(
             q, k, v, num_bits=method.num_bits, normalize_output=method.normalize_output, backward=method.backward,
@@ -555,6 +568,8 @@ def test_exact_limit(data):
         method = dataclasses.replace(method, num_bits=0)
     elif isinstance(method, lshattn.YOSO):
         method = dataclasses.replace(method, expectation=True)
+    elif isinstance(method, lshattn.TopK):
+        method = dataclasses.replace(method, fraction=1.0)
     # SimHash keeps its kernel path; YOSO-E runs no kernel.
     setting = dataclasses.replace(setting, method=method) if isinstance(method, lshattn.SimHash) else Setting(method)
     note(f"exact setting: {setting}")
@@ -622,16 +637,17 @@ def _never_zeroes(setting: Setting) -> bool:
     method = setting.method
     if isinstance(method, lshattn.SimHash):
         return method.mode == "faithful"
-    return isinstance(method, (lshattn.Dense, lshattn.SMYRF, lshattn.Reformer))
+    return isinstance(method, (lshattn.Dense, lshattn.SMYRF, lshattn.Reformer, lshattn.TopK))
 
 
-@only("dense", "smyrf", "reformer", "simhash")
+@only("dense", "smyrf", "random", "reformer", "simhash", "topk")
 @examples(1.0)
 @given(data=st.data())
 def test_no_real_query_zeroed(data):
-    """A real query that may see a real key never outputs all zeros (Dense, SMYRF, Reformer,
-    faithful SimHash; when causal, for SMYRF and Reformer only if its own key is real)."""
-    setting = data.draw(settings_of("dense", "smyrf", "reformer", "simhash", where=_never_zeroes), label="setting")
+    """A real query that may see a real key never outputs all zeros (Dense, SMYRF and its random
+    control, Reformer, faithful SimHash, TopK; when causal, for SMYRF and Reformer only if its own key is real)."""
+    kinds = ("dense", "smyrf", "random", "reformer", "simhash", "topk")
+    setting = data.draw(settings_of(*kinds, where=_never_zeroes), label="setting")
     spec = data.draw(specs(setting, masks=("key", "both")), label="spec")
     x = build(spec, setting)
     out = call(setting, x)

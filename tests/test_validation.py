@@ -34,7 +34,7 @@ CLASSES = sorted(CLASS_SPECS, key=lambda cls: cls.__name__)
 
 
 def fields_of_kind(kind: str) -> list:
-    """``(class, field name)`` of every spec field whose hint is ``int``, ``bool`` or a Literal."""
+    """``(class, field name)`` of every spec field whose hint is ``int``, ``float``, ``bool`` or a Literal."""
     found = []
     for cls in CLASSES:
         hints = typing.get_type_hints(cls)
@@ -46,7 +46,8 @@ def fields_of_kind(kind: str) -> list:
     return found
 
 
-INT_FIELDS, BOOL_FIELDS, LITERAL_FIELDS = fields_of_kind("int"), fields_of_kind("bool"), fields_of_kind("literal")
+INT_FIELDS, FLOAT_FIELDS = fields_of_kind("int"), fields_of_kind("float")
+BOOL_FIELDS, LITERAL_FIELDS = fields_of_kind("bool"), fields_of_kind("literal")
 
 
 def qkv(B=2, H=3, T=20, S=20, D=16, Dv=16):
@@ -138,6 +139,9 @@ def test_reformer_shared_qk_needs_k_to_be_q():
         (lambda: lshattn.Reformer(num_buckets=7), "num_buckets must be even and >= 2"),
         (lambda: lshattn.Reformer(num_buckets=0), "num_buckets must be even and >= 2"),
         (lambda: lshattn.Reformer(num_buckets=96), "must be a power of two to be factorised, got 96; use 64 or 128"),
+        (lambda: lshattn.TopK(fraction=0.0), r"TopK fraction must be in \(0, 1\], got 0.0; 0.25 keeps a quarter"),
+        (lambda: lshattn.TopK(fraction=1.5), r"TopK fraction must be in \(0, 1\], got 1.5"),
+        (lambda: lshattn.TopK(fraction=float("nan")), r"TopK fraction must be in \(0, 1\], got nan"),
     ],
 )
 def test_bad_method_sizes(make, message):
@@ -155,11 +159,11 @@ def given_text(value) -> str:
 
 
 def test_fields_of_every_kind_are_covered():
-    """Every spec field is an int, a bool or a Literal: a new kind needs its own tests here."""
-    assert len(INT_FIELDS) + len(BOOL_FIELDS) + len(LITERAL_FIELDS) == sum(
+    """Every spec field is an int, a float, a bool or a Literal: a new kind needs its own tests here."""
+    assert len(INT_FIELDS) + len(FLOAT_FIELDS) + len(BOOL_FIELDS) + len(LITERAL_FIELDS) == sum(
         len(dataclasses.fields(cls)) for cls in CLASSES
     )
-    assert INT_FIELDS and BOOL_FIELDS and LITERAL_FIELDS
+    assert INT_FIELDS and FLOAT_FIELDS and BOOL_FIELDS and LITERAL_FIELDS
 
 
 @pytest.mark.parametrize("cls, field", INT_FIELDS)
@@ -168,6 +172,14 @@ def test_int_fields_refuse_bools_floats_strings_and_tensors(cls, field, value):
     """True would pass ``>= 1`` and 2.5 would fail deep in torch: refused with the fix."""
     shown = re.escape(" ".join(repr(value).split()))
     with pytest.raises(TypeError, match=rf"{cls.__name__} {field} must be an int, got {shown} .*; pass e\.g\. {field}="):
+        cls(**{field: value})
+
+
+@pytest.mark.parametrize("cls, field", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [True, False, "0.5", None, [0.5], torch.tensor(0.5), 1j], ids=repr)
+def test_float_fields_refuse_bools_strings_and_tensors(cls, field, value):
+    shown = re.escape(" ".join(repr(value).split()))
+    with pytest.raises(TypeError, match=rf"{cls.__name__} {field} must be a real number, got {shown} .*; pass e\.g\. {field}="):
         cls(**{field: value})
 
 
@@ -228,7 +240,7 @@ def test_numpy_scalars_are_accepted_and_normalised(cls, int_type):
     """A numpy scalar is a valid setting and becomes a Python one: equality, hashing and the
     string form are those of the Python value."""
     plain = cls()  # the defaults fit every integer type tried
-    numpy_kind = {int: int_type, bool: np.bool_, str: np.str_}
+    numpy_kind = {int: int_type, float: np.float64, bool: np.bool_, str: np.str_}
     kwargs = {f.name: numpy_kind[type(getattr(plain, f.name))](getattr(plain, f.name)) for f in dataclasses.fields(cls)}
     spec = cls(**kwargs)
     assert spec == plain and hash(spec) == hash(plain) and str(spec) == str(plain)
@@ -352,7 +364,7 @@ def test_parse_reads_back_every_spec(spec):
 
 FIELD_TARGETS = [
     (*p.values, kind)
-    for kind, params in (("int", INT_FIELDS), ("bool", BOOL_FIELDS), ("literal", LITERAL_FIELDS))
+    for kind, params in (("int", INT_FIELDS), ("float", FLOAT_FIELDS), ("bool", BOOL_FIELDS), ("literal", LITERAL_FIELDS))
     for p in params
 ]
 CALL_ARGUMENTS = ["causal", "return_aux", "scale", "dropout_p", "generator", "key_padding_mask", "query_padding_mask"]
@@ -368,6 +380,11 @@ if st is not None:
 
     WRONG_FIELD_VALUES = {
         "int": st.one_of(_ODD, st.booleans(), st.floats(), _NON_FINITE, st.integers(max_value=-1), _BEYOND_INT64),
+        # Every float field is a fraction in (0, 1] (TopK.fraction): beyond that range is wrong.
+        "float": st.one_of(
+            _ODD, st.booleans(), _NON_FINITE, st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True),
+            st.integers(max_value=0), st.integers(min_value=2), _BEYOND_INT64,
+        ),
         "bool": st.one_of(_ODD, st.integers(), st.floats()),
         "literal": st.one_of(_ODD, st.booleans(), st.integers(), st.floats()),
     }

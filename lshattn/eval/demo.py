@@ -33,6 +33,9 @@ from lshattn.api import parse
 __all__ = ["DemoConfig", "run"]
 
 # Budgets are dot products over exact attention's. MiniLM has 12 heads of dim 32.
+# Beside the methods, the references (lshattn.eval.report): the oracle top-k at 6.25, 12.5 and 25 %
+# (and at 25 % with its tail term), and the random-cluster control at 25 %.
+ORACLE_METHODS = ("topk:fraction=0.0625", "topk:fraction=0.125", "topk:fraction=0.25")
 # At 512 tokens: SMYRF R×32 costs R·32/512; Reformer R rounds of 32-token chunks that also see
 # the chunk before cost R·64/512 (num_buckets = 2·T/bucket_size as in the paper). SimHash's cost
 # depends on how many pairs collide (fewer with more bits, more with more tables); 2 bits in
@@ -46,19 +49,22 @@ FIDELITY_METHODS = (
     "simhash:num_bits=2", "simhash:num_bits=8",
     "simhash:num_bits=4,mode=sparse", "simhash:num_bits=8,mode=sparse", "simhash:num_hashes=4,num_bits=8,mode=sparse",
     "yoso:num_bits=8", "yoso:num_hashes=128,num_bits=8", "yoso:num_bits=8,expectation=True",
+    *ORACLE_METHODS, "topk:fraction=0.25,tail=True", "random:num_hashes=4",
 )  # fmt: skip
 # About 25 % and 50 % budgets at each task's length, and SimHash and YOSO settings.
-RT_METHODS = (  # 128 tokens: SMYRF 1×32 and 2×32 (the paper's GLUE setting); Reformer chunks of 16
-    "smyrf:num_hashes=1", "smyrf",
+RT_METHODS = (  # 128 tokens: SMYRF 1×32, 2×16 and 2×32 (the paper's GLUE setting); Reformer chunks of 16
+    "smyrf:num_hashes=1", "smyrf:q_cluster_size=16,k_cluster_size=16", "smyrf",
     "reformer:num_hashes=1,bucket_size=16,num_buckets=16,shared_qk=False",
     "reformer:bucket_size=16,num_buckets=16,shared_qk=False",
     "simhash:num_bits=2", "simhash:num_bits=4,mode=sparse", "yoso:num_bits=8",
+    *ORACLE_METHODS, "topk:fraction=0.25,tail=True", "random:num_hashes=1", "random:q_cluster_size=16,k_cluster_size=16",
 )  # fmt: skip
 BBC_METHODS = (  # 512 tokens
     "smyrf:num_hashes=4", "smyrf:num_hashes=8",
     "reformer:bucket_size=32,num_buckets=32,shared_qk=False",
     "reformer:num_hashes=4,bucket_size=32,num_buckets=32,shared_qk=False",
     "simhash:num_bits=2", "simhash:num_bits=4,mode=sparse", "yoso:num_bits=8",
+    *ORACLE_METHODS, "topk:fraction=0.25,tail=True", "random:num_hashes=4",
 )  # fmt: skip
 SPEED_METHODS = (
     "smyrf:num_hashes=4", "reformer:bucket_size=32,num_buckets=32,shared_qk=False", "simhash:num_bits=8,mode=sparse",
@@ -91,10 +97,13 @@ class DemoConfig:
     headline_budget: float = 0.25
 
     def quick(self) -> DemoConfig:
-        """A small version for tests and a first look (about a minute)."""
+        """A small version for tests and a first look (about a minute): a few methods, the oracle at
+        25 % and the control."""
+        references = ("topk:fraction=0.25", "random:num_hashes=1")
         return dataclasses.replace(
             self, wikipedia_docs=2, rt_train=60, rt_test=30, bbc_train=50, bbc_test=20, speed_lengths=(512, 2048),
-            fidelity_methods=self.fidelity_methods[::3], rt_methods=self.rt_methods[:2], bbc_methods=self.bbc_methods[:2],
+            fidelity_methods=self.fidelity_methods[:12:3] + references, rt_methods=self.rt_methods[:2] + references,
+            bbc_methods=self.bbc_methods[:2] + references,
         )  # fmt: skip
 
 
@@ -209,7 +218,7 @@ def task_section(task, methods, tokenizer, model, batch_size: int, seed: int, pr
         exact_flops = lshattn.Dense().cost(1, heads, task.max_length, task.max_length, dim, dim).flops
         rows.append({
             "method": name,
-            "budget": cost.budget,
+            "budget": method.fraction if isinstance(method, lshattn.TopK) else cost.budget,  # the oracle: what it keeps
             "flops_ratio": cost.flops / exact_flops,
             "cosine": float((embeddings[name] * exact_x).sum(-1).mean()),
             "accuracy": accuracy[name],

@@ -6,7 +6,8 @@ on the real query rows:
 * ``rel_error``: ``‖out − exact‖ / ‖exact‖`` over all real rows of the layer;
 * ``cosine``: mean over real rows of the cosine between the method's and the exact row;
 * ``budget``: query-key scores computed over those exact attention computes (``aux.dot_products``
-  over ``B·H·T·S``; 0 for YOSO-m, which computes none), and ``flops_ratio``: the FLOPs of this
+  over ``B·H·T·S``; 0 for YOSO-m, which computes none; for the oracle ``TopK``, the pairs it
+  keeps, ``aux.selected_pairs``: it scores them all to choose), and ``flops_ratio``: the FLOPs of this
   very call as ``torch.utils.flop_counter`` counts them (matrix products: data-dependent work
   such as SimHash's collisions is what it was; YOSO's bucket additions are not counted) over
   exact attention's;
@@ -27,7 +28,7 @@ from lshattn.api import Inputs, Method
 from lshattn.cost import count_flops
 from lshattn.eval.capture import replay
 from lshattn.eval.speed import median_seconds
-from lshattn.methods import Dense
+from lshattn.methods import Dense, TopK
 
 __all__ = ["layer_fidelity", "fidelity_rows", "summarise"]
 
@@ -52,7 +53,7 @@ def layer_fidelity(method: Method, inputs: Inputs, *, seed: int = 0, repeats: in
     return {
         "rel_error": rel_error,
         "cosine": cosine,
-        "budget": aux.dot_products / (B * H * T * S),
+        "budget": (aux.selected_pairs if isinstance(method, TopK) else aux.dot_products) / (B * H * T * S),
         "flops_ratio": flops / Dense().cost(B, H, T, S, D, Dv).flops,
         "seconds": seconds,
         "exact_seconds": exact_seconds,

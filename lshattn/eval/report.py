@@ -8,9 +8,16 @@ from pathlib import Path
 
 import lshattn
 
-__all__ = ["headline", "write", "family", "variant"]
+__all__ = ["family", "headline", "label", "variant", "write"]
 
-PLOT_COLOURS = {"smyrf": "tab:blue", "reformer": "tab:orange", "simhash": "tab:green", "yoso": "tab:red"}
+PLOT_COLOURS = {
+    "smyrf": "tab:blue", "reformer": "tab:orange", "simhash": "tab:green", "yoso": "tab:red", "topk": "black",
+    "random": "tab:gray",
+}  # fmt: skip
+# Rows that are not methods to choose but references beside them: the ceiling a selection of the
+# same budget can reach, and the control that selects nothing.
+ORACLE, CONTROL = "topk", "random"
+REFERENCES = {ORACLE: "oracle", CONTROL: "control"}
 
 
 def family(method: str) -> str:
@@ -25,7 +32,17 @@ def variant(method: str) -> str:
         return f"simhash ({spec.mode})"
     if spec.name == "yoso":
         return "yoso-E (exact kernel)" if spec.expectation else "yoso-m"
+    if spec.name == ORACLE:
+        return "oracle top-k + tail" if spec.tail else "oracle top-k"
+    if spec.name == CONTROL:
+        return "control: random clusters"
     return spec.name
+
+
+def label(method: str) -> str:
+    """A table cell: the method string, with "(oracle)" or "(control)" after a reference row."""
+    role = REFERENCES.get(family(method))
+    return f"`{method}` ({role})" if role else f"`{method}`"
 
 
 def headline(results: dict, budget: float) -> str:
@@ -33,12 +50,13 @@ def headline(results: dict, budget: float) -> str:
 
     Among the settings computing at most ``budget`` of exact attention's dot products, each
     method's best one on each task; the method keeping the largest share of exact probe accuracy,
-    averaged over the tasks, is named, with its embedding cosines and its speed.
+    averaged over the tasks, is named, with its embedding cosines and its speed, then its distance
+    to the ceiling (the oracle top-k at the same budget) and to the random-cluster control.
     """
     tasks = [t for t in results.get("tasks", []) if t.get("rows")]
     if tasks:
         best_per_task = [{family(r["method"]): r for r in _best_within(t["rows"], budget)} for t in tasks]
-        families = set.intersection(*(set(best) for best in best_per_task))
+        families = set.intersection(*(set(best) for best in best_per_task)) - set(REFERENCES)
         if families:
             def kept(name: str) -> tuple[float, float]:  # mean share of exact accuracy, then mean cosine
                 shares = [b[name]["accuracy"] / t["exact_accuracy"] for b, t in zip(best_per_task, tasks)]
@@ -63,16 +81,41 @@ def headline(results: dict, budget: float) -> str:
                 f"of exact attention"
             )
             attention = _attention_speedup(results, name)
-            return line + (f"; its attention alone runs at {attention}." if attention else ".")
+            line += f"; its attention alone runs at {attention}." if attention else "."
+            return line + _distance_to_ceiling(
+                [b[name] for b in best_per_task], [t["rows"] for t in tasks], [t["name"] for t in tasks], budget
+            )
     summary = results.get("fidelity", {}).get("summary", [])
     if summary:
-        best = max(_within(summary, budget), key=lambda r: r["cosine"])
+        best = max((r for r in _within(summary, budget) if family(r["method"]) not in REFERENCES), key=lambda r: r["cosine"])
         return (
             f"At no more than {budget:.0%} of exact attention's dot products, the closest method to exact "
             f"attention on real activations is `{best['method']}` (budget {best['budget']:.0%}, mean cosine "
             f"{best['cosine']:.3f}, relative error {best['rel_error']:.3f})."
-        )
+        ) + _distance_to_ceiling([best], [summary], ["attention outputs"], budget)
     return "No section ran: install the data packages (see `lshattn info`)."
+
+
+def _distance_to_ceiling(best: list[dict], sections: list[list[dict]], names: list[str], budget: float) -> str:
+    """" Distance to the ceiling: ..." — ``best[i]``'s cosine beside the oracle top-k's and the
+    random control's at the same budget in section ``names[i]``; sections without an oracle row
+    are left out ("" when none has one)."""
+    parts = []
+    for row, rows, name in zip(best, sections, names):
+        oracle, control = _reference_within(rows, ORACLE, budget), _reference_within(rows, CONTROL, budget)
+        if oracle is not None:
+            parts.append(
+                f"{row['cosine']:.3f} against the oracle top-k's {oracle['cosine']:.3f} (`{oracle['method']}`)"
+                + (f" and the random-cluster control's {control['cosine']:.3f}" if control else "") + f" on {name}"
+            )
+    return " Distance to the ceiling, in cosine at the same budget: " + "; ".join(parts) + "." if parts else ""
+
+
+def _reference_within(rows: list[dict], name: str, budget: float) -> dict | None:
+    """The oracle's (without its tail term) or the control's row closest to ``budget`` from below."""
+    mine = [r for r in rows if family(r["method"]) == name and not getattr(lshattn.parse(r["method"]), "tail", False)]
+    inside = [r for r in mine if work_share(r) <= budget * 1.01]
+    return max(inside, key=work_share) if inside else None
 
 
 def _best_within(rows: list[dict], budget: float) -> list[dict]:
@@ -160,6 +203,13 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
         "directions, its measured budget on real activations is in section 1). Exact attention is "
         "`lshattn.Dense` (SDPA). No model was retrained.",
         "",
+        "Two rows are references, not methods to choose: the **oracle** `topk` (`lshattn.TopK`), exact "
+        "softmax over each query's highest-scoring keys, the ceiling of any selection that keeps that share "
+        "of the pairs (it scores every pair to choose; its budget is the share it keeps; `tail=True` adds the "
+        "other keys' exact mass times their mean value), and the **control** `random` "
+        "(`lshattn.RandomClusters`), SMYRF's clusters cut along random directions, which select nothing: "
+        "a method that does not beat it at the same budget is not selecting.",
+        "",
         _defaults_legend(results),
     ]
     if results.get("fidelity"):
@@ -178,7 +228,7 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
         ]  # fmt: skip
         for r in f["summary"]:
             lines.append(
-                f"| `{r['method']}` | {r['budget']:.1%} | {r['flops_ratio']:.1%} | {r['rel_error']:.3f} | "
+                f"| {label(r['method'])} | {r['budget']:.1%} | {r['flops_ratio']:.1%} | {r['rel_error']:.3f} | "
                 f"{r['cosine']:.3f} | {r['exact_seconds'] / r['seconds']:.2f}× |"
             )
         if "fidelity" in plots:
@@ -207,7 +257,7 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
         ]  # fmt: skip
         for r in task["rows"]:
             lines.append(
-                f"| `{r['method']}` | {r['budget']:.0%} | {r['flops_ratio']:.0%} | {r['cosine']:.3f} | {r['accuracy']:.3f} | "
+                f"| {label(r['method'])} | {r['budget']:.1%} | {r['flops_ratio']:.0%} | {r['cosine']:.3f} | {r['accuracy']:.3f} | "
                 f"{r['accuracy_drop']:+.3f} | {task['exact_seconds_per_text'] / r['seconds_per_text']:.2f}× |"
             )
     if results.get("speed", {}).get("rows"):
@@ -253,11 +303,12 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
         for name, rows in _by_variant(results["fidelity"]["summary"], key="flops_ratio").items():
             colour = PLOT_COLOURS.get(family(rows[0]["method"]))
-            style = "s--" if "sparse" in name or "yoso-E" in name else "o-"
+            style = "s--" if "sparse" in name or "yoso-E" in name or "tail" in name else "o-"
             counted = sorted((r for r in rows if r["budget"] > 0), key=lambda r: r["budget"])
             if counted:
                 left.plot([r["budget"] for r in counted], [r["cosine"] for r in counted], style, label=name, color=colour)
-            right.plot([r["flops_ratio"] for r in rows], [r["cosine"] for r in rows], style, label=name, color=colour)
+            if family(rows[0]["method"]) != ORACLE:  # it scores every pair: its FLOPs say nothing
+                right.plot([r["flops_ratio"] for r in rows], [r["cosine"] for r in rows], style, label=name, color=colour)
         left.set_xlabel("budget: dot products / exact attention's (YOSO-m computes none)")
         right.set_xlabel("FLOPs / exact attention's (measured)")
         left.set_ylabel("mean cosine to exact attention (higher is better)")

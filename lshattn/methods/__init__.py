@@ -4,9 +4,11 @@ with ``_attend`` (the algorithm) and ``cost`` (its analytic cost)."""
 from lshattn.methods.dense import Dense, DenseAux
 from lshattn.methods.reformer import Reformer, ReformerAux
 from lshattn.methods.simhash import SimHash, SimHashAux
-from lshattn.methods.smyrf import SMYRF, SMYRFAux
+from lshattn.methods.smyrf import SMYRF, RandomClusters, SMYRFAux
+from lshattn.methods.topk import TopK, TopKAux
 from lshattn.methods.yoso import YOSO, YOSOAux
 
 __all__ = [
-    "Dense", "DenseAux", "Reformer", "ReformerAux", "SMYRF", "SMYRFAux", "SimHash", "SimHashAux", "YOSO", "YOSOAux"
+    "Dense", "DenseAux", "RandomClusters", "Reformer", "ReformerAux", "SMYRF", "SMYRFAux", "SimHash", "SimHashAux",
+    "TopK", "TopKAux", "YOSO", "YOSOAux",
 ]

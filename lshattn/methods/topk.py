@@ -1,0 +1,151 @@
+"""TopK: the oracle selection, exact softmax over each query's highest-scoring keys.
+
+Not an LSH method and not cheap: it computes every score to find the best ones. It is the
+ceiling a sparse method's selection can reach at a given budget, shown beside every method in
+the reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lshattn.api import Inputs, Method
+from lshattn.blocks import compute_dtype
+from lshattn.cost import Cost
+from lshattn.methods.dense import visible_keys
+
+__all__ = ["TopK", "TopKAux"]
+
+
+class TopKAux(NamedTuple):
+    """What ``TopK`` did.
+
+    Attributes:
+        selected: `(B, H, T, S)` bool, the keys each query kept (its top-k among those it may see).
+        dot_products: scores computed, B·H·T·S: the oracle scores every pair to choose.
+        selected_pairs: pairs kept (``selected.sum()``): the budget a sparse method matching
+            this selection would spend.
+    """
+
+    selected: Tensor
+    dot_products: int
+    selected_pairs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(Method):
+    """Oracle top-k: exact softmax restricted to each query's ``fraction`` highest-scoring keys.
+
+    A query that may see ``n`` keys (real ones, and only earlier ones when causal) keeps
+    ``k = ceil(fraction · n)`` of them, the ones of largest ``q·k``; ties go to the earlier
+    position, so the choice is deterministic and unchanged by padding. No selection of the same
+    size holds more of the query's softmax mass, so this is the ceiling of what a sparse method
+    keeping that share of the pairs can reach (the "oracle top-k" of the sparse-attention
+    literature). It computes every score to choose: O(T·S) time and memory, like ``Dense``.
+
+    ``tail=True`` adds the keys it did not keep, as one term: their exact total softmax weight
+    times the mean of their values. What is left of the error is then only how far the tail's
+    values are from their mean — the ceiling of a method that selects the top-k *and* estimates
+    the rest (a tail estimator can at best know the tail's mass and mean value).
+
+    ``fraction=1`` keeps every key: exact attention, with or without ``tail``.
+    """
+
+    name: ClassVar[str] = "topk"
+    fraction: float = 0.25
+    tail: bool = False
+
+    def _check_fields(self) -> None:
+        """Ranges; ``Method.__post_init__`` has checked the types and calls this."""
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"TopK fraction must be in (0, 1], got {self.fraction}; 0.25 keeps a quarter of the keys")
+
+    def _attend(self, inputs: Inputs) -> tuple[Tensor, TopKAux]:
+        q, k, v = inputs.q, inputs.k, inputs.v
+        B, H, T, _ = q.shape
+        S = k.shape[2]
+        dtype = compute_dtype(q.dtype)
+        visible = visible_keys(inputs.key_padding_mask, inputs.causal, B, T, S, q.device)
+        if visible is None:  # no padding: every key, or the causal triangle
+            visible = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device)
+            if inputs.causal:
+                visible = visible.tril()
+        scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * inputs.scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        selected = top_keys(ranking_scores(q, k, inputs.scale), visible, self.fraction)
+        weights = selection_weights(scores, selected, visible, tail=self.tail)
+        if inputs.dropout_p > 0:
+            weights = torch.nn.functional.dropout(weights, inputs.dropout_p)
+        out = weights @ v.to(dtype)
+        if inputs.query_padding_mask is not None:
+            out = out * inputs.query_padding_mask[:, None, :, None]
+        aux = TopKAux(selected=selected, dot_products=B * H * T * S, selected_pairs=int(selected.sum()))
+        return out.to(q.dtype), aux
+
+    def cost(self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4) -> Cost:
+        """Every score, ``B·H·T·S`` dot products (``budget`` 1: the oracle chooses from all of
+        them); flops ``2·B·H·T·S·(2·D + Dv)``: the scores twice (once in float64 to rank them,
+        ``ranking_scores``) and the weighted sum over a dense weight matrix that is zero off the
+        selection; memory the `(B, H, T, S)` scores."""
+        dots = B * H * T * S
+        return Cost(flops=2 * dots * (2 * D + Dv), dot_products=dots, memory_bytes=dots * itemsize, budget=1.0)
+
+
+def ranking_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """`(B, H, T, S)` float32 logits to rank keys by: computed in float64, then rounded to float32.
+
+    A matrix product rounds a dot product differently by where its row falls in the product's
+    tiles, so two identical keys (repeated tokens) get scores a last bit apart, in an order that
+    changes with the batch's shape and padding; the oracle's choice between them would then
+    follow the rounding. Rounding float64 scores to float32 makes such ties exact again, and the
+    stable sort of ``top_keys`` gives them to the earlier position in every layout.
+    """
+    with torch.no_grad():
+        return ((q.double() @ k.double().transpose(-1, -2)) * scale).float()
+
+
+def top_keys(scores: Tensor, visible: Tensor, fraction: float) -> Tensor:
+    """`(B, H, T, S)` bool: each query's ``ceil(fraction · n)`` highest-scoring visible keys.
+
+    Args:
+        scores: `(B, H, T, S)` logits.
+        visible: `(B or 1, 1, T, S)` bool: the keys each query may see.
+        fraction: in (0, 1].
+
+    A stable sort ranks equal scores by position, and invisible keys last.
+    """
+    scores = scores.masked_fill(~visible, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    )
+    count = visible.sum(-1, keepdim=True)
+    keep = torch.ceil(torch.round(count * fraction, decimals=6)).long()
+    return (rank < keep) & visible
+
+
+def selection_weights(scores: Tensor, selected: Tensor, visible: Tensor, *, tail: bool) -> Tensor:
+    """`(B, H, T, S)` attention weights: softmax over the selected keys, or with ``tail`` over
+    every visible key, with the unselected keys' total weight spread evenly over them (their
+    values then enter as their mean). Zero rows for queries with no visible key.
+
+    Args:
+        scores: `(B, H, T, S)` logits, -inf where not visible. selected, visible: bool, broadcastable.
+    """
+    counted = visible if tail else selected
+    row_max = scores.masked_fill(~counted, float("-inf")).amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0).detach()  # softmax is shift-invariant
+    e = torch.where(counted, torch.exp(scores.masked_fill(~counted, 0.0) - row_max), 0.0)
+    total = e.sum(-1, keepdim=True)
+    weights = e / torch.where(total > 0, total, 1.0)
+    if not tail:
+        return weights
+    rest = visible & ~selected
+    rest_count = rest.sum(-1, keepdim=True)
+    rest_weight = torch.where(rest, weights, 0.0).sum(-1, keepdim=True)
+    spread = rest_weight / rest_count.clamp_min(1)
+    return torch.where(rest, spread, torch.where(selected, weights, 0.0))
