@@ -141,6 +141,35 @@ def test_run_seeds_skips_the_seeds_already_done(tmp_path, capsys):
     assert "seed 0: done before" in capsys.readouterr().out
 
 
+def test_a_run_with_its_own_seeds_trains_only_those_and_pairs_on_the_seeds_shared(tmp_path, capsys):
+    """A run too long for 3 seeds (``Run.seeds``) trains its seeds only; a difference to it pairs
+    by seed over the seeds both runs have; the report links each run's own curves."""
+    trained = []
+
+    def recipe(config, out):
+        trained.append((config.method, config.seed))
+        out.mkdir(parents=True)
+        accuracy = 0.8 + 0.01 * config.seed + (0.05 if config.method == "dense" else 0.0)
+        return fake_metrics(config, {"dense": accuracy, method_label(SMYRF): accuracy - 0.1})
+
+    runs = [dataclasses.replace(RUNS[0], seeds=(0,)), RUNS[1]]
+    results = common.run_seeds(runs, (0, 1, 2), tmp_path, progress=False, recipe=recipe)
+    assert trained == [("dense", 0), (SMYRF, 0), (SMYRF, 1), (SMYRF, 2)]
+    assert "[4/4]" in capsys.readouterr().out
+    assert common.seeds_of(results, "dense") == [0] and common.seeds_of(results, "lsh") == [0, 1, 2]
+    difference = Row("lsh − dense", "–", "lsh", "dense", minus=("dense", "dense"))
+    assert common.row_values(difference, results) == pytest.approx([-5.0])  # seed 0 alone
+    assert common.row_values(Row("lsh", "–", "lsh", "dense"), results) == pytest.approx([80.0, 81.0, 82.0])
+    common.write_reproduction(
+        tmp_path, name="test", title="a test", intro="Intro.", rows=[difference], runs=runs, evaluated_with=EVALUATED,
+        results=results, scaled=[], command="lshattn reproduce test",
+    )  # fmt: skip
+    report = (tmp_path / "report.md").read_text()
+    assert "- dense: [seed 0](dense/seed0/loss.png)\n" in report and "[seed 2](lsh/seed2/loss.png)" in report
+    assert "seed 1](dense" not in report
+    assert json.loads((tmp_path / "metrics.json").read_text())["seeds"] == [0, 1, 2]
+
+
 def test_an_interrupted_reproduction_keeps_the_seeds_done_and_says_how_to_continue(tmp_path):
     def recipe(config, out):
         if config.seed == 1:

@@ -41,6 +41,7 @@ __all__ = [
     "run_seeds",
     "scaled_table",
     "seeds_from_args",
+    "seeds_of",
     "spread",
     "write_reproduction",
 ]
@@ -66,11 +67,17 @@ class Run:
         label: how the tables name it (e.g. "SMYRF 2×32 (50 %)").
         config: the recipe's settings (a ``FinetuneConfig`` unless the reproduction passes
             another recipe); the seed is replaced per seed.
+        seeds: the only seeds this run trains, of those asked for (None: every one). For a run
+            too long for 3 seeds; its rows then pair with the other runs on the seeds they share.
     """
 
     name: str
     label: str
     config: RecipeConfig
+    seeds: tuple[int, ...] | None = None
+
+    def trains(self, seed: int) -> bool:
+        return self.seeds is None or seed in self.seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +135,10 @@ def run_seeds(
     recipe: Callable[[Any, Path], dict] = finetune,
 ) -> dict[str, list[dict]]:
     """Train every run with every seed, each into ``out/<run.name>/seed<N>``, and return each run's
-    per-seed metrics (the recipe's, plus ``wall_seconds``), in the order of ``seeds``. Seed by
-    seed: every run at the first seed, then at the next, so a reproduction stopped early still
-    compares every run. ``progress``: the recipe's progress bars.
+    per-seed metrics (the recipe's, plus ``wall_seconds``), in the order of ``seeds``, leaving out
+    the seeds a run does not train (``Run.seeds``). Seed by seed: every run at the first seed, then
+    at the next, so a reproduction stopped early still compares every run. ``progress``: the
+    recipe's progress bars.
 
     A seed whose ``metrics.json`` exists is not trained again but read back, so an interrupted
     reproduction resumes where it stopped (a seed cut short restarts from its beginning; Ctrl-C
@@ -140,31 +148,30 @@ def run_seeds(
         ValueError: a finished seed was trained with other settings than ``run.config``.
     """
     results: dict[str, list[dict]] = {run.name: [] for run in runs}
-    total, done = len(runs) * len(seeds), 0
-    for seed in seeds:
-        for run in runs:
-            done += 1
-            folder = out / run.name / f"seed{seed}"
-            config = dataclasses.replace(run.config, seed=seed, progress=progress)
-            found = folder / "metrics.json"
-            if found.is_file():
-                metrics = json.loads(found.read_text())
-                _check_same_settings(metrics, config, folder)
-                print(f"[{done}/{total}] {run.label}, seed {seed}: done before, read {found}", flush=True)
-            else:
-                print(f"[{done}/{total}] {run.label}, seed {seed}: training into {folder}", flush=True)
-                start = time.perf_counter()
-                try:
-                    metrics = recipe(config, folder)
-                except KeyboardInterrupt:
-                    raise KeyboardInterrupt(
-                        f"interrupted in {run.label}, seed {seed}; the {done - 1} runs finished are kept: "
-                        f"the same command continues from this one"
-                    ) from None
-                metrics["wall_seconds"] = time.perf_counter() - start
-                found.write_text(json.dumps(metrics, indent=1, default=str) + "\n")
-                print(f"[{done}/{total}] {run.label}, seed {seed}: {metrics['wall_seconds'] / 60:.1f} min", flush=True)
-            results[run.name].append(metrics)
+    jobs = [(seed, run) for seed in seeds for run in runs if run.trains(seed)]
+    total = len(jobs)
+    for done, (seed, run) in enumerate(jobs, start=1):
+        folder = out / run.name / f"seed{seed}"
+        config = dataclasses.replace(run.config, seed=seed, progress=progress)
+        found = folder / "metrics.json"
+        if found.is_file():
+            metrics = json.loads(found.read_text())
+            _check_same_settings(metrics, config, folder)
+            print(f"[{done}/{total}] {run.label}, seed {seed}: done before, read {found}", flush=True)
+        else:
+            print(f"[{done}/{total}] {run.label}, seed {seed}: training into {folder}", flush=True)
+            start = time.perf_counter()
+            try:
+                metrics = recipe(config, folder)
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(
+                    f"interrupted in {run.label}, seed {seed}; the {done - 1} runs finished are kept: "
+                    f"the same command continues from this one"
+                ) from None
+            metrics["wall_seconds"] = time.perf_counter() - start
+            found.write_text(json.dumps(metrics, indent=1, default=str) + "\n")
+            print(f"[{done}/{total}] {run.label}, seed {seed}: {metrics['wall_seconds'] / 60:.1f} min", flush=True)
+        results[run.name].append(metrics)
     return results
 
 
@@ -230,11 +237,18 @@ def evaluated(results: Mapping[str, list[dict]], run: str, method: str) -> bool:
 
 
 def row_values(row: Row, results: Mapping[str, list[dict]]) -> list[float]:
-    """The per-seed values of a table row: an accuracy, or a difference paired by seed."""
+    """The per-seed values of a table row: an accuracy, or a difference paired by seed (over the
+    seeds both runs trained)."""
     values = accuracies(results, row.run, row.evaluated_with)
     if row.minus is None:
         return values
-    return [a - b for a, b in zip(values, accuracies(results, *row.minus), strict=True)]
+    other = dict(zip(seeds_of(results, row.minus[0]), accuracies(results, *row.minus)))
+    return [a - other[seed] for a, seed in zip(values, seeds_of(results, row.run)) if seed in other]
+
+
+def seeds_of(results: Mapping[str, list[dict]], run: str) -> list[int]:
+    """The seeds ``run`` trained, in the order of its results."""
+    return [m["config"]["seed"] for m in results[run]]
 
 
 def _wall(results: Mapping[str, list[dict]], run: str) -> str:
@@ -355,11 +369,12 @@ def write_reproduction(
     """
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracies(runs, evaluated_with, results, out / "accuracy.png", title)
-    seeds = [m["config"]["seed"] for m in next(iter(results.values()))]
+    seeds = sorted({seed for run in runs for seed in seeds_of(results, run.name)})
     wall = extra_seconds + sum(m.get("wall_seconds") or 0.0 for ms in results.values() for m in ms)
     methods = "; ".join(f"{title}: `{m}`" for title, m in evaluated_with.items())
     curves = "\n".join(
-        f"- {run.label}: " + ", ".join(f"[seed {s}]({run.name}/seed{s}/loss.png)" for s in seeds) for run in runs
+        f"- {run.label}: " + ", ".join(f"[seed {s}]({run.name}/seed{s}/loss.png)" for s in seeds_of(results, run.name))
+        for run in runs
     )
     metrics = {
         "reproduction": name,
