@@ -94,11 +94,14 @@ def test_headline_measures_the_best_method_against_the_oracle_and_the_control():
     rows = [
         ("smyrf:num_hashes=1", 0.25, 0.8, 0.6, 0.2, 0.26), ("topk:fraction=0.125", 0.125, 0.95, 0.9, 0.2, 1.5),
         ("topk", 0.25, 1.0, 0.98, 0.2, 1.5), ("topk:tail=True", 0.25, 1.0, 0.999, 0.2, 1.5),
-        ("topk:fraction=0.5", 0.5, 1.0, 0.999, 0.2, 1.5), ("random:num_hashes=1", 0.25, 0.85, 0.7, 0.2, 0.26),
+        ("topk:fraction=0.5", 0.5, 1.0, 0.999, 0.2, 1.5), ("random:q_cluster_size=16", 0.25, 0.85, 0.65, 0.2, 0.26),
+        ("random:num_hashes=1", 0.25, 0.85, 0.7, 0.2, 0.26),
     ]  # fmt: skip
     line = report.headline({"tasks": [task("Short", rows)]}, 0.25)
     assert "the best method is smyrf" in line
-    assert "0.600 against the oracle top-k's 0.980 (`topk`) and the random-cluster control's 0.700 on Short" in line
+    # the control with SMYRF's own clusters, not merely one at the budget
+    assert "0.600 against the oracle top-k's 0.980 (`topk`) and the random-cluster control's 0.700 " in line
+    assert "(`random:num_hashes=1`) on Short" in line
     assert report.label("topk") == "`topk` (oracle)" and report.label("random") == "`random` (control)"
     assert report.label("smyrf") == "`smyrf`"
 

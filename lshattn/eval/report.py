@@ -102,11 +102,15 @@ def _distance_to_ceiling(best: list[dict], sections: list[list[dict]], names: li
     are left out ("" when none has one)."""
     parts = []
     for row, rows, name in zip(best, sections, names):
-        oracle, control = _reference_within(rows, ORACLE, budget), _reference_within(rows, CONTROL, budget)
+        oracle = _reference_within(rows, ORACLE, budget)
+        # The fair control has the method's own clusters (SMYRF's parameters) where it was run.
+        same_clusters = f"{CONTROL}:{row['method'].partition(':')[2]}".rstrip(":")
+        control = next((r for r in rows if r["method"] == same_clusters), None) or _reference_within(rows, CONTROL, budget)
         if oracle is not None:
             parts.append(
                 f"{row['cosine']:.3f} against the oracle top-k's {oracle['cosine']:.3f} (`{oracle['method']}`)"
-                + (f" and the random-cluster control's {control['cosine']:.3f}" if control else "") + f" on {name}"
+                + (f" and the random-cluster control's {control['cosine']:.3f} (`{control['method']}`)" if control else "")
+                + f" on {name}"
             )
     return " Distance to the ceiling, in cosine at the same budget: " + "; ".join(parts) + "." if parts else ""
 
