@@ -119,7 +119,7 @@ def test_quick_demo_writes_a_report(minilm, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert results["headline"] in report and "## 1. Attention fidelity" in report
     assert "against the oracle top-k's" in results["headline"] and "| `topk` (oracle) | 25.0% |" in report
-    assert {"fidelity.png", "speed.png", "report.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"fidelity.png", "tasks.png", "speed.png", "report.json"} <= {p.name for p in tmp_path.iterdir()}
     saved = json.loads((tmp_path / "report.json").read_text())
     assert [r["method"] for r in saved["fidelity"]["summary"]] == [str(lshattn.parse(m)) for m in config.fidelity_methods]
     assert saved["not_available"] == ["nonexistent:x=1"]

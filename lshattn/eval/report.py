@@ -264,6 +264,8 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
                 f"| {label(r['method'])} | {r['budget']:.1%} | {r['flops_ratio']:.0%} | {r['cosine']:.3f} | {r['accuracy']:.3f} | "
                 f"{r['accuracy_drop']:+.3f} | {task['exact_seconds_per_text'] / r['seconds_per_text']:.2f}× |"
             )
+    if "tasks" in plots:
+        lines += ["", f"![embedding cosine against budget, per task]({plots['tasks']})"]
     if results.get("speed", {}).get("rows"):
         s = results["speed"]
         lines += [
@@ -325,6 +327,10 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
         fig.savefig(out / "fidelity.png", dpi=120)
         plt.close(fig)
         made["fidelity"] = "fidelity.png"
+    tasks = [t for t in results.get("tasks", []) if t.get("rows")]
+    if tasks:
+        _plot_tasks(plt, tasks, out / "tasks.png")
+        made["tasks"] = "tasks.png"
     if results.get("speed", {}).get("rows"):
         rows = results["speed"]["rows"]
         fig, axis = plt.subplots(figsize=(6, 4))
@@ -345,6 +351,28 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
         plt.close(fig)
         made["speed"] = "speed.png"
     return made
+
+
+def _plot_tasks(plt, tasks: list[dict], path: Path) -> None:
+    """Embedding cosine against work share, one panel per task: each method's settings as a
+    curve, the oracle's as the ceiling above them, the control's as the floor."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), sharey=True, squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for name, rows in _by_variant(task["rows"], key="budget").items():
+            rows = sorted(rows, key=work_share)
+            style = "s--" if "sparse" in name or "tail" in name else "o-"
+            colour = PLOT_COLOURS.get(family(rows[0]["method"]))
+            axis.plot([work_share(r) for r in rows], [r["cosine"] for r in rows], style, label=name, color=colour)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("work: dot products / exact attention's (FLOPs for YOSO-m)")
+        axis.set_title(f"{task['name']} ({task['length']} tokens)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    axes[0][0].set_ylabel("embedding cosine to exact attention")
+    fig.suptitle("Model level, no retraining: what each method keeps against its budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _by_variant(rows: list[dict], key: str) -> dict[str, list[dict]]:
