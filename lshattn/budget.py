@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -65,6 +66,7 @@ def for_budget(
         ValueError: an unknown method, a budget outside (0, 1], the knob among ``fixed``, or a
             budget below the method's smallest setting (naming it).
     """
+    _check_types(fraction, T=T, S=S, D=D, Dv=Dv)
     S = T if S is None else S
     if not 0 < fraction <= 1:
         raise ValueError(
@@ -97,6 +99,20 @@ def for_budget(
             f"{smallest[1]}, spends {smallest[0]:.2%}; raise the budget"
         )
     return best[1]
+
+
+def _check_types(fraction: Any, **sizes: Any) -> None:
+    """TypeError for a budget that is not a real number or a size that is not an int (a bool is
+    neither: ``True`` would read as a budget of 1 or a length of 1)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+        raise TypeError(
+            f"the budget must be a real number in (0, 1], got {fraction!r} ({type(fraction).__name__}); pass e.g. 0.25"
+        )
+    for name, value in sizes.items():
+        if value is None and name in ("S", "Dv"):  # default to T and D
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}); pass e.g. {name}=512")
 
 
 def _knob(cls: type, fraction: float, T: int, S: int, fixed: dict) -> tuple[str, Iterable[dict]]:

@@ -106,6 +106,23 @@ def test_bad_budgets_name_the_problem_and_the_fix(call, message):
         call()
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"fraction": "0.5"}, r"the budget must be a real number in \(0, 1\], got '0.5' \(str\); pass e.g. 0.25"),
+        ({"fraction": True}, r"the budget must be a real number .*got True \(bool\)"),
+        ({"T": 128.0}, r"T must be an int, got 128.0 \(float\); pass e.g. T=512"),
+        ({"T": True}, r"T must be an int, got True \(bool\)"),
+        ({"S": "64"}, r"S must be an int, got '64' \(str\)"),
+        ({"D": None}, r"D must be an int, got None"),
+    ],
+)
+def test_wrong_types_are_refused_naming_the_argument(kwargs, message):
+    arguments = {"name": "smyrf", "fraction": 0.5, "T": 128, **kwargs}
+    with pytest.raises(TypeError, match=message):
+        lshattn.for_budget(**arguments)
+
+
 def test_long_lengths():
     assert lshattn.for_budget("smyrf", 0.125, 16384, D=64) == lshattn.SMYRF(2, 1024, 1024)
     assert lshattn.for_budget("yoso", 1 / 16, 16384, D=64, num_bits=8) == lshattn.YOSO(num_hashes=128, num_bits=8)
