@@ -26,23 +26,26 @@ from typing import Any
 from lshattn.api import Method, parse
 from lshattn.methods import SMYRF, YOSO, Dense, RandomClusters, Reformer, SimHash, TopK
 
-__all__ = ["for_budget", "work_share"]
+__all__ = ["for_budget", "pairs_share", "work_share"]
+
+
+def pairs_share(method: Method, T: int, S: int, D: int, Dv: int | None = None, *, causal: bool = False) -> float:
+    """Share of the ``T·S`` query-key pairs ``method`` scores (``cost().budget``); for ``TopK``, the
+    share it keeps (``fraction``): it scores every pair to choose, but stands for a method that
+    would score only those it keeps."""
+    if isinstance(method, TopK):
+        return method.fraction
+    return method.cost(1, 1, T, S, D, D if Dv is None else Dv, causal=causal).budget
 
 
 def work_share(method: Method, T: int, S: int, D: int, Dv: int | None = None, *, causal: bool = False) -> float:
-    """Share of exact attention's work ``method`` spends on one (batch, head) of these sizes.
-
-    Dot products over ``T·S``; FLOPs over exact attention's for a method that computes no dot
-    product (YOSO-m); the kept share ``fraction`` for ``TopK``, which scores every pair to choose
-    but stands for a method that would score only those it keeps.
-    """
+    """Share of exact attention's work ``method`` spends on one (batch, head) of these sizes:
+    ``pairs_share``, or FLOPs over exact attention's for a method that computes no dot product
+    (YOSO-m: its work is hashing)."""
     Dv = D if Dv is None else Dv
-    if isinstance(method, TopK):
-        return method.fraction
-    cost = method.cost(1, 1, T, S, D, Dv, causal=causal)
-    if isinstance(method, YOSO) and not method.expectation:  # no dot products: its work is hashing
-        return cost.flops / Dense().cost(1, 1, T, S, D, Dv).flops
-    return cost.budget
+    if isinstance(method, YOSO) and not method.expectation:
+        return method.cost(1, 1, T, S, D, Dv, causal=causal).flops / Dense().cost(1, 1, T, S, D, Dv).flops
+    return pairs_share(method, T, S, D, Dv, causal=causal)
 
 
 def for_budget(

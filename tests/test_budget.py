@@ -126,3 +126,10 @@ def test_wrong_types_are_refused_naming_the_argument(kwargs, message):
 def test_long_lengths():
     assert lshattn.for_budget("smyrf", 0.125, 16384, D=64) == lshattn.SMYRF(2, 1024, 1024)
     assert lshattn.for_budget("yoso", 1 / 16, 16384, D=64, num_bits=8) == lshattn.YOSO(num_hashes=128, num_bits=8)
+
+
+def test_pairs_share_is_the_analytic_budget_or_what_the_oracle_keeps():
+    assert lshattn.budget.pairs_share(lshattn.SMYRF(2, 16, 16), 128, 128, 8) == 0.25
+    assert lshattn.budget.pairs_share(lshattn.TopK(fraction=0.125), 128, 128, 8) == 0.125
+    assert lshattn.budget.pairs_share(lshattn.YOSO(num_hashes=4, num_bits=8), 128, 128, 32) == 0.0  # no dot products
+    assert lshattn.work_share(lshattn.YOSO(num_hashes=4, num_bits=8), 128, 128, 32) == 0.25  # its FLOPs

@@ -29,6 +29,7 @@ import torch
 
 import lshattn
 from lshattn.api import parse
+from lshattn.budget import pairs_share
 
 __all__ = ["DemoConfig", "run"]
 
@@ -220,7 +221,7 @@ def task_section(task, methods, tokenizer, model, batch_size: int, seed: int, pr
         exact_flops = lshattn.Dense().cost(1, heads, task.max_length, task.max_length, dim, dim).flops
         rows.append({
             "method": name,
-            "budget": method.fraction if isinstance(method, lshattn.TopK) else cost.budget,  # the oracle: what it keeps
+            "budget": pairs_share(method, task.max_length, task.max_length, dim),
             "flops_ratio": cost.flops / exact_flops,
             "cosine": float((embeddings[name] * exact_x).sum(-1).mean()),
             "accuracy": accuracy[name],
