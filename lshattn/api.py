@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lshattn.cost import Cost
 
-__all__ = ["Method", "Inputs", "attention", "parse", "method_names"]
+__all__ = ["Method", "SparseMethod", "Inputs", "attention", "parse", "method_names"]
 
 
 class Inputs(NamedTuple):
@@ -170,6 +170,42 @@ class Method:
             if getattr(self, f.name) != f.default
         )
         return f"{self.name}:{params}" if params else self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseMethod(Method):
+    """Base of the methods that attend a subset of the pairs: every one takes ``sinks`` and ``window``.
+
+    ``sinks=s``: every query also attends the first s real keys of its sequence, exactly.
+    ``window=w``: every query also attends the real keys within w tokens of its own (ranks among
+    real tokens; causal: the w before it and itself), exactly; None (default) for no window,
+    0 for the own key alone. A covered pair counts as a pair the method's hashing found (once per
+    round for Reformer and SMYRF), whether it found it or not, never twice; the cost and
+    ``dot_products`` include the covered pairs' slots (``lshattn.local``). Keyword-only, so a
+    method's positional fields keep their order.
+    """
+
+    sinks: int = dataclasses.field(default=0, kw_only=True)
+    window: int | None = dataclasses.field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sinks < 0:
+            raise ValueError(f"{type(self).__name__} sinks must be >= 0, got {self.sinks}; 0 attends no sink")
+        if self.window is not None and self.window < 0:
+            raise ValueError(
+                f"{type(self).__name__} window must be None (no window) or >= 0 (the keys within that many "
+                f"tokens of the query), got {self.window}"
+            )
+
+    def _check_local(self, inputs: Inputs) -> None:
+        T, S = inputs.q.shape[2], inputs.k.shape[2]
+        if self.window is not None and T != S:
+            raise ValueError(
+                f"{type(self).__name__}(window={self.window}) needs T == S (the window is around the "
+                f"query's own position), got T={T} queries and S={S} keys; pass window=None for "
+                f"cross-attention (sinks={self.sinks} works at any T and S)"
+            )
 
 
 def method_names() -> list[str]:
@@ -502,6 +538,8 @@ def validate_inputs(
         raise TypeError(f"generator must be a torch.Generator or None, got {_show(generator)}")
     _expect(_flag, return_aux, "return_aux", "a bool", "pass return_aux=True or return_aux=False")
     inputs = Inputs(q, k, v, key_padding_mask, query_padding_mask, causal, scale, generator, dropout_p)
+    if isinstance(method, SparseMethod):
+        method._check_local(inputs)
     method._check_inputs(inputs)
     return inputs
 

@@ -37,6 +37,7 @@ __all__ = [
     "padded_valid",
     "sorted_block_attention",
     "window_positions",
+    "pair_entries",
     "softmax_with_lse",
     "block_softmax",
     "merge_softmax",
@@ -405,6 +406,47 @@ def duplicate_counts(
         diff = k_blk.view_as(k_pos)[..., None, :] - centre.view_as(q_pos)[..., :, None]
         counts += ((diff >= -before) & (diff <= after)).float()
     return counts.clamp_min(1)
+
+
+def pair_entries(
+    q_order: Tensor,
+    k_order: Tensor,
+    key_blocks: Tensor,
+    positions: Tensor,
+    *,
+    q_block: int,
+    k_block: int,
+    before: int,
+    after: int,
+    self_pairs: SelfPairs,
+    correct_duplicates: bool,
+) -> Tensor:
+    """How many times the merged rounds count given pairs: `(B, H, T, A)` int64.
+
+    Pair (t, ``positions[b, t, a]``) enters round r when the key's block lies in the window of
+    the query's block, as ``sorted_block_attention`` attends it: once per such round, with the
+    own-position rule of ``self_pairs`` (not in the blocks unless "none"; R times through the
+    column for "column"); with ``correct_duplicates``, once in all if at all. The caller's pairs
+    must be ones the masks allow (real keys, not after the query when causal). Used to take the
+    pairs a method found out of its softmax (``lshattn.local.merge_local``).
+
+    Args:
+        q_order: `(B, H, R, Tp)`, k_order: `(B, H, R, Sp)` sorted position -> token index.
+        key_blocks: `(B, Nq)` (``matched_key_blocks``). positions: `(B, T, A)` key positions, T <= Tp.
+    """
+    B, H, R, _ = q_order.shape
+    T, A = positions.shape[1], positions.shape[2]
+    centre = query_key_blocks(q_order, q_block, key_blocks)[..., :T]  # (B, H, R, T)
+    key_block = inverse_order(k_order) // k_block  # (B, H, R, Sp)
+    index = positions.reshape(B, 1, 1, T * A).expand(B, H, R, -1)
+    offset = torch.gather(key_block, -1, index).view(B, H, R, T, A) - centre[..., None]
+    counts = ((offset >= -before) & (offset <= after)).sum(2)  # (B, H, T, A)
+    if self_pairs != "none":
+        own = positions == torch.arange(T, device=positions.device).view(1, T, 1)  # (B, T, A)
+        counts = counts.masked_fill(own[:, None], R if self_pairs == "column" else 0)
+    if correct_duplicates:
+        counts = counts.clamp(max=1)
+    return counts
 
 
 def softmax_with_lse(scores: Tensor) -> tuple[Tensor, Tensor]:

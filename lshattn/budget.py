@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from lshattn.api import Method, parse
+from lshattn.local import local_cost
 from lshattn.methods import SMYRF, YOSO, Dense, RandomClusters, Reformer, SimHash, TopK
 
 __all__ = ["for_budget", "pairs_share", "work_share"]
@@ -31,10 +32,12 @@ __all__ = ["for_budget", "pairs_share", "work_share"]
 
 def pairs_share(method: Method, T: int, S: int, D: int, Dv: int | None = None, *, causal: bool = False) -> float:
     """Share of the ``T·S`` query-key pairs ``method`` scores (``cost().budget``); for ``TopK``, the
-    share it keeps (``fraction``): it scores every pair to choose, but stands for a method that
-    would score only those it keeps."""
+    share it keeps (``fraction`` of the pairs besides those its ``sinks`` and ``window`` cover,
+    and those): it scores every pair to choose, but stands for a method that would score only
+    those it keeps."""
     if isinstance(method, TopK):
-        return method.fraction
+        covered = local_cost(1, 1, T, S, D, D, method.sinks, method.window, causal=causal).budget
+        return covered + method.fraction * (1 - covered)
     return method.cost(1, 1, T, S, D, D if Dv is None else Dv, causal=causal).budget
 
 
@@ -83,7 +86,7 @@ def for_budget(
         raise ValueError(
             f"{name} has no field {', '.join(sorted(set(fixed) - fields))}; its fields: {', '.join(sorted(fields))}"
         )
-    knob, candidates = _knob(type(base), fraction, T, S, fixed)
+    knob, candidates = _knob(type(base), fraction, T, S, fixed, causal)
     if knob in fixed:
         raise ValueError(f"{name}'s budget turns {knob}: leave it out of the fixed fields {sorted(fixed)}")
     best: tuple[float, Method] | None = None
@@ -118,11 +121,11 @@ def _check_types(fraction: Any, **sizes: Any) -> None:
             raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}); pass e.g. {name}=512")
 
 
-def _knob(cls: type, fraction: float, T: int, S: int, fixed: dict) -> tuple[str, Iterable[dict]]:
+def _knob(cls: type, fraction: float, T: int, S: int, fixed: dict, causal: bool) -> tuple[str, Iterable[dict]]:
     """The field the budget turns for ``cls`` and the field values to try (largest first)."""
     turns: dict[type, tuple[str, Callable[[], Iterable[dict]]]] = {
         Dense: ("", lambda: [{}]),
-        TopK: ("fraction", lambda: [{"fraction": fraction}]),
+        TopK: ("fraction", lambda: _topk_fractions(fraction, T, S, fixed, causal)),
         SMYRF: ("k_cluster_size", lambda: (_clusters(c, T, S) for c in range(S, 0, -1))),
         RandomClusters: ("k_cluster_size", lambda: (_clusters(c, T, S) for c in range(S, 0, -1))),
         Reformer: ("bucket_size", lambda: (_buckets(b, S, fixed) for b in range(max(T, S), 0, -1))),
@@ -131,6 +134,16 @@ def _knob(cls: type, fraction: float, T: int, S: int, fixed: dict) -> tuple[str,
     }
     knob, candidates = turns[cls]
     return knob, candidates()
+
+
+def _topk_fractions(fraction: float, T: int, S: int, fixed: dict, causal: bool) -> list[dict]:
+    """The oracle's ``fraction`` that keeps ``fraction`` of the pairs with its sinks and window
+    (the smallest there is, for ``for_budget`` to refuse, when they alone spend more)."""
+    covered = local_cost(1, 1, T, S, 1, 1, fixed.get("sinks", 0), fixed.get("window"), causal=causal).budget
+    if covered >= 1:
+        return [{"fraction": 1.0}]
+    rest = (fraction - covered) / (1 - covered)
+    return [{"fraction": min(1.0, rest) if rest > 0 else 1e-9}]
 
 
 def _clusters(k_cluster_size: int, T: int, S: int) -> dict:

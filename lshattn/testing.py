@@ -18,6 +18,8 @@ from torch import Tensor
 
 __all__ = [
     "collisions_from_aux",
+    "covered_pairs",
+    "covered_by",
     "exact_derivative_reference",
     "simhash_brute_force",
     "simhash_reference",
@@ -111,6 +113,49 @@ def dense_reference(
     return _zero_padded_queries(out, query_padding_mask)
 
 
+def covered_pairs(
+    B: int, T: int, S: int, *, sinks: int = 0, window: int | None = None, key_padding_mask: Tensor | None = None,
+    query_padding_mask: Tensor | None = None, causal: bool = False, own_key: bool = True, device="cpu",
+) -> Tensor:  # fmt: skip
+    """`(B, 1, T, S)` bool: the pairs ``sinks`` and ``window`` cover, from their definition.
+
+    Tokens are ranked among the real ones (keys by the key mask; queries by the query mask, or
+    by the key mask when only keys are masked and T == S). A real key is covered for query i
+    when its rank is below ``sinks``, or within ``window`` of the query's rank (causal: at most
+    ``window`` below it, not above); causal attention also hides keys after the query;
+    ``own_key=False`` leaves out the query's own position.
+    """
+    key_real = torch.ones(B, S, dtype=torch.bool, device=device) if key_padding_mask is None else key_padding_mask
+    query_ref = query_padding_mask
+    if query_ref is None:
+        query_ref = key_padding_mask if T == S and key_padding_mask is not None else torch.ones(B, T, dtype=torch.bool)
+    key_rank = key_real.long().cumsum(1) - key_real.long()  # real keys before each position
+    query_rank = query_ref.long().cumsum(1) - query_ref.long()
+    gap = key_rank[:, None, :] - query_rank[:, :, None]  # (B, T, S)
+    covered = (key_rank < sinks)[:, None, :].expand(B, T, S)
+    if window is not None:
+        near = (gap <= 0) if causal else (gap <= window)
+        covered = covered | (near & (gap >= -window))
+    covered = covered & key_real[:, None, :]
+    if causal:
+        covered = covered & torch.ones(T, S, dtype=torch.bool, device=device).tril()
+    if not own_key:
+        covered = covered & ~torch.eye(T, S, dtype=torch.bool, device=device)
+    return covered[:, None]
+
+
+def covered_by(method, q: Tensor, k: Tensor, *, key_padding_mask=None, query_padding_mask=None, causal=False,
+               **_) -> Tensor:  # fmt: skip
+    """``covered_pairs`` for a method spec's ``sinks`` and ``window`` on these inputs (shared-QK
+    Reformer never attends the own position)."""
+    own_key = not getattr(method, "shared_qk", False)
+    return covered_pairs(
+        q.shape[0], q.shape[2], k.shape[2], sinks=getattr(method, "sinks", 0), window=getattr(method, "window", None),
+        key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, causal=causal, own_key=own_key,
+        device=q.device,
+    )  # fmt: skip
+
+
 def reformer_rounds(aux, chunks_before: int, chunks_after: int) -> Tensor:
     """`(B, H, R, T, S)` bool: pairs inside one window of a round, from a ``ReformerAux``."""
     diff = aux.key_chunks[..., None, :] - aux.query_chunks[..., :, None]
@@ -125,7 +170,7 @@ def smyrf_rounds(aux) -> Tensor:
 def rounds_reference(
     q: Tensor, k: Tensor, v: Tensor, in_round: Tensor, *, key_padding_mask: Tensor | None = None,
     query_padding_mask: Tensor | None = None, causal: bool = False, self_pairs: str = "none",
-    correct_duplicates: bool = False, scale: float | None = None,
+    correct_duplicates: bool = False, scale: float | None = None, covered: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Multi-round sparse attention, as one softmax over a dense table of entry counts.
 
@@ -134,7 +179,8 @@ def rounds_reference(
     ``lshattn.blocks.SelfPairs``: "exclude" never attends the own position unless nothing else
     is visible in any round (then the output is the own value, if that key is real), "column"
     attends it once per round on top of the round's pairs (if that key is real). Both need T == S.
-    Padded queries, and queries with no entry, output zeros.
+    Padded queries, and queries with no entry, output zeros. ``covered`` `(B, 1, T, S)` (from
+    ``covered_pairs``): pairs that count as found by every round, whatever the rounds did.
 
     Args:
         q `(B, H, T, D)`, k `(B, H, S, D)`, v `(B, H, S, Dv)`.
@@ -154,6 +200,8 @@ def rounds_reference(
     if self_pairs == "column":
         own_real = own if key_padding_mask is None else own & key_padding_mask[:, None, None, :]
         counts = counts + R * own_real
+    if covered is not None:
+        counts = torch.where(covered, R, counts)
     weights = counts > 0 if correct_duplicates else counts
     out = _weighted_softmax(q @ k.transpose(-1, -2) * scale, weights, v)
     if self_pairs == "exclude":
@@ -198,14 +246,18 @@ def collisions_from_aux(aux, rule: str) -> Tensor:
 
 
 def simhash_reference(
-    q, k, v, collide, *, faithful: bool, key_padding_mask=None, query_padding_mask=None, causal=False, scale=None
-):
+    q, k, v, collide, *, faithful: bool, key_padding_mask=None, query_padding_mask=None, causal=False, scale=None,
+    covered=None,
+):  # fmt: skip
     """The BERT-LSH attention, densely in float64.
 
     Every key query i may see is a softmax entry: colliding pairs (``collide`` `(B, H, T, S)`
     bool) with logit ``scale·q_i·k_j``, the others with logit 0 (faithful) or left out
-    (sparse). A query with no entry, and a padded query, gets zeros.
+    (sparse). A query with no entry, and a padded query, gets zeros. ``covered`` pairs
+    (``covered_pairs``) count as colliding.
     """
+    if covered is not None:
+        collide = collide | covered
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = _real(q, query_padding_mask), _real(k, key_padding_mask), _real(v, key_padding_mask)
     visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
@@ -219,7 +271,10 @@ def simhash_reference(
 
 def simhash_brute_force(method, q, k, v, aux, **kw):
     """``Entry.brute_force`` for SimHash: the reference over the collisions ``aux`` reports."""
-    return simhash_reference(q, k, v, collisions_from_aux(aux, method.rule), faithful=method.mode == "faithful", **kw)
+    return simhash_reference(
+        q, k, v, collisions_from_aux(aux, method.rule), faithful=method.mode == "faithful",
+        covered=covered_by(method, q, k, **kw), **kw,
+    )  # fmt: skip
 
 
 # --- YOSO -------------------------------------------------------------------------------------------
@@ -274,7 +329,7 @@ def exact_derivative_reference(x, num_bits, clamp=0.99):
 
 def yoso_lsh_reference(
     q, k, v, query_codes, key_codes, *, num_bits, backward, normalize_output=True, key_padding_mask=None,
-    query_padding_mask=None, causal=False,
+    query_padding_mask=None, causal=False, covered=None,
 ):  # fmt: skip
     """YOSO-m given its codes, densely in float64, with the paper's gradient rules.
 
@@ -282,6 +337,8 @@ def yoso_lsh_reference(
     q and k given the codes; their gradients are those of the surrogate
     ``Σ_j φ(q̂_i·k̂_j) v_j`` (value 0 added to Y), with ``φ'`` = (τ/2)·(collision fraction)
     ("approx") or the exact kernel derivative on pairs colliding in some hash ("exact").
+    ``covered`` pairs (``covered_pairs``) take YOSO-E's weight and slope instead: the exact
+    kernel, and (τ/2)·kernel or the exact derivative.
 
     Args:
         query_codes: `(B, H, m, T)` integer codes. key_codes: `(B, H, m, S)`.
@@ -292,12 +349,18 @@ def yoso_lsh_reference(
     if query_padding_mask is not None:
         visible = visible & query_padding_mask[:, None, :, None]
     hits = (query_codes[..., :, None] == key_codes[..., None, :]).sum(2) * visible  # (B, H, T, S)
-    y = hits.double() @ v / m
+    weight = hits.double() / m
     cosine = _unit(q) @ _unit(k).transpose(-1, -2)
     if backward == "approx":
-        slope = (num_bits / 2) * hits.double() / m
+        slope = (num_bits / 2) * weight
     else:
         slope = (hits > 0).double() * exact_derivative_reference(cosine.detach(), num_bits)
+    if covered is not None:
+        kernel = (1 - torch.acos(torch.clamp(cosine.detach(), -1.0, 1.0)) / math.pi) ** num_bits
+        exact_slope = (num_bits / 2) * kernel if backward == "approx" else exact_derivative_reference(cosine.detach(), num_bits)
+        weight = torch.where(covered, kernel, weight)
+        slope = torch.where(covered, exact_slope, slope)
+    y = weight @ v
     surrogate = (slope * cosine) @ v.detach()
     y = y + (surrogate - surrogate.detach())
     return _finish_yoso(y, normalize_output, query_padding_mask)
@@ -308,5 +371,5 @@ def yoso_brute_force(method, q, k, v, aux, **kw):
     kw.pop("scale", None)
     return yoso_lsh_reference(
         q, k, v, aux.query_codes, aux.key_codes, num_bits=method.num_bits, backward=method.backward,
-        normalize_output=method.normalize_output, **kw,
+        normalize_output=method.normalize_output, covered=covered_by(method, q, k, **kw), **kw,
     )  # fmt: skip

@@ -107,7 +107,7 @@ def _sorted_rounds_reference(pattern: Callable, self_pairs: Callable, keys: Call
         return testing.rounds_reference(
             q, keys(q, k), v, pattern(method, aux),
             self_pairs=self_pairs(kw.get("causal", False)),
-            correct_duplicates=method.correct_duplicates, **kw,
+            correct_duplicates=method.correct_duplicates, covered=testing.covered_by(method, q, k, **kw), **kw,
         )  # fmt: skip
 
     return reference
@@ -133,7 +133,7 @@ def _reformer(**kw) -> Entry:
             keys=(lambda q, k: F.normalize(q, dim=-1)) if shared else (lambda q, k: k),
         ),
         shared_qk=shared,
-        cross=not shared,
+        cross=not shared and method.window is None,
         strictly_causal=False,
     )
 
@@ -147,6 +147,7 @@ def _smyrf(cls=lshattn.SMYRF, **kw) -> Entry:
             pattern=lambda m, aux: testing.smyrf_rounds(aux),
             self_pairs=lambda causal: "column" if causal else "none",
         ),
+        cross=method.window is None,
         strictly_causal=False,
     )
 
@@ -169,6 +170,14 @@ METHODS = {
     "random-clusters": _smyrf(lshattn.RandomClusters, num_hashes=2, q_cluster_size=6, k_cluster_size=8),
     # Clusters and buckets larger than any sequence here: clamped to it, so exact attention
     # (which is strictly causal).
+    # Sinks and a window (lshattn.local): pairs every round counts, merged with what the rounds found.
+    "smyrf-local": _smyrf(num_hashes=2, q_cluster_size=6, k_cluster_size=8, sinks=2, window=3),
+    "smyrf-sinks-dedup": _smyrf(num_hashes=3, q_cluster_size=4, k_cluster_size=4, correct_duplicates=True, sinks=3),
+    "random-local": _smyrf(lshattn.RandomClusters, num_hashes=1, q_cluster_size=5, k_cluster_size=5, window=0),
+    "reformer-shared-local": _reformer(num_hashes=2, bucket_size=8, num_buckets=8, sinks=1, window=2),
+    "reformer-separate-local": _reformer(
+        num_hashes=2, bucket_size=4, num_buckets=8, shared_qk=False, correct_duplicates=True, sinks=2, window=1
+    ),
     "smyrf-huge": dataclasses.replace(
         _smyrf(num_hashes=1, q_cluster_size=4096, k_cluster_size=300), strictly_causal=True
     ),
@@ -187,6 +196,7 @@ def _simhash(**kw) -> Entry:
         brute_force=testing.simhash_brute_force,
         data_dependent_cost=True,
         zero_free=method.mode == "faithful",
+        cross=method.window is None,
     )
 
 
@@ -197,6 +207,8 @@ METHODS.update(
         "simhash-all": _simhash(num_hashes=2, num_bits=1, rule="all"),
         "simhash-all-sparse": _simhash(num_hashes=3, num_bits=1, rule="all", mode="sparse"),
         "simhash-62-bits": dataclasses.replace(_simhash(num_hashes=2, num_bits=62), near_keys=True),  # longest code
+        "simhash-local": _simhash(num_hashes=1, num_bits=3, sinks=2, window=2),
+        "simhash-sparse-sinks": _simhash(num_hashes=2, num_bits=4, mode="sparse", sinks=3),
     }
 )
 
@@ -212,6 +224,7 @@ def _yoso(**kw) -> Entry:
         brute_force=testing.yoso_brute_force,
         uses_scale=False,
         zero_free=method.expectation,
+        cross=method.window is None,
     )
 
 
@@ -227,6 +240,8 @@ METHODS.update(
         "yoso-62-bits": dataclasses.replace(
             _yoso(num_hashes=4, num_bits=62, backward="exact"), near_keys=True, exact_dtype=torch.float64
         ),
+        "yoso-local": _yoso(num_hashes=8, num_bits=3, sinks=2, window=2),
+        "yoso-exact-grad-sinks": _yoso(num_hashes=4, num_bits=6, backward="exact", sinks=3),
     }
 )
 
@@ -235,8 +250,14 @@ def _topk(**kw) -> Entry:
     method = lshattn.TopK(**kw)
     return Entry(
         method=method, exact=dataclasses.replace(method, fraction=1.0), brute_force=testing.topk_brute_force,
-        draws_hashes=False,
+        draws_hashes=False, cross=method.window is None,
     )
 
 
-METHODS.update({"topk": _topk(fraction=0.3), "topk-tail": _topk(fraction=0.1, tail=True)})
+METHODS.update(
+    {
+        "topk": _topk(fraction=0.3),
+        "topk-tail": _topk(fraction=0.1, tail=True),
+        "topk-local": _topk(fraction=0.1, tail=True, sinks=1, window=1),
+    }
+)

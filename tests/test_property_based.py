@@ -73,9 +73,14 @@ class Setting:
         return isinstance(self.method, lshattn.Reformer) and self.method.shared_qk
 
     @property
+    def window(self) -> int | None:
+        return getattr(self.method, "window", None)
+
+    @property
     def cross(self) -> bool:
-        """Whether T ≠ S is allowed (without causal): every method but shared-QK Reformer."""
-        return not self.shared_qk
+        """Whether T ≠ S is allowed (without causal): every method but shared-QK Reformer and a
+        method with a window (around the query's own position)."""
+        return not self.shared_qk and self.window is None
 
     @property
     def strictly_causal(self) -> bool:
@@ -102,7 +107,13 @@ def _bits(low: int, high: int) -> st.SearchStrategy[int]:
 def _simhash(draw) -> lshattn.SimHash:
     num_hashes, rule = draw(st.integers(1, 4)), draw(st.sampled_from(["any", "all"]))
     num_bits = draw(_bits(0, 62 if rule == "any" else 62 // num_hashes))  # "all": h·b <= 62
-    return lshattn.SimHash(num_hashes, num_bits, rule, draw(st.sampled_from(["faithful", "sparse"])))
+    mode = draw(st.sampled_from(["faithful", "sparse"]))
+    return lshattn.SimHash(num_hashes, num_bits, rule, mode, sinks=draw(SINKS), window=draw(WINDOWS))
+
+
+# Sinks and windows (lshattn.local) in about half the settings of every method but Dense.
+SINKS = st.sampled_from([0, 0, 0, 1, 2, 5])
+WINDOWS = st.sampled_from([None, None, None, 0, 1, 3])
 
 
 def _clustered(cls) -> st.SearchStrategy:
@@ -113,6 +124,8 @@ def _clustered(cls) -> st.SearchStrategy:
         q_cluster_size=st.integers(1, MAX_BLOCK),
         k_cluster_size=st.integers(1, MAX_BLOCK),
         correct_duplicates=st.booleans(),
+        sinks=SINKS,
+        window=WINDOWS,
     )
 
 
@@ -129,6 +142,8 @@ _METHODS = {
         chunks_after=st.integers(0, 2),
         shared_qk=st.booleans(),
         correct_duplicates=st.booleans(),
+        sinks=SINKS,
+        window=WINDOWS,
     ),
     "simhash": _simhash(),
     "yoso": st.builds(
@@ -138,11 +153,15 @@ _METHODS = {
         expectation=st.booleans(),
         backward=st.sampled_from(["approx", "exact"]),
         normalize_output=st.booleans(),
+        sinks=SINKS,
+        window=WINDOWS,
     ),
     "topk": st.builds(
         lshattn.TopK,
         fraction=st.one_of(st.sampled_from([1e-3, 0.1, 0.25, 0.5, 1.0]), st.floats(1e-3, 1.0)),
         tail=st.booleans(),
+        sinks=SINKS,
+        window=WINDOWS,
     ),
 }
 
@@ -366,7 +385,9 @@ def specs(
     if mode == "query":
         queries = draw(pads(B, T))
     if mode == "both":
-        same = T == S and ((causal and aligned) or setting.shared_qk or draw(st.booleans()))
+        # A window needs each sequence's real queries and keys to be the same tokens when
+        # ``aligned``: the per-sequence reference is a self-attention of its real tokens.
+        same = T == S and ((aligned and (causal or setting.window is not None)) or setting.shared_qk or draw(st.booleans()))
         queries = keys if same else draw(pads(B, T))
     return Spec(
         B=B, H=H, T=T, S=S, D=D, Dv=Dv, dtype=draw(st.sampled_from(dtypes)), keys=keys, queries=queries,
@@ -400,21 +421,22 @@ def brute_force(setting: Setting, q, k, v, aux, **kw) -> torch.Tensor:
     causal = kw.get("causal", False)
     if isinstance(method, lshattn.Dense):
         return testing.dense_reference(q, k, v, **kw)
+    covered = testing.covered_by(method, q, k, **kw) if not isinstance(method, lshattn.Dense) else None
     if isinstance(method, lshattn.SMYRF):
         return testing.rounds_reference(
             q, k, v, testing.smyrf_rounds(aux), self_pairs="column" if causal else "none",
-            correct_duplicates=method.correct_duplicates, **kw,
+            correct_duplicates=method.correct_duplicates, covered=covered, **kw,
         )  # fmt: skip
     if isinstance(method, lshattn.Reformer):
         in_round = testing.reformer_rounds(aux, method.chunks_before, method.chunks_after)
         if method.shared_qk:  # keys are the unit queries; a token sees itself only when alone
             return testing.rounds_reference(
                 q, F.normalize(q, dim=-1), v, in_round, self_pairs="exclude",
-                correct_duplicates=method.correct_duplicates, **kw,
+                correct_duplicates=method.correct_duplicates, covered=covered, **kw,
             )  # fmt: skip
         return testing.rounds_reference(
             q, k, v, in_round, self_pairs="column" if causal else "none",
-            correct_duplicates=method.correct_duplicates, **kw,
+            correct_duplicates=method.correct_duplicates, covered=covered, **kw,
         )  # fmt: skip
     if isinstance(method, lshattn.SimHash):
         return testing.simhash_brute_force(method, q, k, v, aux, **kw)
@@ -462,9 +484,11 @@ def tolerance(x: Inputs, method: lshattn.Method | None = None) -> dict:
 
 
 def angle_error(x: Inputs, method: lshattn.Method | None, dtype: torch.dtype) -> tuple[float, float]:
-    """(atol, rtol) of YOSO-E's outputs from its angles computed in ``dtype`` (``tolerance``);
-    (0, 0) for every other method."""
-    if not (isinstance(method, lshattn.YOSO) and method.expectation):
+    """(atol, rtol) of YOSO-E's outputs from its angles computed in ``dtype`` (``tolerance``), and
+    of YOSO-m's with sinks or a window, whose covered pairs take the exact kernel; (0, 0) for
+    every other method."""
+    exact_kernel = isinstance(method, lshattn.YOSO) and (method.expectation or method.sinks or method.window is not None)
+    if not exact_kernel:
         return 0.0, 0.0
     weight_error = method.num_bits * math.sqrt(2 * 8 * torch.finfo(dtype).eps) / math.pi
     largest_value = float(_real_values(x).abs().max()) if x.v.numel() else 0.0

@@ -246,7 +246,9 @@ def test_parse_round_trip_and_defaults():
     assert lshattn.parse(str(method)) == method
     assert str(method) == "simhash:num_hashes=2,num_bits=4,rule=all,mode=sparse"
     assert lshattn.parse("simhash") == lshattn.SimHash()
-    assert dataclasses.asdict(lshattn.SimHash()) == dict(num_hashes=1, num_bits=8, rule="any", mode="faithful")
+    assert dataclasses.asdict(lshattn.SimHash()) == dict(
+        num_hashes=1, num_bits=8, rule="any", mode="faithful", sinks=0, window=None
+    )
 
 
 @pytest.mark.parametrize(

@@ -34,13 +34,19 @@ CLASSES = sorted(CLASS_SPECS, key=lambda cls: cls.__name__)
 
 
 def fields_of_kind(kind: str) -> list:
-    """``(class, field name)`` of every spec field whose hint is ``int``, ``float``, ``bool`` or a Literal."""
+    """``(class, field name)`` of every spec field whose hint is ``int``, ``float``, ``bool``, a
+    Literal or ``int | None`` ("optional int")."""
     found = []
     for cls in CLASSES:
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             hint = hints[field.name]
-            hint_kind = "literal" if typing.get_origin(hint) is typing.Literal else hint.__name__
+            if typing.get_origin(hint) is typing.Literal:
+                hint_kind = "literal"
+            elif hint == (int | None):
+                hint_kind = "optional int"
+            else:
+                hint_kind = hint.__name__
             if hint_kind == kind:
                 found.append(pytest.param(cls, field.name, id=f"{cls.__name__}.{field.name}"))
     return found
@@ -48,6 +54,7 @@ def fields_of_kind(kind: str) -> list:
 
 INT_FIELDS, FLOAT_FIELDS = fields_of_kind("int"), fields_of_kind("float")
 BOOL_FIELDS, LITERAL_FIELDS = fields_of_kind("bool"), fields_of_kind("literal")
+OPTIONAL_INT_FIELDS = fields_of_kind("optional int")
 
 
 def qkv(B=2, H=3, T=20, S=20, D=16, Dv=16):
@@ -159,11 +166,11 @@ def given_text(value) -> str:
 
 
 def test_fields_of_every_kind_are_covered():
-    """Every spec field is an int, a float, a bool or a Literal: a new kind needs its own tests here."""
-    assert len(INT_FIELDS) + len(FLOAT_FIELDS) + len(BOOL_FIELDS) + len(LITERAL_FIELDS) == sum(
-        len(dataclasses.fields(cls)) for cls in CLASSES
-    )
-    assert INT_FIELDS and FLOAT_FIELDS and BOOL_FIELDS and LITERAL_FIELDS
+    """Every spec field is an int, a float, a bool, a Literal or an optional int: a new kind
+    needs its own tests here."""
+    kinds = INT_FIELDS, FLOAT_FIELDS, BOOL_FIELDS, LITERAL_FIELDS, OPTIONAL_INT_FIELDS
+    assert sum(map(len, kinds)) == sum(len(dataclasses.fields(cls)) for cls in CLASSES)
+    assert all(kinds)
 
 
 @pytest.mark.parametrize("cls, field", INT_FIELDS)
@@ -173,6 +180,24 @@ def test_int_fields_refuse_bools_floats_strings_and_tensors(cls, field, value):
     shown = re.escape(" ".join(repr(value).split()))
     with pytest.raises(TypeError, match=rf"{cls.__name__} {field} must be an int, got {shown} .*; pass e\.g\. {field}="):
         cls(**{field: value})
+
+
+@pytest.mark.parametrize("cls, field", OPTIONAL_INT_FIELDS)
+@pytest.mark.parametrize("value", [True, False, 2.5, 2.0, "2", "None", [2], torch.tensor(2)], ids=repr)
+def test_optional_int_fields_refuse_bools_floats_strings_and_tensors(cls, field, value):
+    shown = re.escape(" ".join(repr(value).split()))
+    with pytest.raises(TypeError, match=rf"{cls.__name__} {field} must be an int or None, got {shown} .*; pass e\.g\. {field}="):
+        cls(**{field: value})
+
+
+@pytest.mark.parametrize("cls, field", OPTIONAL_INT_FIELDS)
+def test_optional_int_fields_take_none_and_ints_and_read_back(cls, field):
+    assert getattr(cls(**{field: None}), field) is None
+    spec = cls(**{field: 3})
+    assert getattr(spec, field) == 3 and lshattn.parse(str(spec)) == spec
+    assert lshattn.parse(f"{cls.name}:{field}=None") == cls(**{field: None})
+    with pytest.raises(ValueError, match=rf"{cls.__name__} {field} must fit in int64"):
+        cls(**{field: 2**63})
 
 
 @pytest.mark.parametrize("cls, field", FLOAT_FIELDS)
@@ -239,7 +264,8 @@ def test_literal_fields_take_only_their_options(cls, field):
 def test_numpy_scalars_are_accepted_and_normalised(cls, int_type):
     """A numpy scalar is a valid setting and becomes a Python one: equality, hashing and the
     string form are those of the Python value."""
-    plain = cls()  # the defaults fit every integer type tried
+    # The defaults fit every integer type tried; an optional int is given a value to convert.
+    plain = cls(**{name: 2 for cls_, name in (p.values for p in OPTIONAL_INT_FIELDS) if cls_ is cls})
     numpy_kind = {int: int_type, float: np.float64, bool: np.bool_, str: np.str_}
     kwargs = {f.name: numpy_kind[type(getattr(plain, f.name))](getattr(plain, f.name)) for f in dataclasses.fields(cls)}
     spec = cls(**kwargs)
@@ -346,6 +372,7 @@ def test_parse_refuses_duplicate_keys(text):
     "cls, field, raw, expected",
     [pytest.param(*p.values, raw, "int", id=f"{p.id}={raw}") for p in INT_FIELDS for raw in ("2.5", "two", "True", "")]
     + [pytest.param(*p.values, raw, "bool", id=f"{p.id}={raw}") for p in BOOL_FIELDS for raw in ("no", "1", "FALSE")]
+    + [pytest.param(*p.values, raw, r"int \| None", id=f"{p.id}={raw}") for p in OPTIONAL_INT_FIELDS for raw in ("2.5", "none", "")]
     + [pytest.param(*p.values, "other", r"Literal\[", id=f"{p.id}=other") for p in LITERAL_FIELDS],
 )
 def test_parse_refuses_values_that_do_not_read_as_the_field_type(cls, field, raw, expected):

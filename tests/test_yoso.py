@@ -276,7 +276,7 @@ def test_parse_round_trip_and_defaults():
     assert lshattn.parse(str(method)) == method
     assert lshattn.parse("yoso:expectation=true") == lshattn.YOSO(expectation=True)
     assert dataclasses.asdict(lshattn.YOSO()) == dict(
-        num_hashes=32, num_bits=9, expectation=False, backward="approx", normalize_output=True
+        num_hashes=32, num_bits=9, expectation=False, backward="approx", normalize_output=True, sinks=0, window=None
     )
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lshattn.api import Inputs, Method
+from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import (
     block_layout,
     compute_dtype,
@@ -18,11 +18,20 @@ from lshattn.blocks import (
     merge_rounds,
     pad_tokens,
     padded_valid,
+    pair_entries,
     query_key_blocks,
     sorted_block_attention,
 )
 from lshattn.cost import Cost, sorted_blocks_cost
-from lshattn.hashing import MAX_BUCKETS_PER_FACTOR, angular_buckets, angular_factors, draw_normal, inverse_order, sort_order
+from lshattn.hashing import (
+    MAX_BUCKETS_PER_FACTOR,
+    angular_buckets,
+    angular_factors,
+    draw_normal,
+    inverse_order,
+    sort_order,
+)
+from lshattn.local import add_local_cost, local_cost, local_pairs, local_scores, merge_local, with_entries
 
 __all__ = ["Reformer", "ReformerAux"]
 
@@ -41,7 +50,8 @@ class ReformerAux(NamedTuple):
         query_chunks: `(B, H, R, T)` the key chunk each query's window is centred on: the chunk
             of the query after the sort when queries and keys fill as many chunks.
         key_chunks: `(B, H, R, S)` chunk of each key after the sort.
-        dot_products: scores computed (B·H summed; padding slots included).
+        dot_products: scores computed (B·H summed; padding slots included), the slots of
+            ``sinks`` and ``window`` included.
     """
 
     buckets: Tensor
@@ -52,7 +62,7 @@ class ReformerAux(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Reformer(Method):
+class Reformer(SparseMethod):
     """Reformer LSH attention (Kitaev et al. 2020).
 
     Each round hashes tokens with angular LSH, ``bucket = argmax([xR, −xR])`` for a random
@@ -89,6 +99,11 @@ class Reformer(Method):
     ``causal=True`` masks keys after the query (comparing original positions). With
     ``shared_qk=False`` every query also attends to its own position's key once per round, so it
     always has a visible key.
+
+    ``sinks`` and ``window`` (``lshattn.SparseMethod``) add exact pairs the buckets may miss: a
+    covered pair counts as one every round found (once with ``correct_duplicates``). With
+    ``shared_qk`` the own position stays out of them too; a token attends to itself only when
+    no other key, covered or found, is visible.
 
     Cost per round: ``T·(chunks_before + 1 + chunks_after)·bucket_size`` scores (see ``cost``).
     """
@@ -177,10 +192,22 @@ class Reformer(Method):
             scale=inputs.scale, dropout_p=inputs.dropout_p,
         )  # fmt: skip
         out, lse = merge_rounds(result.out, result.lse)
+        dot_products = result.dot_products
+        pairs = local_pairs(inputs, self.sinks, self.window, own_key=not self.shared_qk)
+        if pairs is not None:
+            entries = pair_entries(
+                q_order, k_order, key_blocks, pairs.positions, q_block=layout.q_block, k_block=layout.k_block,
+                before=before, after=after, self_pairs=self_pairs, correct_duplicates=self.correct_duplicates,
+            )  # fmt: skip
+            scores, values = local_scores(q_pad[:, :, :T], k_pad, v_pad, pairs, inputs.scale)
+            kept = with_entries(scores, 1 if self.correct_duplicates else self.num_hashes)
+            out, lse = merge_local(out[:, :, :T], lse[:, :, :T], kept, with_entries(scores, entries), values)
+            dot_products += B * H * T * pairs.slots
         if self.shared_qk:
             # A token attends to itself only when no other key was visible in any round.
-            alone = torch.isinf(lse) & k_valid[:, None, :]
-            out = torch.where(alone[..., None], v_pad, out)
+            length = out.shape[2]  # T == S: the padded queries are the padded keys
+            alone = torch.isinf(lse) & k_valid[:, None, :length]
+            out = torch.where(alone[..., None], v_pad[:, :, :length], out)
         out = finish_output(out, T, inputs.query_padding_mask, q.dtype)
 
         def real(x: Tensor, valid: Tensor, length: int) -> Tensor:
@@ -191,7 +218,7 @@ class Reformer(Method):
             key_buckets=real(k_buckets, k_valid, S),
             query_chunks=query_key_blocks(q_order, layout.q_block, key_blocks)[..., :T],
             key_chunks=(inverse_order(k_order) // layout.k_block)[..., :S],
-            dot_products=result.dot_products,
+            dot_products=dot_products,
         )
         return out, aux
 
@@ -203,17 +230,19 @@ class Reformer(Method):
         up to a multiple of c, windows of ``w = (before + 1 + after)·min(bucket_size, S)`` keys
         (before and after clamped to the other key chunks), and hashing
         ``2·B·H·R·(Tp + n·Sp)·D·Σfactors/2`` flops with n = 0 (shared QK) or 1.
-        An own-key column is added when causal with separate Q and K."""
+        An own-key column is added when causal with separate Q and K; and the slots of ``sinks``
+        and ``window`` (``lshattn.local.local_cost``)."""
         layout = block_layout(T, S, self.bucket_size, self.bucket_size)
         before, after = (min(n, layout.k_blocks - 1) for n in (self.chunks_before, self.chunks_after))
         rotations = sum(angular_factors(self.num_buckets)) // 2
         hashed = layout.padded_queries + (0 if self.shared_qk else layout.padded_keys)
-        return sorted_blocks_cost(
+        cost = sorted_blocks_cost(
             B=B, H=H, T=T, S=S, D=D, Dv=Dv, rounds=self.num_hashes, padded_queries=layout.padded_queries,
             q_block=layout.q_block, window=(before + 1 + after) * layout.k_block,
             self_column=causal and not self.shared_qk,
             hashing_flops=2 * B * H * self.num_hashes * hashed * D * rotations, itemsize=itemsize,
         )  # fmt: skip
+        return add_local_cost(cost, local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal), itemsize)
 
 
 def _same_mask(a: Tensor | None, b: Tensor | None) -> bool:

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lshattn.api import Inputs, Method
+from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output, pad_length
 from lshattn.cost import Cost
-from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, simhash_codes, simhash_flops
+from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, gather_rows, simhash_codes, simhash_flops
+from lshattn.local import LocalPairs, add_local_cost, local_cost, local_pairs, local_scores, merge_local
 
 __all__ = [
     "SimHash",
@@ -62,7 +63,8 @@ class SimHashAux(NamedTuple):
         query_codes: `(B, H, R, T)` int64 code of each query in each of the R = num_hashes tables.
         key_codes: `(B, H, R, S)` likewise for keys.
         dot_products: colliding visible pairs scored, each pair once however many tables it
-            collides in (B·H summed, real queries only): the paper's dot-product count.
+            collides in (B·H summed, real queries only): the paper's dot-product count; plus
+            the slots of ``sinks`` and ``window``.
         scores_computed: query–key products the blocked implementation evaluated, colliding
             or not (at least ``dot_products``; the rest is the price of working in blocks).
     """
@@ -74,7 +76,7 @@ class SimHashAux(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class SimHash(Method):
+class SimHash(SparseMethod):
     """SimHash attention (BERT-LSH, Li & Yip 2024): softmax over the pairs whose codes collide.
 
     Queries and keys are hashed by the same ``num_hashes`` tables of ``num_bits`` sign bits of
@@ -104,6 +106,10 @@ class SimHash(Method):
     ``causal=True`` counts only keys at positions <= the query's, both for collisions and for
     n_i. Collisions are decided pair by pair, so the output at t depends on nothing after t.
     Attention dropout is not supported (faithful mode would need a T×S dropout mask).
+
+    ``sinks`` and ``window`` (``lshattn.SparseMethod``) give the pairs they cover their exact
+    logit ``scale · q_i·k_j`` whether their codes collide or not (in faithful mode such a pair
+    no longer sits at logit 0), each counted once.
     """
 
     name: ClassVar[str] = "simhash"
@@ -158,11 +164,29 @@ class SimHash(Method):
                 causal=inputs.causal, dedup=True,
             )  # fmt: skip
 
-        out, count = CollisionSoftmax.apply(
-            q.to(dtype), k.to(dtype), v.to(dtype), collisions, inputs.scale, self.mode == "faithful"
-        )
-        out = finish_output(out, T, inputs.query_padding_mask, q.dtype)
-        aux = SimHashAux(q_codes, k_codes, int(count), collisions.scores_computed)
+        out_dtype, (q, k, v) = q.dtype, (x.to(dtype) for x in (q, k, v))
+        faithful = self.mode == "faithful"
+        pairs = local_pairs(inputs, self.sinks, self.window)
+        aside = ()
+        if pairs is not None:
+            scores, values = local_scores(q, k, v, pairs, inputs.scale)
+            collide = _local_collisions(q_tables, k_tables, pairs) & pairs.valid[:, None]
+            if faithful:
+                # Covered keys that collide with nothing leave the logit-0 part, by count and value
+                # sum: subtracting their e^0 from the softmax afterwards would cancel catastrophically
+                # when it outweighs their own e^s.
+                apart = (pairs.valid[:, None] & ~collide).to(q.dtype)
+                aside = (apart.sum(-1), torch.einsum("bhta,bhtav->bhtv", apart, values))
+        out, lse, count = CollisionSoftmax.apply(q, k, v, collisions, inputs.scale, faithful, *aside)
+        dot_products = int(count)
+        if pairs is not None:
+            # The colliding covered pairs are in the method's part at their score already: the
+            # same ``scores`` taken out and put back in cancel exactly.
+            found = scores.masked_fill(~collide, float("-inf"))
+            out, _ = merge_local(out, lse, scores, found, values)
+            dot_products += q.shape[0] * H * T * pairs.slots
+        out = finish_output(out, T, inputs.query_padding_mask, out_dtype)
+        aux = SimHashAux(q_codes, k_codes, dot_products, collisions.scores_computed)
         return out, aux
 
     def cost(
@@ -182,7 +206,9 @@ class SimHash(Method):
           ``hashing.simhash_flops(B·H·(T + S), D, num_hashes, num_bits)``; the block pairs also
           score the non-colliding pairs that share a block, which this does not count;
         * memory_bytes = the larger of one chunk of scores (``PAIR_BUDGET``, or every block pair
-          when fewer) and the per-query accumulators ``B·H·T·(Dv + 2)``, times ``itemsize``.
+          when fewer) and the per-query accumulators ``B·H·T·(Dv + 2)``, times ``itemsize``;
+        * plus the slots of ``sinks`` and ``window`` (``lshattn.local.local_cost``; in faithful
+          mode also ``2·slots·Dv`` to take their values out of the logit-0 part).
         """
         pairs = B * H * T * (T + 1) // 2 if causal else B * H * T * S
         fraction = collision_fraction(D, self.num_bits, self.num_hashes, self.rule)
@@ -193,7 +219,23 @@ class SimHash(Method):
         block = block_size(T, S)
         all_blocks = B * H * pad_length(T, block) * pad_length(S, block)
         largest = max(min(PAIR_BUDGET, all_blocks), B * H * T * (Dv + 2))
-        return Cost(flops=flops, dot_products=dots, memory_bytes=largest * itemsize, budget=dots / (B * H * T * S))
+        cost = Cost(flops=flops, dot_products=dots, memory_bytes=largest * itemsize, budget=dots / (B * H * T * S))
+        covered = local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal)
+        if self.mode == "faithful":  # the covered keys' values also leave the logit-0 part's sum
+            covered = covered._replace(flops=covered.flops + 2 * covered.dot_products * Dv)
+        return add_local_cost(cost, covered, itemsize)
+
+
+def _local_collisions(q_tables: Tensor, k_tables: Tensor, pairs: LocalPairs) -> Tensor:
+    """`(B, H, T, A)` bool: whether each covered pair's codes are equal in some table.
+
+    Args:
+        q_tables: `(B, H, R, T)` codes (one concatenated table under rule "all"). k_tables: `(B, H, R, S)`.
+    """
+    B, H, R, T = q_tables.shape
+    index = pairs.positions.reshape(B, 1, 1, -1).expand(B, H, 1, -1)
+    keys = gather_rows(k_tables.transpose(2, 3), index).view(B, H, T, pairs.slots, R)
+    return (keys == q_tables.transpose(2, 3)[:, :, :, None, :]).any(-1)
 
 
 def collision_fraction(D: int, num_bits: int, num_hashes: int, rule: str = "any") -> float:
@@ -477,11 +519,17 @@ class CollisionSoftmax(torch.autograd.Function):
     colliding pairs; in faithful mode each visible key also receives ``Σ_i e^{−lse_i}·g_i`` from
     the queries for which it has logit 0 (all visible queries, minus the colliding ones).
 
-    Returns ``(out (B, H, T, Dv), number of colliding pairs)``; only ``out`` is differentiable.
+    Returns ``(out (B, H, T, Dv), lse (B, H, T), number of colliding pairs)``: ``lse`` is the
+    log-sum-exp of every entry (-inf for a query with none), differentiable like ``out`` (its
+    gradient reaches q and k through the colliding pairs: ``∂lse/∂s = p``), for merging with
+    other pairs (``lshattn.local.merge_local``).
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, col: Collisions, scale: float, faithful: bool):
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, col: Collisions, scale: float, faithful: bool,
+        aside_count: Tensor | None = None, aside_values: Tensor | None = None,
+    ):  # fmt: skip
         B, H, T, _ = col.shape
         D, Dv = q.shape[-1], v.shape[-1]
         rows = B * H * T + 1  # the last row takes the writes of slots past the end
@@ -527,17 +575,20 @@ class CollisionSoftmax(torch.autograd.Function):
             hit_count, hit_values = hit_count[:-1], hit_values[:-1]
         background = None  # queries with visible keys at logit 0 (faithful mode)
         if faithful:  # the visible keys that collide with nothing: one more part, at logit 0
+            if aside_count is not None:  # keys the caller attends itself leave the logit-0 part
+                hit_count = hit_count + aside_count.reshape(-1)
+                hit_values = hit_values + aside_values.reshape(-1, Dv)
             acc_max, acc_sum, background = _add_zero_logits(v, col, hit_count, hit_values, acc_max, acc_sum, acc_out)
         tiny = torch.finfo(q.dtype).tiny
         out = acc_out.div_(acc_sum.clamp_min(tiny)[:, None])  # 0 / tiny = 0 where nothing is seen
         lse = torch.where(acc_sum > 0, acc_max + acc_sum.clamp_min(tiny).log(), float("-inf"))
         ctx.save_for_backward(q, k, v, out, lse, background)
-        ctx.col, ctx.scale, ctx.faithful = col, scale, faithful
+        ctx.col, ctx.scale, ctx.faithful, ctx.aside = col, scale, faithful, aside_count is not None
         ctx.mark_non_differentiable(count)
-        return out.view(B, H, T, Dv), count
+        return out.view(B, H, T, Dv), lse.view(B, H, T), count
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_count):
+    def backward(ctx, grad_out: Tensor, grad_lse: Tensor, _grad_count):
         q, k, v, out, lse, background = ctx.saved_tensors
         col, scale = ctx.col, ctx.scale
         B, H, T, S = col.shape
@@ -546,7 +597,8 @@ class CollisionSoftmax(torch.autograd.Function):
         g_flat = grad_out.reshape(-1, Dv).to(q.dtype)
         finite = torch.isfinite(lse)
         zero = lse.new_zeros(1)  # the dump row of slots past the end
-        delta = torch.cat([(g_flat * out).sum(-1), zero])
+        # ds = p ∘ (g·vᵀ − g·o + g_lse): the log-sum-exp's gradient enters as a shift of g·o.
+        delta = torch.cat([(g_flat * out).sum(-1) - grad_lse.reshape(-1).to(q.dtype), zero])
         lse_x = torch.cat([torch.where(finite, lse, torch.zeros_like(lse)), zero])
         # e^{-lse_i}: the probability of each logit-0 key of query i. Only queries that have such
         # keys get it: for the others it is not a probability, and at very negative logits it is
@@ -581,7 +633,11 @@ class CollisionSoftmax(torch.autograd.Function):
             if col.k_valid is not None:
                 received = received * col.k_valid.view(B, H, S, 1)
             grad_v = grad_v + received
-        return grad_q[:-1].view(B, H, T, D), grad_k[:-1].view(B, H, S, D), grad_v, None, None, None
+        grad_aside = None
+        if ctx.aside:  # their values were subtracted from the logit-0 part's sum
+            grad_aside = -(zero_weight[:-1, None] * g_flat).view(B, H, T, Dv)
+        grads = grad_q[:-1].view(B, H, T, D), grad_k[:-1].view(B, H, S, D), grad_v
+        return *grads, None, None, None, None, grad_aside
 
 
 def _merge(

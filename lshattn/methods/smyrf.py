@@ -8,7 +8,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from lshattn.api import Inputs, Method
+from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import (
     block_layout,
     compute_dtype,
@@ -17,11 +17,13 @@ from lshattn.blocks import (
     merge_rounds,
     pad_tokens,
     padded_valid,
+    pair_entries,
     query_key_blocks,
     sorted_block_attention,
 )
 from lshattn.cost import Cost, sorted_blocks_cost
 from lshattn.hashing import draw_normal, e2lsh_projection, inverse_order, sort_order, xbox_plus
+from lshattn.local import add_local_cost, local_cost, local_pairs, local_scores, merge_local, with_entries
 
 __all__ = ["RandomClusters", "SMYRF", "SMYRFAux"]
 
@@ -38,7 +40,8 @@ class SMYRFAux(NamedTuple):
         query_clusters: `(B, H, R, T)` the key cluster each query's cluster meets (its own
             cluster's index when queries and keys fill as many clusters).
         key_clusters: `(B, H, R, S)` cluster of each key.
-        dot_products: scores computed (B·H summed; padding slots included).
+        dot_products: scores computed (B·H summed; padding slots included), the slots of
+            ``sinks`` and ``window`` included.
     """
 
     query_projections: Tensor
@@ -49,7 +52,7 @@ class SMYRFAux(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class SMYRF(Method):
+class SMYRF(SparseMethod):
     """SMYRF (Daras et al. 2020): balanced asymmetric-LSH clusters, made for pretrained models.
 
     Each round maps queries and keys through the XBOX+ transform, under which the nearest key
@@ -79,6 +82,10 @@ class SMYRF(Method):
 
     ``correct_duplicates=True`` counts a pair found by several rounds once (see ``Reformer``);
     the paper, and the default, count it once per round.
+
+    ``sinks`` and ``window`` (``lshattn.SparseMethod``) add exact pairs the clusters may miss:
+    a covered pair counts as one that every round found (once with ``correct_duplicates``),
+    whether the clusters found it or not.
 
     Cost per round: ``clusters·q_cluster_size·k_cluster_size`` scores (see ``cost``).
     """
@@ -111,21 +118,33 @@ class SMYRF(Method):
             q_order, k_order = sort_order(q_proj, q_valid), sort_order(k_proj, k_valid)
             key_blocks = matched_key_blocks(q_valid, k_valid, layout)
 
+        self_pairs = "column" if inputs.causal else "none"
         result = sorted_block_attention(
             q_pad, k_pad, v_pad, q_order, k_order, k_valid, key_blocks,
             q_block=layout.q_block, k_block=layout.k_block, before=0, after=0,
-            causal=inputs.causal, self_pairs="column" if inputs.causal else "none",
+            causal=inputs.causal, self_pairs=self_pairs,
             correct_duplicates=self.correct_duplicates,
             scale=inputs.scale, dropout_p=inputs.dropout_p,
         )  # fmt: skip
-        out, _ = merge_rounds(result.out, result.lse)
+        out, lse = merge_rounds(result.out, result.lse)
+        dot_products = result.dot_products
+        pairs = local_pairs(inputs, self.sinks, self.window)
+        if pairs is not None:
+            entries = pair_entries(
+                q_order, k_order, key_blocks, pairs.positions, q_block=layout.q_block, k_block=layout.k_block,
+                before=0, after=0, self_pairs=self_pairs, correct_duplicates=self.correct_duplicates,
+            )  # fmt: skip
+            scores, values = local_scores(q_pad[:, :, :T], k_pad, v_pad, pairs, inputs.scale)
+            kept = with_entries(scores, 1 if self.correct_duplicates else self.num_hashes)
+            out, lse = merge_local(out[:, :, :T], lse[:, :, :T], kept, with_entries(scores, entries), values)
+            dot_products += B * H * T * pairs.slots
         out = finish_output(out, T, inputs.query_padding_mask, q.dtype)
         aux = SMYRFAux(
             query_projections=q_proj[..., :T],
             key_projections=k_proj[..., :S],
             query_clusters=query_key_blocks(q_order, layout.q_block, key_blocks)[..., :T],
             key_clusters=(inverse_order(k_order) // layout.k_block)[..., :S],
-            dot_products=result.dot_products,
+            dot_products=dot_products,
         )
         return out, aux
 
@@ -149,14 +168,16 @@ class SMYRF(Method):
         """Analytic cost (``lshattn.cost.sorted_blocks_cost``) with cluster sizes clamped to the
         lengths, ``c = min(q_cluster_size, T)`` and ``w = min(k_cluster_size, S)``,
         ``n = ceil(T / c)`` query clusters per round, windows of ``w`` keys, projections
-        ``2·B·H·R·(Tp + Sp)·(D + 2)`` flops, and an own-key column when causal."""
+        ``2·B·H·R·(Tp + Sp)·(D + 2)`` flops, and an own-key column when causal; plus the slots of
+        ``sinks`` and ``window`` (``lshattn.local.local_cost``)."""
         layout = block_layout(T, S, self.q_cluster_size, self.k_cluster_size)
         t_pad, s_pad = layout.padded_queries, layout.padded_keys
-        return sorted_blocks_cost(
+        cost = sorted_blocks_cost(
             B=B, H=H, T=T, S=S, D=D, Dv=Dv, rounds=self.num_hashes, padded_queries=t_pad,
             q_block=layout.q_block, window=layout.k_block, self_column=causal,
             hashing_flops=2 * B * H * self.num_hashes * (t_pad + s_pad) * (D + 2), itemsize=itemsize,
         )  # fmt: skip
+        return add_local_cost(cost, local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal), itemsize)
 
 
 @dataclasses.dataclass(frozen=True)

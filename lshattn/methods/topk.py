@@ -13,9 +13,10 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from lshattn.api import Inputs, Method
+from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype
 from lshattn.cost import Cost
+from lshattn.local import local_pairs
 from lshattn.methods.dense import visible_keys
 
 __all__ = ["TopK", "TopKAux"]
@@ -25,7 +26,8 @@ class TopKAux(NamedTuple):
     """What ``TopK`` did.
 
     Attributes:
-        selected: `(B, H, T, S)` bool, the keys each query kept (its top-k among those it may see).
+        selected: `(B, H, T, S)` bool, the keys each query kept (its top-k among those it may see,
+            and those ``sinks`` and ``window`` cover).
         dot_products: scores computed, B·H·T·S: the oracle scores every pair to choose.
         selected_pairs: pairs kept (``selected.sum()``): the budget a sparse method matching
             this selection would spend.
@@ -37,7 +39,7 @@ class TopKAux(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class TopK(Method):
+class TopK(SparseMethod):
     """Oracle top-k: exact softmax restricted to each query's ``fraction`` highest-scoring keys.
 
     A query that may see ``n`` keys (real ones, and only earlier ones when causal) keeps
@@ -53,6 +55,10 @@ class TopK(Method):
     the rest (a tail estimator can at best know the tail's mass and mean value).
 
     ``fraction=1`` keeps every key: exact attention, with or without ``tail``.
+
+    ``sinks`` and ``window`` (``lshattn.SparseMethod``): the keys they cover are always kept,
+    and ``ceil(fraction · n)`` of the other n visible keys are chosen as above — the ceiling of
+    a method that adds a selection to sinks and a window.
     """
 
     name: ClassVar[str] = "topk"
@@ -75,7 +81,13 @@ class TopK(Method):
             if inputs.causal:
                 visible = visible.tril()
         scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * inputs.scale
-        selected = top_keys(ranking_scores(q, k, inputs.scale), visible, self.fraction)
+        pairs = local_pairs(inputs, self.sinks, self.window)
+        if pairs is None:
+            selected = top_keys(ranking_scores(q, k, inputs.scale), visible, self.fraction)
+        else:
+            hits = torch.zeros(B, T, S, dtype=torch.int32, device=q.device)
+            covered = hits.scatter_add_(2, pairs.positions, pairs.valid.int())[:, None] > 0  # (B, 1, T, S)
+            selected = top_keys(ranking_scores(q, k, inputs.scale), visible & ~covered, self.fraction) | covered
         weights = selection_weights(scores, selected, visible, tail=self.tail)
         if inputs.dropout_p > 0:
             weights = torch.nn.functional.dropout(weights, inputs.dropout_p)

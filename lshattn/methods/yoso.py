@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lshattn import kernels
-from lshattn.api import Inputs, Method
+from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output
 from lshattn.cost import Cost
-from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, simhash_codes, simhash_flops
+from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, gather_rows, simhash_codes, simhash_flops
+from lshattn.local import LocalPairs, add_local_cost, local_cost, local_pairs
 from lshattn.methods.simhash import Collisions, build_collisions
 
 __all__ = [
@@ -61,7 +62,7 @@ class YOSOAux(NamedTuple):
             int64); None for YOSO-E.
         key_codes: `(B, H, m, S)` bucket of each key per hash; None for YOSO-E.
         dot_products: query–key products computed: 0 for YOSO-m, which only sums values by
-            bucket; B·H·T·S for YOSO-E.
+            bucket (plus the slots of ``sinks`` and ``window``); B·H·T·S for YOSO-E.
     """
 
     query_codes: Tensor | None
@@ -70,7 +71,7 @@ class YOSOAux(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class YOSO(Method):
+class YOSO(SparseMethod):
     """YOSO (Zeng et al. 2021): "You Only Sample (Almost) Once", a hashing kernel attention.
 
     Queries and keys are L2-normalised; the attention is not a softmax but the kernel
@@ -97,6 +98,12 @@ class YOSO(Method):
 
     ``causal=True`` goes beyond the paper: query t sums only keys at positions <= t, read from
     per-bucket running sums in position order, so the output at t depends on nothing after t.
+
+    ``sinks`` and ``window`` (``lshattn.SparseMethod``): YOSO-m replaces, for the pairs they
+    cover, the sampled collision fraction by the exact kernel B (and its gradient by YOSO-E's
+    rule), an additive correction ``Σ_a (B_ia − hits_ia/m)·v_a`` that keeps the estimate
+    unbiased and lowers its variance where the kernel is largest. YOSO-E computes every pair
+    exactly already: there they change nothing.
 
     Settings of the paper: m = 32, τ = 9 for BERT (the defaults); τ = 10–12 with m = 32 (v1) or
     16 (v2) on Long Range Arena. Attention dropout is not supported (there are no attention
@@ -164,7 +171,14 @@ class YOSO(Method):
                 q_hat, k_hat, v.to(dtype), q_codes, k_codes, inputs.query_padding_mask, inputs.key_padding_mask,
                 self.num_bits, inputs.causal, self.backward,
             )  # fmt: skip
-            aux = YOSOAux(q_codes.transpose(2, 3), k_codes.transpose(2, 3), 0)
+            dot_products = 0
+            pairs = local_pairs(inputs, self.sinks, self.window)
+            if pairs is not None:
+                out = out + _local_correction(
+                    q.to(dtype), k.to(dtype), v.to(dtype), q_codes, k_codes, pairs, self.num_bits, self.backward
+                )
+                dot_products = B * H * T * pairs.slots
+            aux = YOSOAux(q_codes.transpose(2, 3), k_codes.transpose(2, 3), dot_products)
         if self.normalize_output:
             if torch.is_grad_enabled():
                 out = F.normalize(out, dim=-1)
@@ -192,6 +206,8 @@ class YOSO(Method):
         compiler), packing the hash bits adds ``hashing.packing_flops``, and causal sums add
         ``2·B·H·Dv·Σ n²`` per group of hashes for the products that sum each block of
         n <= ``CAUSAL_BLOCK`` positions' own keys.
+
+        YOSO-m with ``sinks`` or ``window`` adds their slots (``lshattn.local.local_cost``).
         """
         if self.expectation:
             dots = B * H * T * S
@@ -201,12 +217,48 @@ class YOSO(Method):
         code_bytes = 4 if self.num_bits <= 31 else 8
         memory = max(group * rows * Dv * itemsize, (T + S) * self.num_hashes * code_bytes, T * Dv * itemsize) * B * H
         flops = simhash_flops(B * H * (T + S), D, self.num_hashes, self.num_bits)
-        return Cost(flops=flops, dot_products=0, memory_bytes=memory, budget=0.0)
+        cost = Cost(flops=flops, dot_products=0, memory_bytes=memory, budget=0.0)
+        return add_local_cost(cost, local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal), itemsize)
 
 
 def expectation_bytes(B: int, H: int, T: int, S: int, itemsize: int) -> int:
     """Bytes YOSO-E holds at once: two (B, H, T, S) matrices, the cosines and the kernel."""
     return 2 * B * H * T * S * itemsize
+
+
+def _local_correction(
+    q: Tensor, k: Tensor, v: Tensor, q_codes: Tensor, k_codes: Tensor, pairs: LocalPairs, num_bits: int, backward: str
+) -> Tensor:
+    """`(B, H, T, Dv)` to add to YOSO-m's Y: for the covered pairs, the exact kernel in place of
+    the sampled collision fraction, ``Σ_a (B_ia − hits_ia/m)·v_a``, with gradients to match.
+
+    The value gradient is that weight; q and k get YOSO-E's surrogate slope in place of
+    YOSO-m's on those pairs (``backward``: (τ/2)·B against (τ/2)·hits/m, or the exact derivative
+    on every covered pair against it on the colliding ones), through ``slope·q̂·k̂`` added with
+    value 0.
+
+    Args:
+        q: `(B, H, T, D)`, k: `(B, H, S, D)`, v: `(B, H, S, Dv)`; q_codes: `(B, H, T, m)`, k_codes: `(B, H, S, m)`.
+    """
+    B, H, T, D = q.shape
+    m, A = q_codes.shape[-1], pairs.slots
+    index = pairs.positions.reshape(B, 1, 1, -1).expand(B, H, 1, -1)
+    keys = F.normalize(gather_rows(k, index).view(B, H, T, A, D), dim=-1)
+    values = gather_rows(v, index).view(B, H, T, A, -1)
+    cosine = (F.normalize(q, dim=-1)[..., None, :] @ keys.transpose(-1, -2)).squeeze(-2)
+    valid = pairs.valid[:, None].to(q.dtype)
+    with torch.no_grad():
+        hits = (gather_rows(k_codes, index).view(B, H, T, A, m) == q_codes[:, :, :, None, :]).sum(-1)
+        sampled = hits.to(q.dtype) / m
+        kernel = (1 - torch.acos(cosine.clamp(-1, 1)) / math.pi) ** num_bits
+        if backward == "approx":
+            slope = (num_bits / 2) * (kernel - sampled)
+        else:
+            slope = kernel_derivative(cosine, num_bits) * (hits == 0)
+        weight, slope = (kernel - sampled) * valid, slope * valid
+    surrogate = slope * cosine
+    # One product: the surrogate term has value 0, so the values' gradient is ``weight`` alone.
+    return ((weight + (surrogate - surrogate.detach()))[..., None, :] @ values).squeeze(-2)
 
 
 def kernel_derivative(x: Tensor, num_bits: int) -> Tensor:
