@@ -412,7 +412,7 @@ def pair_entries(
     q_order: Tensor,
     k_order: Tensor,
     key_blocks: Tensor,
-    positions: Tensor,
+    pairs,
     *,
     q_block: int,
     k_block: int,
@@ -421,29 +421,30 @@ def pair_entries(
     self_pairs: SelfPairs,
     correct_duplicates: bool,
 ) -> Tensor:
-    """How many times the merged rounds count given pairs: `(B, H, T, A)` int64.
+    """How many times the merged rounds count each covered pair: `(B, H, T, A)` int64, rank order.
 
-    Pair (t, ``positions[b, t, a]``) enters round r when the key's block lies in the window of
-    the query's block, as ``sorted_block_attention`` attends it: once per such round, with the
-    own-position rule of ``self_pairs`` (not in the blocks unless "none"; R times through the
-    column for "column"); with ``correct_duplicates``, once in all if at all. The caller's pairs
-    must be ones the masks allow (real keys, not after the query when causal). Used to take the
-    pairs a method found out of its softmax (``lshattn.local.merge_local``).
+    A pair enters round r when the key's block lies in the window of the query's block, as
+    ``sorted_block_attention`` attends it: once per such round, with the own-position rule of
+    ``self_pairs`` (not in the blocks unless "none"; R times through the column for "column");
+    with ``correct_duplicates``, once in all if at all. The slots' own validity (real keys, not
+    after the query when causal) is the caller's. Used to take the pairs a method found out of
+    its softmax (``lshattn.local.merge_local``).
 
     Args:
         q_order: `(B, H, R, Tp)`, k_order: `(B, H, R, Sp)` sorted position -> token index.
-        key_blocks: `(B, Nq)` (``matched_key_blocks``). positions: `(B, T, A)` key positions, T <= Tp.
+        key_blocks: `(B, Nq)` (``matched_key_blocks``).
+        pairs: the call's ``lshattn.local.LocalPairs`` (T queries, S keys; T <= Tp, S <= Sp).
     """
-    B, H, R, _ = q_order.shape
-    T, A = positions.shape[1], positions.shape[2]
+    R, T = q_order.shape[2], pairs.valid.shape[1]
     centre = query_key_blocks(q_order, q_block, key_blocks)[..., :T]  # (B, H, R, T)
-    key_block = inverse_order(k_order) // k_block  # (B, H, R, Sp)
-    index = positions.reshape(B, 1, 1, T * A).expand(B, H, R, -1)
-    offset = torch.gather(key_block, -1, index).view(B, H, R, T, A) - centre[..., None]
-    counts = ((offset >= -before) & (offset <= after)).sum(2)  # (B, H, T, A)
+    key_block = inverse_order(k_order) // k_block  # (B, H, R, Sp): slots past S are never valid
+    counts = pairs.per_slot(
+        pairs.queries(centre.transpose(2, 3)),
+        pairs.keys(key_block.transpose(2, 3)),
+        lambda query_centre, key: ((key - query_centre >= -before) & (key - query_centre <= after)).sum(-1),
+    )
     if self_pairs != "none":
-        own = positions == torch.arange(T, device=positions.device).view(1, T, 1)  # (B, T, A)
-        counts = counts.masked_fill(own[:, None], R if self_pairs == "column" else 0)
+        counts = counts.masked_fill(pairs.own()[:, None], R if self_pairs == "column" else 0)
     if correct_duplicates:
         counts = counts.clamp(max=1)
     return counts

@@ -1,38 +1,41 @@
 """Sinks and a local window: pairs a sparse method attends exactly, whatever its hashing finds.
 
-Every method but ``Dense`` takes ``sinks=s`` and ``window=w``. Each real query then also attends,
+Every method but ``Dense`` takes ``sinks=s`` and ``window=w``. Each query then also attends,
 with its exact score,
 
 * the first ``s`` real keys of its sequence (the "attention sinks" that trained models park
   mass on: [CLS], [SEP], a BOS token), and
 * the real keys within ``w`` tokens of its own position, counting real tokens only: ranks
-  ``r(i) − w … r(i) + w``, or ``r(i) − w … r(i)`` when causal (``w = 0``: its own key).
+  ``r − w … r + w``, or ``r − w … r`` when causal (``w = 0``: its own key).
 
-Positions are ranks among real tokens (``token_ranks``), so padding on the left, right or
-scattered leaves every sequence's pairs unchanged. A covered pair counts as the method counts a
-pair its hashing finds — once, or once per round for Reformer and SMYRF, whose rounds each
-count their pairs (unless ``correct_duplicates``) — whether the hashing found it or not, and
-never more: the window skips the sinks, and each method takes the covered pairs its hashing
-found out of its own part before adding them back (``merge_local`` for the softmax methods, an
-additive correction for YOSO). One bucket holding everything therefore stays exact attention.
+Positions are ranks among real tokens, so padding on the left, right or scattered leaves every
+sequence's pairs unchanged. A covered pair counts as the method counts a pair its hashing
+finds — once, or once per round for Reformer and SMYRF, whose rounds each count their pairs
+(unless ``correct_duplicates``) — whether the hashing found it or not, and never more: the
+window skips the sinks, and each method takes the covered pairs its hashing found out of its
+own part before adding them back (``merge_local`` for the softmax methods, an additive
+correction for YOSO). One bucket holding everything therefore stays exact attention.
 
-Pairs are listed per query as ``A = min(s, S) + min(span, S)`` slots (span = 2w + 1, or w + 1
-when causal), gathered, scored and masked: memory O(B·H·T·A·(D + Dv)), never T×S. The slots are
-the same for every head and depend on the masks and positions alone, not on the hashing.
+How: queries and keys are put in rank order (real tokens first), where the window of every
+query is the same shift of the keys. Each of the ``A = s + span`` slots (span = 2w + 1, or
+w + 1 when causal) is then one vectorised pass over views of the keys (``LocalPairs.per_slot``):
+O(B·H·T·A·D) time, O(B·H·T·A) memory for the scores, never a gathered `(T, A, D)` tensor nor a
+T×S one. The slots depend on the masks and positions alone, not on the hashing.
 
 Shape legend: B batch, H heads, T queries, S keys, A slots per query, D, Dv dims.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lshattn.api import Inputs
 from lshattn.cost import Cost
-from lshattn.hashing import gather_rows
 
 __all__ = [
     "LocalPairs",
@@ -41,148 +44,203 @@ __all__ = [
     "local_pairs",
     "local_scores",
     "local_slots",
+    "merge_counted",
     "merge_local",
-    "token_ranks",
     "with_entries",
 ]
 
 
-class LocalPairs(NamedTuple):
-    """The covered pairs of one call, the same for every head.
+@dataclasses.dataclass(frozen=True)
+class LocalPairs:
+    """The covered pairs of one call, in rank order, the same for every head.
+
+    Queries and keys are listed in *rank order* (``queries``, ``keys``): the real tokens first,
+    in their order, then the padded ones. Query r has ``A = sinks + span`` slots: slot a < sinks
+    is key a (the a-th real key), slot ``sinks + o`` is key ``r + o − reach``.
 
     Attributes:
-        positions: `(B, T, A)` int64 key position of each slot (any valid index where unused).
-        valid: `(B, T, A)` bool, True where the slot holds a covered pair: a real key that is a
-            sink or in the query's window (and, when causal, not after the query).
+        query_order: `(B, T)` position of the query of each rank (None: the identity).
+        key_order: `(B, S)` position of the key of each rank (None: the identity).
+        key_positions: `(B, T, A)` position of each slot's key (a valid index where unused).
+        valid: `(B, T, A)` bool: the slot holds a covered pair.
+        sinks: sink slots, ``min(sinks, S)``. reach: window slots before the own one,
+            ``min(window, S − 1)``. span: window slots, ``2·reach + 1`` (``reach + 1`` when causal).
     """
 
-    positions: Tensor
+    query_order: Tensor | None
+    key_order: Tensor | None
+    key_positions: Tensor
     valid: Tensor
+    sinks: int
+    reach: int
+    span: int
 
     @property
     def slots(self) -> int:
         """A, slots per query."""
-        return self.positions.shape[-1]
+        return self.sinks + self.span
+
+    def queries(self, x: Tensor) -> Tensor:
+        """`(B, H, T, ...)` from position order to rank order."""
+        return _reorder(x, self.query_order)
+
+    def keys(self, x: Tensor) -> Tensor:
+        """`(B, H, S, ...)` from position order to rank order."""
+        return _reorder(x, self.key_order)
+
+    def restore(self, x: Tensor) -> Tensor:
+        """`(B, H, T, ...)` from the queries' rank order back to position order."""
+        return x if self.query_order is None else _reorder(x, torch.argsort(self.query_order, dim=1))
+
+    def own(self) -> Tensor:
+        """`(B, T, A)` bool: the slot's key is at the query's own position."""
+        B, T, _ = self.valid.shape
+        position = (
+            torch.arange(T, device=self.valid.device).expand(B, T) if self.query_order is None else self.query_order
+        )
+        return self.key_positions == position[..., None]
+
+    def key_views(self, keys: Tensor) -> Iterator[Tensor]:
+        """For each slot a, `(B, H, T, ...)`: the row of ``keys`` `(B, H, S, ...)` (rank order) that
+        slot a of each query holds, as a view (zeros past either end, where no slot is valid)."""
+        B, H, S = keys.shape[:3]
+        T = self.valid.shape[1]
+        for a in range(self.sinks):
+            yield keys[:, :, a : a + 1].expand(B, H, T, *keys.shape[3:])
+        if self.span:
+            after = max(0, T + self.span - self.reach - S)
+            padded = F.pad(keys, [0, 0] * (keys.dim() - 3) + [self.reach, after])
+            for o in range(self.span):
+                yield padded[:, :, o : o + T]
+
+    def per_slot(self, queries: Tensor, keys: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """`(B, H, T, A)`: ``fn(queries, key view of slot a)`` `(B, H, T)` for every slot a.
+
+        Args:
+            queries: `(B, H, T, ...)`, keys: `(B, H, S, ...)`, both in rank order.
+        """
+        return torch.stack([fn(queries, view) for view in self.key_views(keys)], dim=-1)
+
+    def weighted_sum(self, weights: Tensor, values: Tensor) -> Tensor:
+        """`(B, H, T, Dv)`: ``Σ_a weights[..., a] · (value of slot a)``.
+
+        Args:
+            weights: `(B, H, T, A)`, values: `(B, H, S, Dv)`, both in rank order.
+        """
+        total = torch.zeros(*weights.shape[:3], values.shape[-1], dtype=values.dtype, device=values.device)
+        for a, view in enumerate(self.key_views(values)):
+            total = torch.addcmul(total, weights[..., a, None], view)
+        return total
+
+
+def _reorder(x: Tensor, order: Tensor | None) -> Tensor:
+    """Rows of `(B, H, L, ...)` taken along L in ``order`` `(B, L)` (None: unchanged)."""
+    if order is None:
+        return x
+    index = order.view(order.shape[0], 1, order.shape[1], *([1] * (x.dim() - 3)))
+    return torch.gather(x, 2, index.expand(x.shape[0], x.shape[1], order.shape[1], *x.shape[3:]))
+
+
+def _rank_order(mask: Tensor | None) -> Tensor | None:
+    """`(B, L)` positions of the real tokens in order, then of the padded ones (None: the identity)."""
+    return None if mask is None else torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
 
 
 def local_slots(S: int, sinks: int, window: int | None, causal: bool) -> int:
-    """A: slots per query for ``sinks`` and ``window`` over S keys (no more than S of each kind)."""
-    span = 0 if window is None else (window + 1 if causal else 2 * window + 1)
-    return min(sinks, S) + min(span, S)
+    """A: slots per query for ``sinks`` and ``window`` over S keys."""
+    if window is None:
+        return min(sinks, S)
+    reach = min(window, S - 1)
+    return min(sinks, S) + (reach + 1 if causal else 2 * reach + 1)
 
 
 def local_cost(
     B: int, H: int, T: int, S: int, D: int, Dv: int, sinks: int, window: int | None, *, causal: bool
 ) -> Cost:
     """What the covered pairs add to a method's cost: ``B·H·T·A`` scores (every slot is scored,
-    used or not), ``2·B·H·T·A·(D + Dv)`` flops for scores and weighted values; memory the
-    gathered keys and values, ``B·H·T·A·(D + Dv)`` elements (returned as a count, for the caller
-    to compare with its own largest intermediate); budget the scores over ``B·H·T·S``."""
+    used or not), ``2·B·H·T·A·(D + Dv)`` flops for the scores and the weighted values (element-wise
+    products over views, no matrix product); memory the `(B, H, T, A)` scores (as a count of
+    elements, for ``add_local_cost``); budget the scores over ``B·H·T·S``."""
     dots = B * H * T * local_slots(S, sinks, window, causal)
-    return Cost(
-        flops=2 * dots * (D + Dv), dot_products=dots, memory_bytes=dots * (D + Dv), budget=dots / (B * H * T * S)
-    )
+    return Cost(flops=2 * dots * (D + Dv), dot_products=dots, memory_bytes=dots, budget=dots / (B * H * T * S))
 
 
 def add_local_cost(cost: Cost, local: Cost, itemsize: int) -> Cost:
     """A method's cost with its covered pairs added (``local_cost``): scores and flops add up,
     memory is the larger of the two intermediates."""
-    dots = cost.dot_products + local.dot_products
     return Cost(
         flops=cost.flops + local.flops,
-        dot_products=dots,
+        dot_products=cost.dot_products + local.dot_products,
         memory_bytes=max(cost.memory_bytes, local.memory_bytes * itemsize),
         budget=cost.budget + local.budget,
     )
 
 
-def token_ranks(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
-    """`(B, L)` int64: the number of real tokens before each position (its rank, if it is real)."""
-    if mask is None:
-        return torch.arange(length, device=device).expand(batch, length)
-    counts = mask.long()
-    return counts.cumsum(1) - counts
-
-
 def local_pairs(inputs: Inputs, sinks: int, window: int | None, *, own_key: bool = True) -> LocalPairs | None:
     """The pairs ``sinks`` and ``window`` cover in this call, or None when both are off.
 
-    Keys are ranked by the key mask. Queries are ranked by the query mask, or, when only keys
-    are masked (T == S), by the key mask: the same tokens. The window needs T == S (checked by
-    the spec); sinks work for any T and S.
+    Keys are ranked by the key mask; queries by the query mask, or, when only keys are masked
+    and T == S, by the key mask (the same tokens): a query whose own position that mask pads has
+    no rank and no window, but keeps its sinks. The window needs T == S (the spec checks it);
+    sinks work for any T and S.
 
     Args:
         inputs: the call's validated inputs (masks, causal, sizes).
         own_key: False for a method that never attends a query's own position (shared-QK
-            Reformer): the slot of the own key is left unused.
+            Reformer): that slot is left unused.
     """
     if sinks == 0 and window is None:
         return None
     q, k = inputs.q, inputs.k
     B, T, S, device = q.shape[0], q.shape[2], k.shape[2], q.device
-    key_mask = inputs.key_padding_mask
-    query_mask = inputs.query_padding_mask
+    key_mask, query_mask = inputs.key_padding_mask, inputs.query_padding_mask
     if query_mask is None and T == S:
         query_mask = key_mask
-    key_rank = token_ranks(key_mask, B, S, device)
-    query_rank = token_ranks(query_mask, B, T, device)[..., None]  # (B, T, 1)
+    key_order, query_order = _rank_order(key_mask), _rank_order(query_mask)
     real_keys = torch.full((B, 1, 1), S, device=device) if key_mask is None else key_mask.sum(1).view(B, 1, 1)
+    ranked = torch.full((B, 1, 1), T, device=device) if query_mask is None else query_mask.sum(1).view(B, 1, 1)
 
-    sink_ranks = torch.arange(min(sinks, S), device=device).expand(B, T, -1)
-    span = local_slots(S, 0, window, inputs.causal)
-    ranks = sink_ranks
-    if span:
-        # The window's ranks r(i) − w … r(i) + w fit in ``span`` slots starting at ``first``,
-        # shifted inwards at the ends of the sequence so that no slot is wasted past them.
-        first = (query_rank - window).clamp(min=0)
-        first = torch.minimum(first, (real_keys - span).clamp(min=0))
-        window_ranks = first + torch.arange(span, device=device)
-        distance = window_ranks - query_rank
-        in_window = (distance <= 0 if inputs.causal else distance <= window) & (distance >= -window)
-        ranks = torch.cat([sink_ranks, window_ranks], dim=-1)
-    valid = ranks < real_keys
-    if span:
-        # A window key that is also a sink is attended once, as a sink.
-        window_valid = in_window & (window_ranks >= min(sinks, S))
-        valid = valid & torch.cat([torch.ones_like(sink_ranks, dtype=torch.bool), window_valid], dim=-1)
+    num_sinks = min(sinks, S)
+    reach = 0 if window is None else min(window, S - 1)
+    span = 0 if window is None else (reach + 1 if inputs.causal else 2 * reach + 1)
+    rank = torch.arange(T, device=device).view(1, T, 1)
+    sink_ranks = torch.arange(num_sinks, device=device).expand(B, T, -1)
+    window_ranks = (rank + torch.arange(span, device=device) - reach).expand(B, T, -1)
+    key_ranks = torch.cat([sink_ranks, window_ranks], dim=-1)  # (B, T, A)
+    # The window belongs to ranked queries and skips the sinks: a key is attended once.
+    in_window = (window_ranks >= num_sinks) & (rank < ranked)
+    valid = (
+        (key_ranks >= 0)
+        & (key_ranks < real_keys)
+        & torch.cat([torch.ones_like(sink_ranks, dtype=torch.bool), in_window], -1)
+    )
 
-    # Position of the key of each rank: real keys scatter their positions to their ranks;
-    # padded keys write into a spare column past the end.
-    if key_mask is None:
-        positions = ranks
+    key_ranks = key_ranks.clamp(0, S - 1)
+    if key_order is None:
+        key_positions = key_ranks
     else:
-        target = torch.where(key_mask, key_rank, S)
-        position_of_rank = torch.zeros(B, S + 1, dtype=torch.long, device=device)
-        position_of_rank.scatter_(1, target, torch.arange(S, device=device).expand(B, S))
-        positions = position_of_rank.gather(1, ranks.clamp(max=S - 1).reshape(B, -1)).view_as(ranks)
-    query_position = torch.arange(T, device=device).view(1, T, 1)
-    if inputs.causal:
-        valid = valid & (positions <= query_position)
+        key_positions = torch.gather(key_order, 1, key_ranks.reshape(B, -1)).view_as(key_ranks)
+    query_positions = rank if query_order is None else query_order[..., None]
+    if inputs.causal:  # by positions: the masks of queries and keys may differ
+        valid = valid & (key_positions <= query_positions)
     if not own_key:
-        valid = valid & (positions != query_position)
-    return LocalPairs(positions.clamp(max=S - 1), valid)
+        valid = valid & (key_positions != query_positions)
+    return LocalPairs(query_order, key_order, key_positions, valid, num_sinks, reach, span)
 
 
-def local_scores(q: Tensor, k: Tensor, v: Tensor, pairs: LocalPairs, scale: float) -> tuple[Tensor, Tensor]:
-    """Scores and values of the covered pairs.
+def local_scores(q: Tensor, k: Tensor, pairs: LocalPairs, scale: float) -> Tensor:
+    """`(B, H, T, A)`: ``scale·q·k`` of every slot, -inf where unused.
 
     Args:
-        q: `(B, H, T, D)`, k: `(B, H, S, D)`, v: `(B, H, S, Dv)` in the compute dtype.
-
-    Returns:
-        scores `(B, H, T, A)`, ``scale·q·k``, -inf in unused slots; values `(B, H, T, A, Dv)`.
+        q: `(B, H, T, D)`, k: `(B, H, S, D)`, in rank order (``pairs.queries``, ``pairs.keys``).
     """
-    B, H, T, _ = q.shape
-    index = pairs.positions.reshape(B, 1, 1, -1).expand(B, H, 1, -1)
-    keys = gather_rows(k, index).view(B, H, T, pairs.slots, -1)
-    values = gather_rows(v, index).view(B, H, T, pairs.slots, -1)
-    # A batched product per query, (1, D) by (D, A): a bmm whatever A (einsum turns A = 1 into
-    # an element-wise product, which FLOP counters do not see).
-    scores = (q[..., None, :] @ keys.transpose(-1, -2)).squeeze(-2) * scale
-    return scores.masked_fill(~pairs.valid[:, None], float("-inf")), values
+    scores = pairs.per_slot(q, k, lambda queries, keys: (queries * keys).sum(-1)) * scale
+    return scores.masked_fill(~pairs.valid[:, None], float("-inf"))
 
 
-def merge_local(out: Tensor, lse: Tensor, kept: Tensor, found: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+def merge_local(
+    out: Tensor, lse: Tensor, kept: Tensor, found: Tensor, values: Tensor, pairs: LocalPairs
+) -> tuple[Tensor, Tensor]:
     """A softmax method's part merged with the covered pairs, each pair counted as the method says.
 
     The method's part is ``out = Σ_j w_j v_j / Σ_j w_j`` with ``lse = log Σ_j w_j`` over the pairs
@@ -194,21 +252,22 @@ def merge_local(out: Tensor, lse: Tensor, kept: Tensor, found: Tensor, values: T
 
         out' = (e^lse·out − Σ_a e^found_a·v_a + Σ_a e^kept_a·v_a) / (e^lse − Σ_a e^found_a + Σ_a e^kept_a),
 
-    all shifted by one maximum. Differentiable in every input.
+    all shifted by one maximum. A method whose ``found`` is the same tensor as ``kept`` where it
+    found a pair cancels exactly there. Differentiable in every input.
 
     Args:
-        out: `(B, H, T, Dv)`, lse: `(B, H, T)` (-inf: the method saw no key).
-        kept, found: `(B, H, T, A)`, -inf in unused slots; values: `(B, H, T, A, Dv)`.
+        out: `(B, H, T, Dv)`, lse: `(B, H, T)` (-inf: the method saw no key), in rank order.
+        kept, found: `(B, H, T, A)`, -inf in unused slots. values: `(B, H, S, Dv)` in rank order.
 
     Returns:
-        out `(B, H, T, Dv)`, zero where no pair is left, and lse `(B, H, T)`.
+        out `(B, H, T, Dv)`, zero where no pair is left, and lse `(B, H, T)`, in rank order.
     """
     top = torch.maximum(lse, torch.maximum(kept.amax(-1), found.amax(-1)))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
     method_mass = torch.exp(lse - top)
     net = torch.exp(kept - top[..., None]) - torch.exp(found - top[..., None])  # (B, H, T, A)
     total = method_mass + net.sum(-1)
-    weighted = method_mass[..., None] * out + (net[..., None, :] @ values).squeeze(-2)
+    weighted = method_mass[..., None] * out + pairs.weighted_sum(net, values)
     tiny = torch.finfo(total.dtype).tiny
     # Taking pairs out leaves the rest of the method's mass, which rounding may leave a few ulps
     # below zero when nothing else remains; every covered pair adds a positive term.
@@ -224,3 +283,26 @@ def with_entries(scores: Tensor, entries: Tensor | int) -> Tensor:
     count for all), -inf where 0: ``found`` and ``kept`` of ``merge_local``."""
     entries = torch.as_tensor(entries, device=scores.device)
     return torch.where(entries > 0, scores + entries.to(scores.dtype).log(), float("-inf"))
+
+
+def merge_counted(
+    pairs: LocalPairs, out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, entries: Tensor, counted: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``merge_local`` for a method that counts a pair ``entries`` times (Reformer's and SMYRF's
+    rounds, ``blocks.pair_entries``) and should count a covered pair ``counted`` times.
+
+    Args:
+        out: `(B, H, T, Dv)`, lse: `(B, H, T)`: the method's merged rounds, in position order.
+        q: `(B, H, T, D)`, k: `(B, H, S, D)`, v: `(B, H, S, Dv)` in position order (keys may be
+            longer than S: slots never reach past it). entries: `(B, H, T, A)`, rank order.
+
+    Returns:
+        out `(B, H, T, Dv)` and lse `(B, H, T)`, in position order.
+    """
+    scores = local_scores(pairs.queries(q), pairs.keys(k), pairs, scale)
+    out, lse = merge_local(
+        pairs.queries(out), pairs.queries(lse), with_entries(scores, counted), with_entries(scores, entries),
+        pairs.keys(v), pairs,
+    )  # fmt: skip
+    return pairs.restore(out), pairs.restore(lse)

@@ -121,9 +121,10 @@ def covered_pairs(
 
     Tokens are ranked among the real ones (keys by the key mask; queries by the query mask, or
     by the key mask when only keys are masked and T == S). A real key is covered for query i
-    when its rank is below ``sinks``, or within ``window`` of the query's rank (causal: at most
-    ``window`` below it, not above); causal attention also hides keys after the query;
-    ``own_key=False`` leaves out the query's own position.
+    when its rank is below ``sinks``, or, if query i is itself real under that ranking, within
+    ``window`` of the query's rank (causal: at most ``window`` below it, not above); causal
+    attention also hides keys after the query; ``own_key=False`` leaves out the query's own
+    position.
     """
     key_real = torch.ones(B, S, dtype=torch.bool, device=device) if key_padding_mask is None else key_padding_mask
     query_ref = query_padding_mask
@@ -135,7 +136,7 @@ def covered_pairs(
     covered = (key_rank < sinks)[:, None, :].expand(B, T, S)
     if window is not None:
         near = (gap <= 0) if causal else (gap <= window)
-        covered = covered | (near & (gap >= -window))
+        covered = covered | (near & (gap >= -window) & query_ref[:, :, None])
     covered = covered & key_real[:, None, :]
     if causal:
         covered = covered & torch.ones(T, S, dtype=torch.bool, device=device).tril()

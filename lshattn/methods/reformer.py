@@ -31,7 +31,7 @@ from lshattn.hashing import (
     inverse_order,
     sort_order,
 )
-from lshattn.local import add_local_cost, local_cost, local_pairs, local_scores, merge_local, with_entries
+from lshattn.local import add_local_cost, local_cost, local_pairs, merge_counted
 
 __all__ = ["Reformer", "ReformerAux"]
 
@@ -196,12 +196,11 @@ class Reformer(SparseMethod):
         pairs = local_pairs(inputs, self.sinks, self.window, own_key=not self.shared_qk)
         if pairs is not None:
             entries = pair_entries(
-                q_order, k_order, key_blocks, pairs.positions, q_block=layout.q_block, k_block=layout.k_block,
+                q_order, k_order, key_blocks, pairs, q_block=layout.q_block, k_block=layout.k_block,
                 before=before, after=after, self_pairs=self_pairs, correct_duplicates=self.correct_duplicates,
             )  # fmt: skip
-            scores, values = local_scores(q_pad[:, :, :T], k_pad, v_pad, pairs, inputs.scale)
-            kept = with_entries(scores, 1 if self.correct_duplicates else self.num_hashes)
-            out, lse = merge_local(out[:, :, :T], lse[:, :, :T], kept, with_entries(scores, entries), values)
+            counted = 1 if self.correct_duplicates else self.num_hashes
+            out, lse = merge_counted(pairs, out[:, :, :T], lse[:, :, :T], q_pad[:, :, :T], k_pad, v_pad, entries, counted, inputs.scale)
             dot_products += B * H * T * pairs.slots
         if self.shared_qk:
             # A token attends to itself only when no other key was visible in any round.

@@ -23,8 +23,8 @@ from torch import Tensor
 from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output, pad_length
 from lshattn.cost import Cost
-from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, gather_rows, simhash_codes, simhash_flops
-from lshattn.local import LocalPairs, add_local_cost, local_cost, local_pairs, local_scores, merge_local
+from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, simhash_codes, simhash_flops
+from lshattn.local import add_local_cost, local_cost, local_pairs, local_scores, merge_local
 
 __all__ = [
     "SimHash",
@@ -168,22 +168,27 @@ class SimHash(SparseMethod):
         faithful = self.mode == "faithful"
         pairs = local_pairs(inputs, self.sinks, self.window)
         aside = ()
-        if pairs is not None:
-            scores, values = local_scores(q, k, v, pairs, inputs.scale)
-            collide = _local_collisions(q_tables, k_tables, pairs) & pairs.valid[:, None]
+        if pairs is not None:  # in the slots' rank order
+            q_ranked, v_ranked = pairs.queries(q), pairs.keys(v)
+            scores = local_scores(q_ranked, pairs.keys(k), pairs, inputs.scale)
+            collide = pairs.per_slot(
+                pairs.queries(q_tables.transpose(2, 3)), pairs.keys(k_tables.transpose(2, 3)),
+                lambda query_codes, key_codes: (query_codes == key_codes).any(-1),
+            ) & pairs.valid[:, None]  # fmt: skip
             if faithful:
                 # Covered keys that collide with nothing leave the logit-0 part, by count and value
                 # sum: subtracting their e^0 from the softmax afterwards would cancel catastrophically
                 # when it outweighs their own e^s.
                 apart = (pairs.valid[:, None] & ~collide).to(q.dtype)
-                aside = (apart.sum(-1), torch.einsum("bhta,bhtav->bhtv", apart, values))
+                aside = (pairs.restore(apart.sum(-1)), pairs.restore(pairs.weighted_sum(apart, v_ranked)))
         out, lse, count = CollisionSoftmax.apply(q, k, v, collisions, inputs.scale, faithful, *aside)
         dot_products = int(count)
         if pairs is not None:
             # The colliding covered pairs are in the method's part at their score already: the
             # same ``scores`` taken out and put back in cancel exactly.
             found = scores.masked_fill(~collide, float("-inf"))
-            out, _ = merge_local(out, lse, scores, found, values)
+            out, _ = merge_local(pairs.queries(out), pairs.queries(lse), scores, found, v_ranked, pairs)
+            out = pairs.restore(out)
             dot_products += q.shape[0] * H * T * pairs.slots
         out = finish_output(out, T, inputs.query_padding_mask, out_dtype)
         aux = SimHashAux(q_codes, k_codes, dot_products, collisions.scores_computed)
@@ -224,18 +229,6 @@ class SimHash(SparseMethod):
         if self.mode == "faithful":  # the covered keys' values also leave the logit-0 part's sum
             covered = covered._replace(flops=covered.flops + 2 * covered.dot_products * Dv)
         return add_local_cost(cost, covered, itemsize)
-
-
-def _local_collisions(q_tables: Tensor, k_tables: Tensor, pairs: LocalPairs) -> Tensor:
-    """`(B, H, T, A)` bool: whether each covered pair's codes are equal in some table.
-
-    Args:
-        q_tables: `(B, H, R, T)` codes (one concatenated table under rule "all"). k_tables: `(B, H, R, S)`.
-    """
-    B, H, R, T = q_tables.shape
-    index = pairs.positions.reshape(B, 1, 1, -1).expand(B, H, 1, -1)
-    keys = gather_rows(k_tables.transpose(2, 3), index).view(B, H, T, pairs.slots, R)
-    return (keys == q_tables.transpose(2, 3)[:, :, :, None, :]).any(-1)
 
 
 def collision_fraction(D: int, num_bits: int, num_hashes: int, rule: str = "any") -> float:

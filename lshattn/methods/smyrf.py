@@ -23,7 +23,7 @@ from lshattn.blocks import (
 )
 from lshattn.cost import Cost, sorted_blocks_cost
 from lshattn.hashing import draw_normal, e2lsh_projection, inverse_order, sort_order, xbox_plus
-from lshattn.local import add_local_cost, local_cost, local_pairs, local_scores, merge_local, with_entries
+from lshattn.local import add_local_cost, local_cost, local_pairs, merge_counted
 
 __all__ = ["RandomClusters", "SMYRF", "SMYRFAux"]
 
@@ -131,12 +131,11 @@ class SMYRF(SparseMethod):
         pairs = local_pairs(inputs, self.sinks, self.window)
         if pairs is not None:
             entries = pair_entries(
-                q_order, k_order, key_blocks, pairs.positions, q_block=layout.q_block, k_block=layout.k_block,
+                q_order, k_order, key_blocks, pairs, q_block=layout.q_block, k_block=layout.k_block,
                 before=0, after=0, self_pairs=self_pairs, correct_duplicates=self.correct_duplicates,
             )  # fmt: skip
-            scores, values = local_scores(q_pad[:, :, :T], k_pad, v_pad, pairs, inputs.scale)
-            kept = with_entries(scores, 1 if self.correct_duplicates else self.num_hashes)
-            out, lse = merge_local(out[:, :, :T], lse[:, :, :T], kept, with_entries(scores, entries), values)
+            counted = 1 if self.correct_duplicates else self.num_hashes
+            out, lse = merge_counted(pairs, out[:, :, :T], lse[:, :, :T], q_pad[:, :, :T], k_pad, v_pad, entries, counted, inputs.scale)
             dot_products += B * H * T * pairs.slots
         out = finish_output(out, T, inputs.query_padding_mask, q.dtype)
         aux = SMYRFAux(

@@ -85,8 +85,9 @@ class TopK(SparseMethod):
         if pairs is None:
             selected = top_keys(ranking_scores(q, k, inputs.scale), visible, self.fraction)
         else:
-            hits = torch.zeros(B, T, S, dtype=torch.int32, device=q.device)
-            covered = hits.scatter_add_(2, pairs.positions, pairs.valid.int())[:, None] > 0  # (B, 1, T, S)
+            hits = torch.zeros(B, T, S, dtype=torch.int32, device=q.device)  # rows in the slots' rank order
+            hits.scatter_add_(2, pairs.key_positions, pairs.valid.int())
+            covered = pairs.restore(hits[:, None]) > 0  # (B, 1, T, S)
             selected = top_keys(ranking_scores(q, k, inputs.scale), visible & ~covered, self.fraction) | covered
         weights = selection_weights(scores, selected, visible, tail=self.tail)
         if inputs.dropout_p > 0:

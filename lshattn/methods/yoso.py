@@ -21,7 +21,7 @@ from lshattn import kernels
 from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output
 from lshattn.cost import Cost
-from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, gather_rows, simhash_codes, simhash_flops
+from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, simhash_codes, simhash_flops
 from lshattn.local import LocalPairs, add_local_cost, local_cost, local_pairs
 from lshattn.methods.simhash import Collisions, build_collisions
 
@@ -240,15 +240,14 @@ def _local_correction(
     Args:
         q: `(B, H, T, D)`, k: `(B, H, S, D)`, v: `(B, H, S, Dv)`; q_codes: `(B, H, T, m)`, k_codes: `(B, H, S, m)`.
     """
-    B, H, T, D = q.shape
-    m, A = q_codes.shape[-1], pairs.slots
-    index = pairs.positions.reshape(B, 1, 1, -1).expand(B, H, 1, -1)
-    keys = F.normalize(gather_rows(k, index).view(B, H, T, A, D), dim=-1)
-    values = gather_rows(v, index).view(B, H, T, A, -1)
-    cosine = (F.normalize(q, dim=-1)[..., None, :] @ keys.transpose(-1, -2)).squeeze(-2)
+    m = q_codes.shape[-1]
+    q_unit, k_unit = pairs.queries(F.normalize(q, dim=-1)), pairs.keys(F.normalize(k, dim=-1))
+    cosine = pairs.per_slot(q_unit, k_unit, lambda queries, keys: (queries * keys).sum(-1))
     valid = pairs.valid[:, None].to(q.dtype)
     with torch.no_grad():
-        hits = (gather_rows(k_codes, index).view(B, H, T, A, m) == q_codes[:, :, :, None, :]).sum(-1)
+        hits = pairs.per_slot(
+            pairs.queries(q_codes), pairs.keys(k_codes), lambda query_codes, key_codes: (query_codes == key_codes).sum(-1)
+        )
         sampled = hits.to(q.dtype) / m
         kernel = (1 - torch.acos(cosine.clamp(-1, 1)) / math.pi) ** num_bits
         if backward == "approx":
@@ -257,8 +256,8 @@ def _local_correction(
             slope = kernel_derivative(cosine, num_bits) * (hits == 0)
         weight, slope = (kernel - sampled) * valid, slope * valid
     surrogate = slope * cosine
-    # One product: the surrogate term has value 0, so the values' gradient is ``weight`` alone.
-    return ((weight + (surrogate - surrogate.detach()))[..., None, :] @ values).squeeze(-2)
+    # The surrogate term has value 0, so the values' gradient is ``weight`` alone.
+    return pairs.restore(pairs.weighted_sum(weight + (surrogate - surrogate.detach()), pairs.keys(v)))
 
 
 def kernel_derivative(x: Tensor, num_bits: int) -> Tensor:
