@@ -25,7 +25,7 @@ from typing import Any
 
 from lshattn.api import Method, parse
 from lshattn.local import local_cost
-from lshattn.methods import SMYRF, YOSO, Dense, RandomClusters, Reformer, SimHash, TopK
+from lshattn.methods import SMYRF, YOSO, Dense, Local, RandomClusters, Reformer, SimHash, TopK
 
 __all__ = ["for_budget", "pairs_share", "work_share"]
 
@@ -131,6 +131,7 @@ def _knob(cls: type, fraction: float, T: int, S: int, fixed: dict, causal: bool)
         Reformer: ("bucket_size", lambda: (_buckets(b, S, fixed) for b in range(max(T, S), 0, -1))),
         SimHash: ("num_bits", lambda: ({"num_bits": b} for b in range(63))),
         YOSO: ("num_hashes", lambda: ({"num_hashes": m} for m in range(1, 4097))),
+        Local: ("window", lambda: ({"window": w} for w in range(S - 1, -1, -1))),
     }
     knob, candidates = turns[cls]
     return knob, candidates()

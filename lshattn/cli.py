@@ -119,9 +119,10 @@ def _fidelity(args: argparse.Namespace) -> int:
 
 def budgeted(texts: list[str], budget: float, T: int, D: int) -> list[lshattn.Method]:
     """Each method's setting for ``budget`` at length ``T`` (``lshattn.for_budget``; the keys a
-    string names stay fixed), then the oracle top-k and the random-cluster control at the same budget."""
+    string names stay fixed), then the oracle top-k, the random-cluster control and the baseline of
+    4 sinks and a window alone at the same budget."""
     methods = []
-    for text in [*texts, "topk", "random"]:
+    for text in [*texts, "topk", "random", "local:sinks=4"]:
         spec = lshattn.parse(text)
         named = [item.partition("=")[0].strip() for item in text.partition(":")[2].split(",") if item.strip()]
         methods.append(lshattn.for_budget(spec.name, budget, T, D=D, **{key: getattr(spec, key) for key in named}))
@@ -160,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     fidelity_parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     fidelity_parser.add_argument(
         "--budget", type=float, help="set each method for this share of exact attention's work at each length "
-        "(lshattn.for_budget; keys named in a method string stay fixed) and add the oracle top-k and the random "
-        "control at the same budget",
+        "(lshattn.for_budget; keys named in a method string stay fixed) and add the oracle top-k, the random "
+        "control and the baseline of 4 sinks and a window alone at the same budget",
     )  # fmt: skip
     fidelity_parser.add_argument("--docs", type=int, default=4, help="Wikipedia articles (batch size)")
     fidelity_parser.add_argument("--json", help="write every row to this file")

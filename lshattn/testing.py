@@ -29,6 +29,7 @@ __all__ = [
     "make_qkv",
     "make_padding_mask",
     "dense_reference",
+    "local_brute_force",
     "rounds_reference",
     "reformer_rounds",
     "smyrf_rounds",
@@ -155,6 +156,30 @@ def covered_by(method, q: Tensor, k: Tensor, *, key_padding_mask=None, query_pad
         key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, causal=causal, own_key=own_key,
         device=q.device,
     )  # fmt: skip
+
+
+def local_brute_force(method, q, k, v, aux=None, *, key_padding_mask=None, query_padding_mask=None, causal=False,
+                      scale=None) -> Tensor:  # fmt: skip
+    """``Local``: softmax over the pairs ``covered_pairs`` lists, densely in float64; with
+    ``method.tail``, plus one entry for the other visible keys: their mean value at the logit
+    ``log n + scale·q·(their mean key)``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    covered = covered_by(method, q, k, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, causal=causal)
+    q, k, v = _real(q, query_padding_mask), _real(k, key_padding_mask), _real(v, key_padding_mask)
+    logits = q @ k.transpose(-1, -2) * scale
+    if not method.tail:
+        return _zero_padded_queries(_weighted_softmax(logits, covered, v), query_padding_mask)
+    rest = (_visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal, q.device) & ~covered).double()
+    n = rest.sum(-1, keepdim=True)  # (B, 1, T, 1)
+    mean_k, mean_v = (rest @ k) / n.clamp_min(1), (rest @ v) / n.clamp_min(1)
+    tail_logit = torch.log(n.clamp_min(1)) + (q * mean_k).sum(-1, keepdim=True) * scale
+    entries = torch.cat([torch.where(covered, logits, float("-inf")), torch.where(n > 0, tail_logit, float("-inf"))], -1)
+    top = entries.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0).detach()
+    weights = torch.exp(entries - top)
+    total = weights.sum(-1, keepdim=True)
+    out = (weights[..., :-1] @ v + weights[..., -1:] * mean_v) / torch.where(total > 0, total, 1.0)
+    return _zero_padded_queries(out, query_padding_mask)
 
 
 def reformer_rounds(aux, chunks_before: int, chunks_after: int) -> Tensor:

@@ -256,6 +256,19 @@ def _topk(**kw) -> Entry:
 
 METHODS.update(
     {
+        # The locality baseline: sinks and a window, nothing else; a window past the sequence is exact.
+        "local": Entry(
+            lshattn.Local(sinks=2, window=3), lshattn.Local(sinks=0, window=MAX_EXACT),
+            brute_force=testing.local_brute_force, cross=False, draws_hashes=False,
+        ),
+        "local-tail": Entry(
+            lshattn.Local(sinks=1, window=2, tail=True), lshattn.Local(sinks=0, window=MAX_EXACT, tail=True),
+            brute_force=testing.local_brute_force, cross=False, draws_hashes=False,
+        ),
+        "local-sinks-only": Entry(
+            lshattn.Local(sinks=3, window=None), lshattn.Local(sinks=MAX_EXACT, window=None),  # every key a sink
+            brute_force=testing.local_brute_force, draws_hashes=False,
+        ),
         "topk": _topk(fraction=0.3),
         "topk-tail": _topk(fraction=0.1, tail=True),
         "topk-local": _topk(fraction=0.1, tail=True, sinks=1, window=1),

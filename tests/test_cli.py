@@ -61,7 +61,7 @@ def test_bad_method_string_exits_non_zero(capsys):
     assert "unknown method 'bogus'" in capsys.readouterr().err
 
 
-def test_fidelity_budget_sets_each_method_and_adds_the_oracle_and_the_control():
+def test_fidelity_budget_sets_each_method_and_adds_the_oracle_the_control_and_the_baseline():
     """``--budget``: every method at its setting for the budget (keys the string names stay
     fixed), then the references at the same budget."""
     methods = cli.budgeted(["smyrf", "reformer:shared_qk=False,num_hashes=1", "topk"], 0.25, 128, 32)
@@ -70,6 +70,7 @@ def test_fidelity_budget_sets_each_method_and_adds_the_oracle_and_the_control():
         lshattn.for_budget("reformer", 0.25, 128, D=32, shared_qk=False, num_hashes=1),
         lshattn.TopK(fraction=0.25),  # named once though asked for twice
         lshattn.RandomClusters(num_hashes=2, q_cluster_size=16, k_cluster_size=16),
+        lshattn.Local(sinks=4, window=13),  # 4 + 27 keys of 128
     ]
     assert all(lshattn.work_share(m, 128, 128, 32) <= 0.25 for m in methods)
 

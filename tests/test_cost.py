@@ -34,11 +34,13 @@ def test_flops_counted_by_torch_equal_the_formula(name, size):
         measured = count_flops(lambda: spec(q, k, v, causal=causal))
         cost = spec.cost(B, H, T, S, D, Dv, causal=causal)
         elementwise = 0
-        if causal and not isinstance(spec, lshattn.Dense) and not getattr(spec, "shared_qk", False):
+        if causal and not isinstance(spec, (lshattn.Dense, lshattn.Local)) and not getattr(spec, "shared_qk", False):
             plain = dataclasses.replace(spec, sinks=0, window=None)  # a window is narrower when causal
             own_key_slots = plain.cost(B, H, T, S, D, Dv, causal=True).dot_products - plain.cost(B, H, T, S, D, Dv).dot_products
             elementwise = (2 * D + 4 * Dv) * own_key_slots
-        if getattr(spec, "sinks", 0) or getattr(spec, "window", None) is not None:
+        if isinstance(spec, lshattn.Local):  # slots and tail sums: element-wise passes, no matrix product
+            elementwise = cost.flops
+        elif getattr(spec, "sinks", 0) or getattr(spec, "window", None) is not None:
             # the covered pairs are element-wise products over views, one pass per slot (lshattn.local);
             # YOSO-E and the oracle score every pair anyway
             if not (isinstance(spec, lshattn.YOSO) and spec.expectation) and not isinstance(spec, lshattn.TopK):

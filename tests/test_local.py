@@ -88,8 +88,8 @@ def test_ranks_count_real_tokens_only():
     assert covered[0, 0, 5].nonzero().flatten().tolist() == [1, 4, 5, 7]
 
 
-# Every method of the catalogue but Dense, with sinks and a window wide enough to cover every pair.
-SPARSE = [name for name, entry in METHODS.items() if not isinstance(entry.method, lshattn.Dense)]
+# Every method of the catalogue that adds sinks and a window to a selection of its own.
+SPARSE = [name for name, entry in METHODS.items() if not isinstance(entry.method, (lshattn.Dense, lshattn.Local))]
 
 
 @pytest.mark.parametrize("name", SPARSE)
@@ -137,6 +137,19 @@ def test_dot_products_and_cost_count_the_slots(name):
     assert extra == B * H * T * slots
 
 
+def test_local_attends_its_slots_and_counts_them():
+    """``Local`` is softmax over the covered pairs alone; its dot products are its slots."""
+    q, k, v = testing.make_qkv(2, 3, 30, 30, 8, seed=4, dtype=torch.float64)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, :6] = False
+    method = lshattn.Local(sinks=2, window=3)
+    out, aux = method(q, k, v, key_padding_mask=mask, query_padding_mask=mask, causal=True, return_aux=True)
+    expected = testing.local_brute_force(method, q, k, v, key_padding_mask=mask, query_padding_mask=mask, causal=True)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
+    assert aux.dot_products == 2 * 3 * 30 * (2 + 4) == method.cost(2, 3, 30, 30, 8, 8, causal=True).dot_products
+    assert lshattn.for_budget("local", 0.25, 128, sinks=2) == lshattn.Local(sinks=2, window=14)
+
+
 def test_yoso_e_is_unchanged_by_sinks_and_a_window():
     q, k, v = testing.make_qkv(1, 2, 20, 20, 8)
     method = lshattn.YOSO(expectation=True, num_bits=4)
@@ -161,6 +174,7 @@ def test_a_sink_gives_a_query_with_no_collision_a_key():
         (lambda: lshattn.TopK(window=-2), ValueError, r"TopK window must be None \(no window\) or >= 0.*got -2"),
         (lambda: lshattn.YOSO(window=True), TypeError, r"YOSO window must be an int or None, got True"),
         (lambda: lshattn.SimHash(sinks=None), TypeError, r"SimHash sinks must be an int, got None"),
+        (lambda: lshattn.Local(sinks=0, window=None), ValueError, r"Local with sinks=0 and window=None attends no key"),
     ],
 )
 def test_bad_settings_are_refused(make, error, message):

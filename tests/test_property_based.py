@@ -45,7 +45,7 @@ from lshattn import kernels, testing
 
 # --- method settings --------------------------------------------------------------------------------
 
-KINDS = ("dense", "smyrf", "random", "reformer", "simhash", "yoso", "topk")
+KINDS = ("dense", "smyrf", "random", "reformer", "simhash", "yoso", "topk", "local")
 _ONLY = [name.strip() for name in os.environ.get("LSHATTN_HYPOTHESIS_METHODS", "").split(",") if name.strip()]
 assert set(_ONLY) <= set(KINDS), f"LSHATTN_HYPOTHESIS_METHODS names unknown methods: {_ONLY}; known: {KINDS}"
 
@@ -156,6 +156,8 @@ _METHODS = {
         sinks=SINKS,
         window=WINDOWS,
     ),
+    "local": st.builds(lshattn.Local, tail=st.booleans(), sinks=st.integers(0, 5), window=st.sampled_from([0, 1, 3, 8, 300]))
+    | st.builds(lshattn.Local, tail=st.booleans(), sinks=st.integers(1, 5), window=st.none()),
     "topk": st.builds(
         lshattn.TopK,
         fraction=st.one_of(st.sampled_from([1e-3, 0.1, 0.25, 0.5, 1.0]), st.floats(1e-3, 1.0)),
@@ -442,6 +444,8 @@ def brute_force(setting: Setting, q, k, v, aux, **kw) -> torch.Tensor:
         return testing.simhash_brute_force(method, q, k, v, aux, **kw)
     if isinstance(method, lshattn.TopK):
         return testing.topk_brute_force(method, q, k, v, aux, **kw)
+    if isinstance(method, lshattn.Local):
+        return testing.local_brute_force(method, q, k, v, aux, **kw)
     if method.expectation:
         return testing.yoso_expectation_reference(
             q, k, v, num_bits=method.num_bits, normalize_output=method.normalize_output, backward=method.backward,
@@ -594,6 +598,8 @@ def test_exact_limit(data):
         method = dataclasses.replace(method, expectation=True)
     elif isinstance(method, lshattn.TopK):
         method = dataclasses.replace(method, fraction=1.0)
+    elif isinstance(method, lshattn.Local):  # every key a sink (a query unranked by its mask has no window)
+        method = dataclasses.replace(method, sinks=MAX_TOKENS, window=None)
     # SimHash keeps its kernel path; YOSO-E runs no kernel.
     setting = dataclasses.replace(setting, method=method) if isinstance(method, lshattn.SimHash) else Setting(method)
     note(f"exact setting: {setting}")

@@ -12,12 +12,13 @@ __all__ = ["family", "headline", "label", "variant", "write"]
 
 PLOT_COLOURS = {
     "smyrf": "tab:blue", "reformer": "tab:orange", "simhash": "tab:green", "yoso": "tab:red", "topk": "black",
-    "random": "tab:gray",
+    "random": "tab:gray", "local": "tab:purple",
 }  # fmt: skip
 # Rows that are not methods to choose but references beside them: the ceiling a selection of the
-# same budget can reach, and the control that selects nothing.
-ORACLE, CONTROL = "topk", "random"
-REFERENCES = {ORACLE: "oracle", CONTROL: "control"}
+# same budget can reach, the control that selects nothing, and the baseline of locality alone
+# (sinks and a window, no hashing), which a method given the same sinks and window should beat.
+ORACLE, CONTROL, BASELINE = "topk", "random", "local"
+REFERENCES = {ORACLE: "oracle", CONTROL: "control", BASELINE: "baseline"}
 
 
 def family(method: str) -> str:
@@ -36,11 +37,13 @@ def variant(method: str) -> str:
         return "oracle top-k + tail" if spec.tail else "oracle top-k"
     if spec.name == CONTROL:
         return "control: random clusters"
+    if spec.name == BASELINE:
+        return "baseline: sinks + window alone"
     return spec.name
 
 
 def label(method: str) -> str:
-    """A table cell: the method string, with "(oracle)" or "(control)" after a reference row."""
+    """A table cell: the method string, with "(oracle)", "(control)" or "(baseline)" after a reference row."""
     role = REFERENCES.get(family(method))
     return f"`{method}` ({role})" if role else f"`{method}`"
 
@@ -97,26 +100,78 @@ def headline(results: dict, budget: float) -> str:
 
 
 def _distance_to_ceiling(best: list[dict], sections: list[list[dict]], names: list[str], budget: float) -> str:
-    """" Distance to the ceiling: ..." — ``best[i]``'s cosine beside the oracle top-k's and the
-    random control's at the same budget in section ``names[i]``; sections without an oracle row
-    are left out ("" when none has one)."""
+    """" Distance to the ceiling: ..." — ``best[i]``'s cosine beside the oracle top-k's, the random
+    control's and the sinks-and-window baseline's at the same budget in section ``names[i]``;
+    sections without an oracle row are left out ("" when none has one)."""
     parts = []
     for row, rows, name in zip(best, sections, names):
         oracle = _reference_within(rows, ORACLE, budget)
         # The fair control has the method's own clusters (SMYRF's parameters) where it was run.
         same_clusters = f"{CONTROL}:{row['method'].partition(':')[2]}".rstrip(":")
         control = next((r for r in rows if r["method"] == same_clusters), None) or _reference_within(rows, CONTROL, budget)
+        baseline = _reference_within(rows, BASELINE, budget)
         if oracle is not None:
             parts.append(
                 f"{row['cosine']:.3f} against the oracle top-k's {oracle['cosine']:.3f} (`{oracle['method']}`)"
-                + (f" and the random-cluster control's {control['cosine']:.3f} (`{control['method']}`)" if control else "")
+                + (f", the random-cluster control's {control['cosine']:.3f} (`{control['method']}`)" if control else "")
+                + (f", sinks and a window alone {baseline['cosine']:.3f} (`{baseline['method']}`)" if baseline else "")
                 + f" on {name}"
             )
     return " Distance to the ceiling, in cosine at the same budget: " + "; ".join(parts) + "." if parts else ""
 
 
+def _targets(results: dict) -> list[str]:
+    """Section lines: the zero-shot targets of issue 13, each with what this run measured ([] when no
+    task ran). The methods are the rows that are not references (oracle, control, baseline)."""
+    tasks = [t for t in results.get("tasks", []) if t.get("rows")]
+    if not tasks:
+        return []
+    lines = [
+        "", "### Targets (zero-shot, no retraining)", "",
+        "| target | measured | met |", "|---|---|---|",
+    ]  # fmt: skip
+
+    def best(rows: list[dict], budget: float) -> dict | None:
+        methods = [r for r in _within(rows, budget) if family(r["method"]) not in REFERENCES]
+        return max(methods, key=lambda r: r["cosine"]) if methods else None
+
+    for task in tasks:
+        top = best(task["rows"], 0.25)
+        if top is None:
+            continue
+        drop = task["exact_accuracy"] - top["accuracy"]
+        lines.append(
+            f"| {task['name']}: embedding cosine ≥ 0.97 at ≤ 25 %, probe within 1 point of exact | "
+            f"`{top['method']}`: {top['cosine']:.3f}, probe {top['accuracy']:.3f} vs {task['exact_accuracy']:.3f} | "
+            f"{'yes' if top['cosine'] >= 0.97 and drop <= 0.01 else 'no'} |"
+        )
+    for task in tasks:
+        oracle = next((r for r in task["rows"] if r["method"] == "topk:fraction=0.0625"), None)
+        top = best(task["rows"], 0.125)
+        if oracle is not None and top is not None:
+            lines.append(
+                f"| {task['name']}: the best method at ≤ 12.5 % reaches the oracle's cosine at 6.25 % | "
+                f"`{top['method']}`: {top['cosine']:.3f} vs {oracle['cosine']:.3f} | "
+                f"{'yes' if top['cosine'] >= oracle['cosine'] else 'no'} |"
+            )
+    speed = results.get("speed", {}).get("rows", [])
+    for row in speed:
+        spec = lshattn.parse(row["method"])
+        if getattr(spec, "sinks", 0) or getattr(spec, "window", None) is not None:
+            plain = str(dataclasses.replace(spec, sinks=0, window=None))
+            base = next((r for r in speed if r["method"] == plain and r["T"] == row["T"]), None)
+            if base is not None and row["T"] == max(r["T"] for r in speed):
+                ratio = row["seconds"] / base["seconds"]
+                lines.append(
+                    f"| sinks and a window cost ≤ 1.5× the plain method's time at {row['T']:,} tokens | "
+                    f"`{row['method']}`: {ratio:.2f}× `{plain}` | {'yes' if ratio <= 1.5 else 'no'} |"
+                )
+    return lines
+
+
 def _reference_within(rows: list[dict], name: str, budget: float) -> dict | None:
-    """The oracle's (without its tail term) or the control's row closest to ``budget`` from below."""
+    """The oracle's (without its tail term), the control's or the baseline's row closest to
+    ``budget`` from below."""
     mine = [r for r in rows if family(r["method"]) == name and not getattr(lshattn.parse(r["method"]), "tail", False)]
     inside = [r for r in mine if work_share(r) <= budget * 1.01]
     return max(inside, key=work_share) if inside else None
@@ -207,12 +262,14 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
         "directions, its measured budget on real activations is in section 1). Exact attention is "
         "`lshattn.Dense` (SDPA). No model was retrained.",
         "",
-        "Two rows are references, not methods to choose: the **oracle** `topk` (`lshattn.TopK`), exact "
+        "Three rows are references, not methods to choose: the **oracle** `topk` (`lshattn.TopK`), exact "
         "softmax over each query's highest-scoring keys, the ceiling of any selection that keeps that share "
         "of the pairs (it scores every pair to choose; its budget is the share it keeps; `tail=True` adds the "
-        "other keys' exact mass times their mean value), and the **control** `random` "
+        "other keys' exact mass times their mean value); the **control** `random` "
         "(`lshattn.RandomClusters`), SMYRF's clusters cut along random directions, which select nothing: "
-        "a method that does not beat it at the same budget is not selecting.",
+        "a method that does not beat it at the same budget is not selecting; and the **baseline** `local` "
+        "(`lshattn.Local`), the first real tokens (`sinks`) and a window of neighbours alone, which a method "
+        "given the same `sinks` and `window` should beat, or its hashing adds nothing to locality.",
         "",
         _defaults_legend(results),
     ]
@@ -266,6 +323,7 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
             )
     if "tasks" in plots:
         lines += ["", f"![embedding cosine against budget, per task]({plots['tasks']})"]
+    lines += _targets(results)
     if results.get("speed", {}).get("rows"):
         s = results["speed"]
         lines += [

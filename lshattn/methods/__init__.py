@@ -2,6 +2,7 @@
 with ``_attend`` (the algorithm) and ``cost`` (its analytic cost)."""
 
 from lshattn.methods.dense import Dense, DenseAux
+from lshattn.methods.local import Local, LocalAux
 from lshattn.methods.reformer import Reformer, ReformerAux
 from lshattn.methods.simhash import SimHash, SimHashAux
 from lshattn.methods.smyrf import SMYRF, RandomClusters, SMYRFAux
@@ -9,6 +10,6 @@ from lshattn.methods.topk import TopK, TopKAux
 from lshattn.methods.yoso import YOSO, YOSOAux
 
 __all__ = [
-    "Dense", "DenseAux", "RandomClusters", "Reformer", "ReformerAux", "SMYRF", "SMYRFAux", "SimHash", "SimHashAux",
+    "Dense", "DenseAux", "Local", "LocalAux", "RandomClusters", "Reformer", "ReformerAux", "SMYRF", "SMYRFAux", "SimHash", "SimHashAux",
     "TopK", "TopKAux", "YOSO", "YOSOAux",
 ]
