@@ -382,7 +382,12 @@ def yoso_lsh_reference(
     else:
         slope = (hits > 0).double() * exact_derivative_reference(cosine.detach(), num_bits)
     if covered is not None:
-        kernel = (1 - torch.acos(torch.clamp(cosine.detach(), -1.0, 1.0)) / math.pi) ** num_bits
+        # The angle as 2·atan2(‖q̂ − k̂‖, ‖q̂ + k̂‖), accurate near 0 and π where arccos of a rounded
+        # cosine is not (the method computes it so; a difference of rounding in the cosine would
+        # otherwise move the kernel of identical vectors by ~1e-7 in float64).
+        q_unit, k_unit = _unit(q).detach()[..., :, None, :], _unit(k).detach()[..., None, :, :]
+        theta = 2 * torch.atan2((q_unit - k_unit).norm(dim=-1), (q_unit + k_unit).norm(dim=-1))
+        kernel = (1 - theta / math.pi) ** num_bits
         exact_slope = (num_bits / 2) * kernel if backward == "approx" else exact_derivative_reference(cosine.detach(), num_bits)
         weight = torch.where(covered, kernel, weight)
         slope = torch.where(covered, exact_slope, slope)

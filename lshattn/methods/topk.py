@@ -144,11 +144,12 @@ def top_keys(scores: Tensor, visible: Tensor, fraction: float) -> Tensor:
     else:
         top = torch.topk(scores, most, dim=-1, sorted=True).values  # (B, H, T, most), descending
         threshold = top.gather(-1, (keep - 1).clamp_min(0).expand(*top.shape[:-1], 1))
+    candidates = (scores >= threshold) & visible
+    if bool((candidates.sum(-1, keepdim=True) <= keep).all()):  # no row has more ties than room: keep them all
+        return candidates
     above = scores > threshold
-    tied = (scores == threshold) & visible
+    tied = candidates & ~above
     room = keep - above.sum(-1, keepdim=True)
-    if not bool((tied.sum(-1, keepdim=True) > room).any()):  # no row has more ties than room: keep them all
-        return above | tied
     return above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))
 
 

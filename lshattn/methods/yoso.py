@@ -32,6 +32,7 @@ __all__ = [
     "EXACT_GRAD_CLAMP",
     "TABLE_BUDGET",
     "CAUSAL_BLOCK",
+    "angle",
     "bucket_sums",
     "expectation_bytes",
     "kernel_derivative",
@@ -207,7 +208,8 @@ class YOSO(SparseMethod):
         ``2·B·H·Dv·Σ n²`` per group of hashes for the products that sum each block of
         n <= ``CAUSAL_BLOCK`` positions' own keys.
 
-        YOSO-m with ``sinks`` or ``window`` adds their slots (``lshattn.local.local_cost``).
+        YOSO-m with ``sinks`` or ``window`` adds their slots (``lshattn.local.local_cost``) and
+        ``6·D`` flops a slot for its angle (``angle``).
         """
         if self.expectation:
             dots = B * H * T * S
@@ -218,7 +220,10 @@ class YOSO(SparseMethod):
         memory = max(group * rows * Dv * itemsize, (T + S) * self.num_hashes * code_bytes, T * Dv * itemsize) * B * H
         flops = simhash_flops(B * H * (T + S), D, self.num_hashes, self.num_bits)
         cost = Cost(flops=flops, dot_products=0, memory_bytes=memory, budget=0.0)
-        return add_local_cost(cost, local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal), itemsize)
+        covered = local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal)
+        # and each slot's angle, 2·atan2(‖q̂ − k̂‖, ‖q̂ + k̂‖): two differences and two norms, 6·D
+        covered = covered._replace(flops=covered.flops + 6 * D * covered.dot_products)
+        return add_local_cost(cost, covered, itemsize)
 
 
 def expectation_bytes(B: int, H: int, T: int, S: int, itemsize: int) -> int:
@@ -249,7 +254,7 @@ def _local_correction(
             pairs.queries(q_codes), pairs.keys(k_codes), lambda query_codes, key_codes: (query_codes == key_codes).sum(-1)
         )
         sampled = hits.to(q.dtype) / m
-        kernel = (1 - torch.acos(cosine.clamp(-1, 1)) / math.pi) ** num_bits
+        kernel = (1 - pairs.per_slot(q_unit, k_unit, angle) / math.pi) ** num_bits
         if backward == "approx":
             slope = (num_bits / 2) * (kernel - sampled)
         else:
@@ -258,6 +263,13 @@ def _local_correction(
     surrogate = slope * cosine
     # The surrogate term has value 0, so the values' gradient is ``weight`` alone.
     return pairs.restore(pairs.weighted_sum(weight + (surrogate - surrogate.detach()), pairs.keys(v)))
+
+
+def angle(a: Tensor, b: Tensor) -> Tensor:
+    """The angle between unit vectors `(..., D)`, ``2·atan2(‖a − b‖, ‖a + b‖)``: accurate to rounding
+    everywhere, where ``arccos(a·b)`` loses half the digits near 0 and π (a cosine rounded by δ moves
+    the angle by √(2δ)), so that identical vectors are at angle 0 however their product rounds."""
+    return 2 * torch.atan2(torch.linalg.vector_norm(a - b, dim=-1), torch.linalg.vector_norm(a + b, dim=-1))
 
 
 def kernel_derivative(x: Tensor, num_bits: int) -> Tensor:
