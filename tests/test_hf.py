@@ -131,6 +131,8 @@ LSH_SETTINGS = {
     "reformer": lshattn.Reformer(num_hashes=2, bucket_size=4, num_buckets=4, shared_qk=False),
     "simhash": lshattn.SimHash(num_bits=2, mode="sparse"),
     "yoso": lshattn.YOSO(num_hashes=8, num_bits=4),
+    # sinks and a window ranked by the padding mask the drop-in passes
+    "smyrf-sinks-window": lshattn.SMYRF(num_hashes=2, q_cluster_size=4, k_cluster_size=4, sinks=1, window=1),
 }
 
 
@@ -169,6 +171,29 @@ def test_exact_limit_matches_eager(name, limit):
         expected, got = hidden(reference, batch), hidden(model, batch)
     keep = real(family, batch)
     assert (expected - got)[keep].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.filterwarnings("ignore:.*applies no attention dropout")
+def test_local_baseline_runs_deterministically_and_trains(name):
+    """``Local`` draws nothing: two forwards are identical, it is not exact, gradients flow through it
+    (its padding invariance through the drop-in is the catalogue's, at the attention level)."""
+    family = FAMILIES[name]
+    reference, model = build(family)
+    batch = inputs(family)
+    hf.use(model, lshattn.Local(sinks=1, window=2))
+    keep = real(family, batch)
+    with torch.no_grad():
+        got = hidden(model, batch)
+        again = hidden(model, batch)
+        expected = hidden(reference, batch)
+    assert torch.isfinite(got).all() and torch.equal(got, again)
+    assert (expected - got)[keep].abs().max() > 1e-3, "a window of 2 should not be exact on these inputs"
+    model.train()
+    out = hidden(model, batch)
+    (out[keep] ** 2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("setting", LSH_SETTINGS, ids=list(LSH_SETTINGS))
