@@ -121,14 +121,16 @@ def covered_pairs(
     """`(B, 1, T, S)` bool: the pairs ``sinks`` and ``window`` cover, from their definition.
 
     Tokens are ranked among the real ones (keys by the key mask; queries by the query mask, or
-    by the key mask when only keys are masked and T == S). A real key is covered for query i
+    by the key mask when only keys are masked and T == S; a mask with every token real counts as
+    none, as the API drops it). A real key is covered for query i
     when its rank is below ``sinks``, or, if query i is itself real under that ranking, within
     ``window`` of the query's rank (causal: at most ``window`` below it, not above); causal
     attention also hides keys after the query; ``own_key=False`` leaves out the query's own
     position.
     """
     key_real = torch.ones(B, S, dtype=torch.bool, device=device) if key_padding_mask is None else key_padding_mask
-    query_ref = query_padding_mask
+    # A mask with every token real is no mask (the API drops it): queries are then ranked by the keys'.
+    query_ref = None if query_padding_mask is None or bool(query_padding_mask.all()) else query_padding_mask
     if query_ref is None:
         query_ref = key_padding_mask if T == S and key_padding_mask is not None else torch.ones(B, T, dtype=torch.bool)
     key_rank = key_real.long().cumsum(1) - key_real.long()  # real keys before each position

@@ -217,3 +217,20 @@ def test_for_budget_refuses_a_window_that_spends_the_budget_alone():
         lshattn.for_budget("smyrf", 0.05, 128, sinks=4, window=8)
     with pytest.raises(ValueError, match=r"no topk setting spends 5.00% or less"):
         lshattn.for_budget("topk", 0.05, 128, sinks=4, window=8)
+
+
+def test_an_all_real_query_mask_is_no_mask():
+    """A query mask with every token real is dropped by the API, so queries are ranked by the key
+    mask, as with no query mask; the reference ranks them alike (a slow-profile hypothesis case:
+    SMYRF 1×1 with its own key as the window, keys padded on the left, 3 tokens)."""
+    q, k, v = testing.make_qkv(1, 1, 3, 3, 1, 1, seed=0)
+    keys = torch.tensor([[False, True, True]])
+    every = torch.ones(1, 3, dtype=torch.bool)
+    method = lshattn.SMYRF(num_hashes=1, q_cluster_size=1, k_cluster_size=1, window=0)
+    out, aux = method(q, k, v, key_padding_mask=keys, query_padding_mask=every, generator=gen(1), return_aux=True)
+    assert torch.equal(out, method(q, k, v, key_padding_mask=keys, generator=gen(1)))
+    expected = testing.rounds_reference(
+        q, k, v, testing.smyrf_rounds(aux), key_padding_mask=keys, query_padding_mask=every,
+        covered=testing.covered_by(method, q, k, key_padding_mask=keys, query_padding_mask=every),
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=1e-6)
