@@ -36,7 +36,7 @@ def pairs_share(method: Method, T: int, S: int, D: int, Dv: int | None = None, *
     and those): it scores every pair to choose, but stands for a method that would score only
     those it keeps."""
     if isinstance(method, TopK):
-        covered = local_cost(1, 1, T, S, D, D, method.sinks, method.window, causal=causal).budget
+        covered = _covered_share(T, S, method.sinks, method.window, causal)
         return covered + method.fraction * (1 - covered)
     return method.cost(1, 1, T, S, D, D if Dv is None else Dv, causal=causal).budget
 
@@ -140,11 +140,16 @@ def _knob(cls: type, fraction: float, T: int, S: int, fixed: dict, causal: bool)
 def _topk_fractions(fraction: float, T: int, S: int, fixed: dict, causal: bool) -> list[dict]:
     """The oracle's ``fraction`` that keeps ``fraction`` of the pairs with its sinks and window
     (the smallest there is, for ``for_budget`` to refuse, when they alone spend more)."""
-    covered = local_cost(1, 1, T, S, 1, 1, fixed.get("sinks", 0), fixed.get("window"), causal=causal).budget
+    covered = _covered_share(T, S, fixed.get("sinks", 0), fixed.get("window"), causal)
     if covered >= 1:
         return [{"fraction": 1.0}]
     rest = (fraction - covered) / (1 - covered)
     return [{"fraction": min(1.0, rest) if rest > 0 else 1e-9}]
+
+
+def _covered_share(T: int, S: int, sinks: int, window: int | None, causal: bool) -> float:
+    """Share of the ``T·S`` pairs that ``sinks`` and ``window`` score (``lshattn.local.local_cost``)."""
+    return local_cost(1, 1, T, S, 1, 1, sinks, window, causal=causal).budget
 
 
 def _clusters(k_cluster_size: int, T: int, S: int) -> dict:

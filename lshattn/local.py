@@ -39,13 +39,13 @@ from lshattn.cost import Cost
 
 __all__ = [
     "LocalPairs",
-    "add_local_cost",
     "local_cost",
     "local_pairs",
     "local_scores",
     "local_slots",
     "merge_counted",
     "merge_local",
+    "with_local_cost",
     "with_entries",
 ]
 
@@ -160,19 +160,24 @@ def local_cost(
     """What the covered pairs add to a method's cost: ``B·H·T·A`` scores (every slot is scored,
     used or not), ``2·B·H·T·A·(D + Dv)`` flops for the scores and the weighted values (element-wise
     products over views, no matrix product); memory the `(B, H, T, A)` scores (as a count of
-    elements, for ``add_local_cost``); budget the scores over ``B·H·T·S``."""
+    elements, for ``with_local_cost``); budget the scores over ``B·H·T·S``."""
     dots = B * H * T * local_slots(S, sinks, window, causal)
     return Cost(flops=2 * dots * (D + Dv), dot_products=dots, memory_bytes=dots, budget=dots / (B * H * T * S))
 
 
-def add_local_cost(cost: Cost, local: Cost, itemsize: int) -> Cost:
-    """A method's cost with its covered pairs added (``local_cost``): scores and flops add up,
-    memory is the larger of the two intermediates."""
+def with_local_cost(
+    cost: Cost, method, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool, itemsize: int,
+    flops_per_slot: int = 0,
+) -> Cost:  # fmt: skip
+    """A method's own ``cost`` with the pairs its ``sinks`` and ``window`` cover added
+    (``local_cost``, plus ``flops_per_slot`` of the method's own per slot): scores and flops add
+    up, memory is the larger of the two intermediates."""
+    covered = local_cost(B, H, T, S, D, Dv, method.sinks, method.window, causal=causal)
     return Cost(
-        flops=cost.flops + local.flops,
-        dot_products=cost.dot_products + local.dot_products,
-        memory_bytes=max(cost.memory_bytes, local.memory_bytes * itemsize),
-        budget=cost.budget + local.budget,
+        flops=cost.flops + covered.flops + flops_per_slot * covered.dot_products,
+        dot_products=cost.dot_products + covered.dot_products,
+        memory_bytes=max(cost.memory_bytes, covered.memory_bytes * itemsize),
+        budget=cost.budget + covered.budget,
     )
 
 

@@ -31,7 +31,7 @@ from lshattn.hashing import (
     inverse_order,
     sort_order,
 )
-from lshattn.local import add_local_cost, local_cost, local_pairs, merge_counted
+from lshattn.local import local_pairs, merge_counted, with_local_cost
 
 __all__ = ["Reformer", "ReformerAux"]
 
@@ -241,7 +241,7 @@ class Reformer(SparseMethod):
             self_column=causal and not self.shared_qk,
             hashing_flops=2 * B * H * self.num_hashes * hashed * D * rotations, itemsize=itemsize,
         )  # fmt: skip
-        return add_local_cost(cost, local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal), itemsize)
+        return with_local_cost(cost, self, B, H, T, S, D, Dv, causal=causal, itemsize=itemsize)
 
 
 def _same_mask(a: Tensor | None, b: Tensor | None) -> bool:

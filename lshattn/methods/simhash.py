@@ -24,7 +24,7 @@ from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output, pad_length
 from lshattn.cost import Cost
 from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, simhash_codes, simhash_flops
-from lshattn.local import add_local_cost, local_cost, local_pairs, local_scores, merge_local
+from lshattn.local import local_pairs, local_scores, merge_local, with_local_cost
 
 __all__ = [
     "SimHash",
@@ -225,10 +225,9 @@ class SimHash(SparseMethod):
         all_blocks = B * H * pad_length(T, block) * pad_length(S, block)
         largest = max(min(PAIR_BUDGET, all_blocks), B * H * T * (Dv + 2))
         cost = Cost(flops=flops, dot_products=dots, memory_bytes=largest * itemsize, budget=dots / (B * H * T * S))
-        covered = local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal)
-        if self.mode == "faithful":  # the covered keys' values also leave the logit-0 part's sum
-            covered = covered._replace(flops=covered.flops + 2 * covered.dot_products * Dv)
-        return add_local_cost(cost, covered, itemsize)
+        # in faithful mode the covered keys' values also leave the logit-0 part's sum
+        aside = 2 * Dv if self.mode == "faithful" else 0
+        return with_local_cost(cost, self, B, H, T, S, D, Dv, causal=causal, itemsize=itemsize, flops_per_slot=aside)
 
 
 def collision_fraction(D: int, num_bits: int, num_hashes: int, rule: str = "any") -> float:

@@ -23,7 +23,7 @@ from lshattn.blocks import (
 )
 from lshattn.cost import Cost, sorted_blocks_cost
 from lshattn.hashing import draw_normal, e2lsh_projection, inverse_order, sort_order, xbox_plus
-from lshattn.local import add_local_cost, local_cost, local_pairs, merge_counted
+from lshattn.local import local_pairs, merge_counted, with_local_cost
 
 __all__ = ["RandomClusters", "SMYRF", "SMYRFAux"]
 
@@ -176,7 +176,7 @@ class SMYRF(SparseMethod):
             q_block=layout.q_block, window=layout.k_block, self_column=causal,
             hashing_flops=2 * B * H * self.num_hashes * (t_pad + s_pad) * (D + 2), itemsize=itemsize,
         )  # fmt: skip
-        return add_local_cost(cost, local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal), itemsize)
+        return with_local_cost(cost, self, B, H, T, S, D, Dv, causal=causal, itemsize=itemsize)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output
 from lshattn.cost import Cost
 from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, simhash_codes, simhash_flops
-from lshattn.local import LocalPairs, add_local_cost, local_cost, local_pairs
+from lshattn.local import LocalPairs, local_pairs, with_local_cost
 from lshattn.methods.simhash import Collisions, build_collisions
 
 __all__ = [
@@ -220,10 +220,8 @@ class YOSO(SparseMethod):
         memory = max(group * rows * Dv * itemsize, (T + S) * self.num_hashes * code_bytes, T * Dv * itemsize) * B * H
         flops = simhash_flops(B * H * (T + S), D, self.num_hashes, self.num_bits)
         cost = Cost(flops=flops, dot_products=0, memory_bytes=memory, budget=0.0)
-        covered = local_cost(B, H, T, S, D, Dv, self.sinks, self.window, causal=causal)
         # and each slot's angle, 2·atan2(‖q̂ − k̂‖, ‖q̂ + k̂‖): two differences and two norms, 6·D
-        covered = covered._replace(flops=covered.flops + 6 * D * covered.dot_products)
-        return add_local_cost(cost, covered, itemsize)
+        return with_local_cost(cost, self, B, H, T, S, D, Dv, causal=causal, itemsize=itemsize, flops_per_slot=6 * D)
 
 
 def expectation_bytes(B: int, H: int, T: int, S: int, itemsize: int) -> int:
