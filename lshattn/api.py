@@ -71,6 +71,9 @@ class Method:
     name: ClassVar[str] = ""
     # Whether ``dropout_p`` is honoured; methods without attention probabilities to drop refuse it.
     supports_dropout: ClassVar[bool] = True
+    # Whether the dot products spent depend on the inputs (``cost()`` is then an expectation and
+    # ``aux.dot_products`` what a call spent): SimHash, whose collisions follow the data.
+    cost_depends_on_data: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -81,13 +81,14 @@ GPT-2 and Llama; on a real model: all-MiniLM-L6-v2 (``lshattn.data.load_minilm``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import numbers
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -105,7 +106,7 @@ try:
 except ImportError as _err:  # pragma: no cover - depends on the environment
     raise ImportError("lshattn.hf needs transformers >= 5: pip install 'lshattn[hf]'") from _err
 
-__all__ = ["NAME", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer", "mean_pool"]
+__all__ = ["NAME", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer", "mean_pool", "count", "Tally"]
 
 NAME = "lshattn"
 """The name registered in transformers' AttentionInterface and AttentionMaskInterface."""
@@ -158,14 +159,39 @@ class _StepCounter:
 
 
 @dataclass
+class Tally:
+    """What the attention layers of a model scored while ``count`` was active.
+
+    Attributes:
+        dot_products: query–key scores the layers computed (``aux.dot_products`` of each call;
+            every real key for each query of a cached decoding step, which runs exact
+            attention), summed over layers, batch and heads.
+        pairs: real queries times real keys, summed likewise: the denominator of the budget, as
+            ``cost().budget`` divides by T·S (causal or not).
+        calls: attention calls counted (one per layer per forward).
+    """
+
+    dot_products: int = 0
+    pairs: int = 0
+    calls: int = 0
+
+    @property
+    def budget(self) -> float:
+        """``dot_products / pairs``: the share of exact attention's scores spent (0 when nothing ran)."""
+        return self.dot_products / self.pairs if self.pairs else 0.0
+
+
+@dataclass
 class _LayerState:
-    """What ``use`` stores on an attention module: its method, seed, layer index and the model's step."""
+    """What ``use`` stores on an attention module: its method, seed, layer index and the model's
+    step; and the ``Tally`` of an active ``count``."""
 
     method: Method | None
     index: int
     seed: int
     redraw_in_training: bool
     steps: _StepCounter
+    tally: Tally | None = None
 
     def generator(self, training: bool) -> torch.Generator:
         """The generator for this call: seeded by (seed, layer) in eval, (seed, layer, step + 1) in training."""
@@ -346,6 +372,46 @@ def set_step(model: PreTrainedModel, step: int) -> PreTrainedModel:
     return model
 
 
+@contextlib.contextmanager
+def count(model: PreTrainedModel, tally: Tally | None = None) -> Iterator[Tally]:
+    """Count the query–key scores every attention layer of ``model`` computes inside the block::
+
+        lshattn.hf.use(model, lshattn.SimHash(num_hashes=16, num_bits=6, mode="importance"))
+        with lshattn.hf.count(model) as tally:
+            model(**batch)
+        tally.budget   # the share of exact attention's scores spent on these inputs
+
+    Methods with a data-dependent cost (SimHash) spend what the inputs make them spend, not
+    ``cost()``'s expectation; this measures it. Each call asks its method for ``return_aux``.
+    ``tally``: add to this one (several blocks, one total) instead of a new one.
+
+    Raises:
+        ValueError: the model has no lshattn setting (call ``use`` first).
+    """
+    states = [layer.module.__dict__.get(_STATE) for layer in attention_layers(model)]
+    if not states or any(state is None for state in states):
+        raise ValueError(
+            "lshattn.hf.count needs a model set up by lshattn.hf.use(model, method) (any method; layers "
+            "without one are counted as exact attention)"
+        )
+    tally = Tally() if tally is None else tally
+    for state in states:
+        state.tally = tally
+    try:
+        yield tally
+    finally:
+        for state in states:
+            state.tally = None
+
+
+def _real_pairs(B: int, H: int, T: int, S: int, key_mask: Tensor | None, query_mask: Tensor | None) -> int:
+    """Real queries times real keys, over B sequences and H heads: the denominator of a budget
+    (``cost().budget`` is dot products over T·S, causal or not; padding is left out here)."""
+    keys = torch.full((B,), S) if key_mask is None else key_mask.sum(-1).cpu()
+    queries = torch.full((B,), T) if query_mask is None else query_mask.sum(-1).cpu()
+    return int((queries * keys).sum()) * H
+
+
 def attention_layers(model: PreTrainedModel) -> list[AttentionLayer]:
     """The attention modules ``use`` can drive, in ``model.named_modules()`` order.
 
@@ -497,6 +563,8 @@ def _attention(
             )
         # A cached decoding step (or a caller's own 4-D mask on an exact layer): transformers'
         # exact sdpa attention, with the mask transformers built.
+        if state is not None and state.tally is not None:
+            _count_exact(state.tally, query, key, attention_mask)
         if attention_mask is not None and attention_mask.dim() == 2:
             # Only if a model built a plain padding mask for a causal step: the T queries are
             # the last T positions of the S keys.
@@ -518,6 +586,7 @@ def _attention(
                 f"from the queries; use Reformer(shared_qk=False) in this layer"
             )
         key = query  # the method normalises them; the model's key projection goes unused
+    counting = state is not None and state.tally is not None
     out = (method or Dense())(
         query,
         key,
@@ -528,8 +597,30 @@ def _attention(
         scale=scaling,
         generator=state.generator(module.training) if state is not None and method is not None else None,
         dropout_p=_dropout(method, dropout if module.training else 0.0),
+        return_aux=counting,
     )
+    if counting:
+        out, aux = out
+        B, H = query.shape[:2]
+        query_mask = attention_mask if self_attention else None
+        state.tally.dot_products += int(aux.dot_products)
+        state.tally.pairs += _real_pairs(B, H, T, S, attention_mask, query_mask)
+        state.tally.calls += 1
     return out.transpose(1, 2).contiguous(), None
+
+
+def _count_exact(tally: Tally, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> None:
+    """Add an exact (sdpa) call to ``tally``: each query against every real key."""
+    B, H, T = query.shape[:3]
+    S = key.shape[2]
+    key_mask = attention_mask
+    if attention_mask is not None and attention_mask.dim() == 4:  # (B, 1 or H, T, S), causal
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        key_mask = allowed[:, 0, -1, :]  # the last query sees every real key
+    pairs = _real_pairs(B, H, T, S, key_mask, None)
+    tally.dot_products += pairs
+    tally.pairs += pairs
+    tally.calls += 1
 
 
 def _dropout(method: Method | None, dropout: float) -> float:

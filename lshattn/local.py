@@ -38,7 +38,9 @@ from lshattn.api import Inputs
 from lshattn.cost import Cost
 
 __all__ = [
+    "CoverRule",
     "LocalPairs",
+    "cover_rule",
     "local_cost",
     "local_pairs",
     "local_scores",
@@ -231,6 +233,62 @@ def local_pairs(inputs: Inputs, sinks: int, window: int | None, *, own_key: bool
     if not own_key:
         valid = valid & (key_positions != query_positions)
     return LocalPairs(query_order, key_order, key_positions, valid, num_sinks, reach, span)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoverRule:
+    """The covered pairs as a rule on ranks, for a method that meets pairs one by one and must
+    leave the covered ones out of its own part (importance-weighted SimHash).
+
+    The same pairs as ``local_pairs`` lists: key rank below ``sinks``, or a ranked query and a
+    key at or past the sinks within ``reach`` ranks (before it only, when causal). Causality by
+    position is the method's own mask.
+
+    Attributes:
+        query_ranks: `(B, T)` int64 rank of each query among the ranked ones, ``UNRANKED`` if none.
+        key_ranks: `(B, S)` int64 rank of each key among the real keys, ``UNRANKED`` if padded.
+    """
+
+    query_ranks: Tensor
+    key_ranks: Tensor
+    sinks: int
+    reach: int | None
+    causal: bool
+
+    UNRANKED = 2**40  # past every sink, and no window reaches it
+
+    def covers(self, query_ranks: Tensor, key_ranks: Tensor) -> Tensor:
+        """bool, broadcast: the pair of a query of rank ``query_ranks`` and a key of rank ``key_ranks``
+        is covered."""
+        covered = key_ranks < self.sinks
+        if self.reach is not None:
+            offset = key_ranks - query_ranks
+            near = (offset >= -self.reach) & (offset <= (0 if self.causal else self.reach))
+            covered = covered | (near & (key_ranks >= self.sinks))
+        return covered
+
+
+def _real_ranks(mask: Tensor | None, B: int, L: int, device: torch.device) -> Tensor:
+    """`(B, L)` rank of each position among the real ones (None: all real); padded: ``UNRANKED``."""
+    if mask is None:
+        return torch.arange(L, device=device).expand(B, L)
+    return torch.where(mask, mask.long().cumsum(1) - 1, CoverRule.UNRANKED)
+
+
+def cover_rule(inputs: Inputs, sinks: int, window: int | None) -> CoverRule | None:
+    """The rule of the pairs ``local_pairs(inputs, sinks, window)`` covers, or None when both are
+    off: queries ranked by the query mask, or by the key mask when only keys are masked and
+    T == S, as there."""
+    if sinks == 0 and window is None:
+        return None
+    B, T, S, device = inputs.q.shape[0], inputs.q.shape[2], inputs.k.shape[2], inputs.q.device
+    key_mask, query_mask = inputs.key_padding_mask, inputs.query_padding_mask
+    if query_mask is None and T == S:
+        query_mask = key_mask
+    reach = None if window is None else min(window, S - 1)
+    return CoverRule(
+        _real_ranks(query_mask, B, T, device), _real_ranks(key_mask, B, S, device), min(sinks, S), reach, inputs.causal
+    )
 
 
 def local_scores(q: Tensor, k: Tensor, pairs: LocalPairs, scale: float) -> Tensor:

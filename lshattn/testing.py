@@ -273,9 +273,16 @@ def collisions_from_aux(aux, rule: str) -> Tensor:
     return equal.any(2) if rule == "any" else equal.all(2)
 
 
+def collision_probability(q: Tensor, k: Tensor, num_bits: int, num_hashes: int) -> Tensor:
+    """`(B, H, T, S)`: the chance ``1 − (1 − (1 − θ/π)^num_bits)^num_hashes`` that some table of
+    SimHash codes collides for each pair, θ their angle (a zero vector: θ = π/2), densely."""
+    cosine = (_unit(q) @ _unit(k).transpose(-1, -2)).clamp(-1, 1)
+    return 1 - (1 - (1 - torch.acos(cosine) / math.pi) ** num_bits) ** num_hashes
+
+
 def simhash_reference(
     q, k, v, collide, *, faithful: bool, key_padding_mask=None, query_padding_mask=None, causal=False, scale=None,
-    covered=None,
+    covered=None, importance: tuple[int, int] | None = None,
 ):  # fmt: skip
     """The BERT-LSH attention, densely in float64.
 
@@ -283,7 +290,21 @@ def simhash_reference(
     bool) with logit ``scale·q_i·k_j``, the others with logit 0 (faithful) or left out
     (sparse). A query with no entry, and a padded query, gets zeros. ``covered`` pairs
     (``covered_pairs``) count as colliding.
+
+    ``importance=(num_bits, num_hashes)``: MagicPIG's estimator instead: the covered pairs
+    count once, the other colliding ones ``1 / collision_probability`` times (of the detached
+    inputs: no gradient through the weights), the rest not at all.
     """
+    if importance is not None:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        covered = torch.zeros_like(collide) if covered is None else covered
+        q, k, v = _real(q, query_padding_mask), _real(k, key_padding_mask), _real(v, key_padding_mask)
+        probability = collision_probability(q.detach(), k.detach(), *importance)
+        visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
+        sampled = torch.where(collide & visible, 1 / probability, 0.0)
+        weights = torch.where(covered & visible, 1.0, sampled)
+        out = _weighted_softmax(q @ k.transpose(-1, -2) * scale, weights, v)
+        return _zero_padded_queries(out, query_padding_mask)
     if covered is not None:
         collide = collide | covered
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -299,9 +320,13 @@ def simhash_reference(
 
 def simhash_brute_force(method, q, k, v, aux, **kw):
     """``Entry.brute_force`` for SimHash: the reference over the collisions ``aux`` reports."""
+    importance = None
+    if method.mode == "importance":  # rule "all" is one table of all the bits
+        tables = method.num_hashes if method.rule == "any" else 1
+        importance = (method.num_hashes * method.num_bits // tables, tables)
     return simhash_reference(
         q, k, v, collisions_from_aux(aux, method.rule), faithful=method.mode == "faithful",
-        covered=covered_by(method, q, k, **kw), **kw,
+        covered=covered_by(method, q, k, **kw), importance=importance, **kw,
     )  # fmt: skip
 
 

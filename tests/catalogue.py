@@ -209,6 +209,10 @@ METHODS.update(
         "simhash-62-bits": dataclasses.replace(_simhash(num_hashes=2, num_bits=62), near_keys=True),  # longest code
         "simhash-local": _simhash(num_hashes=1, num_bits=3, sinks=2, window=2),
         "simhash-sparse-sinks": _simhash(num_hashes=2, num_bits=4, mode="sparse", sinks=3),
+        "simhash-importance": _simhash(num_hashes=4, num_bits=3, mode="importance"),
+        "simhash-importance-all": _simhash(num_hashes=2, num_bits=2, rule="all", mode="importance"),
+        "simhash-importance-local": _simhash(num_hashes=3, num_bits=4, mode="importance", sinks=2, window=2),
+        "simhash-importance-sinks": _simhash(num_hashes=2, num_bits=5, mode="importance", sinks=1),
     }
 )
 

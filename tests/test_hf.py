@@ -238,6 +238,57 @@ def test_cached_generation_matches_eager(name):
         assert torch.equal(reference.generate(**batch, **kwargs), model.generate(**batch, **kwargs))
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_count_tallies_the_scores_of_every_layer(name):
+    """``hf.count``: every layer's call, its method's ``aux.dot_products`` and the real query–key
+    pairs (padding left out; T·S when causal too, as ``cost().budget``). With Dense and no padding
+    the two agree; a SimHash setting spends less on the same inputs."""
+    family = FAMILIES[name]
+    _, model = build(family)
+    batch = inputs(family)
+    mask = batch["attention_mask"].bool()
+    layers = len(hf.attention_layers(model))
+    heads = model.config.num_attention_heads
+    unpadded = {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["attention_mask"])}
+    hf.use(model, lshattn.Dense())
+    with torch.no_grad(), hf.count(model) as tally:
+        model(**unpadded)
+    B, T = mask.shape
+    assert tally.calls == layers
+    assert tally.dot_products == tally.pairs == layers * B * heads * T * T
+    assert tally.budget == 1.0
+
+    hf.use(model, lshattn.SimHash(num_hashes=2, num_bits=3, mode="importance"))
+    with torch.no_grad(), hf.count(model) as tally:
+        model(**batch)
+    n = mask.sum(1)
+    assert tally.pairs == layers * heads * int((n * n).sum())
+    assert 0 < tally.budget < 1
+    state = model.get_submodule(hf.attention_layers(model)[0].name).__dict__["_lshattn_state"]
+    assert state.tally is None  # the block is over
+
+
+def test_count_covers_cached_decoding_and_needs_use():
+    """Generation: the prompt's calls count the method's scores, each cached step every cached key
+    it sees (exact attention); a model without an lshattn setting is refused."""
+    family = FAMILIES["llama"]
+    config = family.config()
+    model = transformers.LlamaForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="lshattn.hf.use"):
+        with hf.count(model):
+            pass
+    batch = {"input_ids": torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))}
+    hf.use(model, lshattn.Dense())
+    new = 3
+    with torch.no_grad(), hf.count(model) as tally:
+        model.generate(**batch, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    layers, heads = len(hf.attention_layers(model)), config.num_attention_heads
+    prompt = 10 * 10
+    steps = sum(10 + i + 1 for i in range(new - 1))  # step i: one query, 10 + i + 1 keys
+    assert tally.calls == layers * new
+    assert tally.dot_products == tally.pairs == layers * heads * (prompt + steps)
+
+
 # --- 1. what reaches the method ----------------------------------------------------------------
 
 

@@ -107,7 +107,7 @@ def _bits(low: int, high: int) -> st.SearchStrategy[int]:
 def _simhash(draw) -> lshattn.SimHash:
     num_hashes, rule = draw(st.integers(1, 4)), draw(st.sampled_from(["any", "all"]))
     num_bits = draw(_bits(0, 62 if rule == "any" else 62 // num_hashes))  # "all": h·b <= 62
-    mode = draw(st.sampled_from(["faithful", "sparse"]))
+    mode = draw(st.sampled_from(["faithful", "sparse", "importance"]))
     return lshattn.SimHash(num_hashes, num_bits, rule, mode, sinks=draw(SINKS), window=draw(WINDOWS))
 
 
@@ -489,14 +489,40 @@ def tolerance(x: Inputs, method: lshattn.Method | None = None) -> dict:
 
 def angle_error(x: Inputs, method: lshattn.Method | None, dtype: torch.dtype) -> tuple[float, float]:
     """(atol, rtol) of YOSO-E's outputs from its angles computed in ``dtype`` (``tolerance``), and
-    of YOSO-m's with sinks or a window, whose covered pairs take the exact kernel; (0, 0) for
-    every other method."""
+    of YOSO-m's with sinks or a window, whose covered pairs take the exact kernel, and of
+    importance-weighted SimHash's, whose weights 1 / P(θ) take the angle too; (0, 0) for every
+    other method.
+
+    The importance weight's logarithm moves by ``|d log P / dθ|·Δθ``, which grows without bound
+    as P → 0 (nearly opposite vectors: ``K / (π − θ)`` for K bits): a weight that large is
+    ill-conditioned in any precision, so the bound takes the largest over the real pairs."""
+    angle_shift = math.sqrt(2 * 8 * torch.finfo(dtype).eps)  # Δθ for a cosine off by a few ulps of 1
+    largest_value = float(_real_values(x).abs().max()) if x.v.numel() else 0.0
+    if isinstance(method, lshattn.SimHash) and method.mode == "importance":
+        tables = method.num_hashes if method.rule == "any" else 1
+        log_shift = angle_shift * _largest_log_slope(x, method.num_hashes * method.num_bits // tables, tables)
+        weight_error = min(math.expm1(min(log_shift, 50.0)), 1e6)
+        return weight_error * 2 * largest_value, weight_error
     exact_kernel = isinstance(method, lshattn.YOSO) and (method.expectation or method.sinks or method.window is not None)
     if not exact_kernel:
         return 0.0, 0.0
-    weight_error = method.num_bits * math.sqrt(2 * 8 * torch.finfo(dtype).eps) / math.pi
-    largest_value = float(_real_values(x).abs().max()) if x.v.numel() else 0.0
+    weight_error = method.num_bits * angle_shift / math.pi
     return weight_error * 2 * largest_value, weight_error
+
+
+def _largest_log_slope(x: Inputs, bits: int, tables: int) -> float:
+    """``max |d log P / dθ|`` over the real pairs, P = 1 − (1 − (1 − θ/π)^bits)^tables."""
+    if bits == 0 or x.q.numel() == 0 or x.k.numel() == 0:
+        return 0.0
+    q = x.q.double() if x.query_mask is None else torch.where(x.query_mask[:, None, :, None], x.q.double(), 0.0)
+    k = x.k.double() if x.key_mask is None else torch.where(x.key_mask[:, None, :, None], x.k.double(), 0.0)
+    unit_q, unit_k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    cosine = (unit_q @ unit_k.transpose(-1, -2)).clamp(-1, 1)
+    near = 1 - torch.acos(cosine) / math.pi  # 1 − θ/π
+    per_table = near**bits
+    collide = 1 - (1 - per_table) ** tables
+    slope = tables * (1 - per_table) ** (tables - 1) * bits * near ** (bits - 1) / math.pi
+    return float((slope / collide.clamp_min(1e-300)).max())
 
 
 def _real_values(x: Inputs) -> torch.Tensor:

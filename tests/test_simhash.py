@@ -107,6 +107,35 @@ def test_method_collisions_follow_the_rule(seed, rule):
     assert stats.binomtest(aux.dot_products, heads, expected).pvalue > 1e-4, (aux.dot_products / heads, expected)
 
 
+@pytest.mark.parametrize("rule", ["any", "all"])
+@pytest.mark.parametrize("theta", [1.0, 2.2])
+def test_importance_weights_make_the_sampled_mass_unbiased(rule, theta):
+    """Importance mode, through the method: a sink key (attended exactly, weight 1) and one more
+    key at angle θ from the query, over 20000 heads (each draws its own projections). The second
+    key enters only when it collides, then weighted 1 / P(collide | θ); with values e_0 and e_1 the
+    output's ratio out_1 / out_0 is its weight times e^{s_1 − s_0}, whose mean over the heads must
+    be e^{s_1 − s_0}: the sampled mass is unbiased (z-test on the Bernoulli mean, 5 sigmas)."""
+    num_bits, num_hashes, heads, D = 2, 3, 20000, 8
+    a, b = pair_at_angle(theta, D, seed=7)
+    sink = a / a.norm()  # a key parallel to the query: collides always, but the sink takes it
+    q = a.expand(1, heads, 1, D).contiguous()
+    k = torch.stack([sink, b]).expand(1, heads, 2, D).contiguous()
+    v = torch.eye(2).expand(1, heads, 2, 2).contiguous()
+    method = lshattn.SimHash(num_hashes=num_hashes, num_bits=num_bits, rule=rule, mode="importance", sinks=1)
+    out, aux = method(q, k, v, generator=gen(300), return_aux=True)
+    ratio = (out[0, :, 0, 1] / out[0, :, 0, 0]).double()
+    logits = (q[0, 0, 0] @ k[0, 0].T).double() * D**-0.5
+    relative_mass = math.exp(float(logits[1] - logits[0]))
+    p = (1 - theta / math.pi) ** num_bits
+    collide = 1 - (1 - p) ** num_hashes if rule == "any" else p**num_hashes
+    hits = int((ratio > 0).sum())
+    assert aux.dot_products == heads + hits  # the sink, and the collisions besides it
+    expected = torch.full_like(ratio[ratio > 0], relative_mass / collide)
+    torch.testing.assert_close(ratio[ratio > 0], expected, rtol=1e-5, atol=0)  # float32 outputs
+    sigma = relative_mass * math.sqrt((1 - collide) / (collide * heads))
+    assert abs(float(ratio.mean()) - relative_mass) < 5 * sigma, (float(ratio.mean()), relative_mass)
+
+
 def test_collision_fraction_matches_random_directions():
     """cost()'s expected collision fraction for random directions matches a Monte Carlo count."""
     D, num_bits, num_hashes = 8, 2, 2
@@ -149,7 +178,7 @@ def test_sparse_query_with_no_collision_gets_zeros():
     assert torch.equal(out[lonely], torch.zeros_like(out[lonely]))
 
 
-@pytest.mark.parametrize("mode", ["faithful", "sparse"])
+@pytest.mark.parametrize("mode", ["faithful", "sparse", "importance"])
 @pytest.mark.parametrize("rule", ["any", "all"])
 def test_zero_bits_is_exact_attention(mode, rule):
     q, k, v = testing.make_qkv(2, 2, 50, 40, 16, 8, seed=7)
@@ -258,7 +287,7 @@ def test_parse_round_trip_and_defaults():
         (lambda: lshattn.SimHash(num_bits=-1), r"num_bits must be in \[0, 62\] \(codes are int64\), got -1"),
         (lambda: lshattn.SimHash(num_bits=63), r"num_bits must be in \[0, 62\] \(codes are int64\), got 63"),
         (lambda: lshattn.SimHash(rule="some"), r"rule must be 'any' or 'all', got 'some'"),
-        (lambda: lshattn.SimHash(mode="dense"), r"mode must be 'faithful' or 'sparse', got 'dense'"),
+        (lambda: lshattn.SimHash(mode="dense"), r"mode must be 'faithful', 'sparse' or 'importance', got 'dense'"),
         (lambda: lshattn.SimHash(num_hashes=8, num_bits=8, rule="all"), r"8·8 = 64 bits .* at most 62; use fewer"),
         (lambda: lshattn.parse("simhash:rule=some"), r"cannot read 'some' as .*Literal\['any', 'all'\]"),
     ],

@@ -251,7 +251,8 @@ def test_bool_fields_refuse_strings_numbers_and_none(cls, field, value):
 @pytest.mark.parametrize("cls, field", LITERAL_FIELDS)
 def test_literal_fields_take_only_their_options(cls, field):
     options = typing.get_args(typing.get_type_hints(cls)[field])
-    listed = " or ".join(repr(o) for o in options)
+    quoted = [repr(o) for o in options]
+    listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
     with pytest.raises(ValueError, match=rf"{cls.__name__} {field} must be {re.escape(listed)}, got 'other'"):
         cls(**{field: "other"})
     for value in (1, True, None, [options[0]]):

@@ -7,6 +7,7 @@ what a downstream classifier relies on survives the swap, with no retraining any
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -21,10 +22,11 @@ __all__ = ["embed", "Task", "rotten_tomatoes_task", "bbc_task", "probe_accuracy"
 
 def embed(
     model: Any, tokenizer: Any, texts: Sequence[str], *, method: Method | None = None, max_length: int,
-    batch_size: int, seed: int = 0, desc: str = "embedding", progress: bool = True,
+    batch_size: int, seed: int = 0, desc: str = "embedding", progress: bool = True, tally: Any = None,
 ) -> Tensor:  # fmt: skip
     """Mean-pooled, L2-normalised sentence embeddings `(N, hidden)` with ``method`` in every
-    attention layer (None: exact attention). The model is left with exact attention."""
+    attention layer (None: exact attention). The model is left with exact attention. ``tally``:
+    an ``lshattn.hf.Tally`` that adds up the scores spent (``hf.count``)."""
     from tqdm.auto import tqdm
 
     from lshattn import hf
@@ -32,7 +34,8 @@ def embed(
     hf.use(model, method, seed=seed)
     chunks = []
     try:
-        with torch.no_grad():
+        counting = hf.count(model, tally) if tally is not None else contextlib.nullcontext()
+        with torch.no_grad(), counting:
             for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
                 batch = tokenizer(
                     list(texts[start : start + batch_size]), truncation=True, max_length=max_length,

@@ -24,7 +24,7 @@ from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output, pad_length
 from lshattn.cost import Cost
 from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, simhash_codes, simhash_flops
-from lshattn.local import local_pairs, local_scores, merge_local, with_local_cost
+from lshattn.local import CoverRule, cover_rule, local_pairs, local_scores, merge_local, with_local_cost
 
 __all__ = [
     "SimHash",
@@ -35,6 +35,8 @@ __all__ = [
     "CollisionChunk",
     "Collisions",
     "CollisionSoftmax",
+    "CoveredRanks",
+    "ImportanceWeights",
     "block_size",
     "build_collisions",
     "collision_chunks",
@@ -95,6 +97,17 @@ class SimHash(SparseMethod):
     * ``mode="sparse"`` excludes non-colliding pairs: softmax attention restricted to the
       colliding pairs. A query none of whose visible keys collide gets zeros (as a query that
       sees no key does).
+    * ``mode="importance"`` is MagicPIG's estimator (Chen et al. 2024): the colliding pairs are
+      a sample of the keys drawn by the hashing, each weighted by 1 / P(collide | θ), so that the
+      weighted sums ``Σ_{j∈C_i} e^{s_ij}·v_j / P_ij`` and ``Σ_{j∈C_i} e^{s_ij} / P_ij`` are unbiased
+      for the full softmax's numerator and denominator over all visible keys (the output, their
+      ratio, is consistent, not unbiased). Keys similar to the query collide often and count
+      about once; dissimilar ones rarely and count for many. Pairs covered by ``sinks`` and
+      ``window`` are attended exactly and left out of the sample (so they count once, at weight
+      1). The weights are constants of the inputs' directions: gradients flow through the
+      scores and values, not through the weights. Many tables of several bits (MagicPIG uses
+      K = 8–10 bits, L = 75–150 tables at long contexts) sample close to the softmax. A query
+      with no collision and no covered key gets zeros.
 
     Fewer bits or more tables (``rule="any"``) let more pairs collide: ``num_bits=0`` makes every
     pair collide, which is exact softmax attention in both modes (the method's exact limit). The
@@ -114,10 +127,11 @@ class SimHash(SparseMethod):
 
     name: ClassVar[str] = "simhash"
     supports_dropout: ClassVar[bool] = False
+    cost_depends_on_data: ClassVar[bool] = True
     num_hashes: int = 1
     num_bits: int = 8
     rule: Literal["any", "all"] = "any"
-    mode: Literal["faithful", "sparse"] = "faithful"
+    mode: Literal["faithful", "sparse", "importance"] = "faithful"
 
     def _check_fields(self) -> None:
         """Ranges; ``Method.__post_init__`` has checked the types (and ``rule`` and ``mode``
@@ -150,6 +164,7 @@ class SimHash(SparseMethod):
         dtype = compute_dtype(q.dtype)
 
         planes = draw_normal((H, D, self.num_hashes, self.num_bits), inputs.generator, q.device)
+        importance = self.mode == "importance"
         with torch.no_grad():
             q_codes, k_codes = simhash_codes(q, planes), simhash_codes(k, planes)
             if self.rule == "all":  # equal in every table = equal concatenated code
@@ -159,15 +174,21 @@ class SimHash(SparseMethod):
                 table_bits = self.num_hashes * self.num_bits
             else:
                 q_tables, k_tables, table_bits = q_codes, k_codes, self.num_bits
+            # Importance weights stand for the keys not found; the covered ones are attended
+            # exactly instead, so the collisions leave them out.
+            covered = cover_rule(inputs, self.sinks, self.window) if importance else None
             collisions = build_collisions(
                 q_tables, k_tables, inputs.query_padding_mask, inputs.key_padding_mask, table_bits,
-                causal=inputs.causal, dedup=True,
+                causal=inputs.causal, dedup=True, covered=covered,
             )  # fmt: skip
 
         out_dtype, (q, k, v) = q.dtype, (x.to(dtype) for x in (q, k, v))
         faithful = self.mode == "faithful"
+        weights = None
+        if importance:
+            weights = ImportanceWeights.of(q, k, table_bits, q_tables.shape[2])
         pairs = local_pairs(inputs, self.sinks, self.window)
-        aside = ()
+        aside_count = aside_values = None
         if pairs is not None:  # in the slots' rank order
             q_ranked, v_ranked = pairs.queries(q), pairs.keys(v)
             scores = local_scores(q_ranked, pairs.keys(k), pairs, inputs.scale)
@@ -180,13 +201,17 @@ class SimHash(SparseMethod):
                 # sum: subtracting their e^0 from the softmax afterwards would cancel catastrophically
                 # when it outweighs their own e^s.
                 apart = (pairs.valid[:, None] & ~collide).to(q.dtype)
-                aside = (pairs.restore(apart.sum(-1)), pairs.restore(pairs.weighted_sum(apart, v_ranked)))
-        out, lse, count = CollisionSoftmax.apply(q, k, v, collisions, inputs.scale, faithful, *aside)
+                aside_count, aside_values = apart.sum(-1), pairs.weighted_sum(apart, v_ranked)
+                aside_count, aside_values = pairs.restore(aside_count), pairs.restore(aside_values)
+        out, lse, count = CollisionSoftmax.apply(
+            q, k, v, collisions, inputs.scale, faithful, aside_count, aside_values, weights
+        )
         dot_products = int(count)
         if pairs is not None:
             # The colliding covered pairs are in the method's part at their score already: the
-            # same ``scores`` taken out and put back in cancel exactly.
-            found = scores.masked_fill(~collide, float("-inf"))
+            # same ``scores`` taken out and put back in cancel exactly. (Importance weighting
+            # left them out.)
+            found = scores.masked_fill(~collide | importance, float("-inf"))
             out, _ = merge_local(pairs.queries(out), pairs.queries(lse), scores, found, v_ranked, pairs)
             out = pairs.restore(out)
             dot_products += q.shape[0] * H * T * pairs.slots
@@ -194,9 +219,7 @@ class SimHash(SparseMethod):
         aux = SimHashAux(q_codes, k_codes, dot_products, collisions.scores_computed)
         return out, aux
 
-    def cost(
-        self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4
-    ) -> Cost:
+    def cost(self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4) -> Cost:
         """Expected cost for queries and keys of independent, uniformly random directions.
 
         The work depends on the data (how many pairs collide); ``return_aux`` reports what a
@@ -212,6 +235,8 @@ class SimHash(SparseMethod):
           score the non-colliding pairs that share a block, which this does not count;
         * memory_bytes = the larger of one chunk of scores (``PAIR_BUDGET``, or every block pair
           when fewer) and the per-query accumulators ``B·H·T·(Dv + 2)``, times ``itemsize``;
+        * in importance mode each colliding pair's weight (an arccos and two logarithms) is
+          not counted;
         * plus the slots of ``sinks`` and ``window`` (``lshattn.local.local_cost``; in faithful
           mode also ``2·slots·Dv`` to take their values out of the logit-0 part).
         """
@@ -221,7 +246,8 @@ class SimHash(SparseMethod):
         flops = 2 * dots * (D + Dv) + simhash_flops(B * H * (T + S), D, self.num_hashes, self.num_bits)
         if self.mode == "faithful" and self.rule == "any" and self.num_hashes > 1:
             flops += 2 * dots * Dv
-        block = block_size(T, S)
+        bits = self.num_bits if self.rule == "any" else self.num_bits * self.num_hashes
+        block = block_size(T, S, S / 2 ** min(bits, 62))  # for random directions: about the mean bucket
         all_blocks = B * H * pad_length(T, block) * pad_length(S, block)
         largest = max(min(PAIR_BUDGET, all_blocks), B * H * T * (Dv + 2))
         cost = Cost(flops=flops, dot_products=dots, memory_bytes=largest * itemsize, budget=dots / (B * H * T * S))
@@ -254,9 +280,35 @@ def collision_fraction(D: int, num_bits: int, num_hashes: int, rule: str = "any"
 # --- colliding pairs in blocks --------------------------------------------------------------
 
 
-def block_size(T: int, S: int) -> int:
-    """Slots per block: ``PAIR_BLOCK``, or the power of two that holds the longer sequence."""
-    return min(PAIR_BLOCK, 1 << (max(T, S) - 1).bit_length())
+def block_size(T: int, S: int, bucket: float | None = None) -> int:
+    """Slots per block: ``PAIR_BLOCK``, or the power of two that holds the longer sequence; given
+    the typical ``bucket`` a token sits in, no more than the power of two that holds it (at least
+    8), so that a block pair holds mostly colliding pairs when buckets are small (``row_blocks``
+    chooses per row). At 128 tokens, 8 tables of 5 bits: blocks of 8 run 3.7× faster than blocks
+    of 64 on random data, which score every pair 8 times over."""
+    block = min(PAIR_BLOCK, 1 << (max(T, S) - 1).bit_length())
+    if bucket is None:
+        return block
+    return min(block, max(8, 1 << (max(1, math.ceil(bucket)) - 1).bit_length()))
+
+
+def row_blocks(k_codes: Tensor, k_valid: Tensor | None, T: int, num_bits: int) -> Tensor:
+    """`(BH,)` slots per block for each row of `(BH, S)` key codes: ``block_size`` of the bucket a
+    random valid key of that row sits in, ``Σ n² / Σ n`` over its buckets. Real activations crowd
+    into a few buckets, far larger than ``S / 2^num_bits``; each row's choice depends on its own
+    codes only, so no sequence changes another's blocks (nor its rounding)."""
+    S = k_codes.shape[1]
+    codes = k_codes.long()
+    if k_valid is not None:
+        codes = codes.masked_fill(~k_valid, 2**num_bits)
+    codes = torch.sort(codes, dim=-1).values
+    size = torch.searchsorted(codes, codes, right=True) - torch.searchsorted(codes, codes)  # own bucket's
+    valid = codes < 2**num_bits
+    typical = (size * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+    largest = block_size(T, S)
+    # the power of two at or above the typical bucket, in [8, largest]
+    power = torch.ceil(torch.log2(typical.double().clamp_min(1))).long()
+    return torch.minimum(torch.full_like(power, largest), 2 ** power.clamp(3, 6))
 
 
 class CollisionPlan(NamedTuple):
@@ -309,7 +361,8 @@ class CollisionChunk(NamedTuple):
 
 def plan_collisions(
     q_codes: Tensor, k_codes: Tensor, q_valid: Tensor | None, k_valid: Tensor | None, num_bits: int, *,
-    causal: bool, block: int | None = None, budget: int | None = None,
+    causal: bool, block: int | None = None, budget: int | None = None, row_ids: Tensor | None = None,
+    total_rows: int | None = None,
 ) -> CollisionPlan:  # fmt: skip
     """Sort one table's codes and list the block pairs that can hold colliding pairs.
 
@@ -319,10 +372,11 @@ def plan_collisions(
         causal: drop block pairs whose keys all come after all of their queries.
         block: slots per block (default ``block_size(T, S)``).
         budget: scores per chunk (default ``PAIR_BUDGET``).
+        row_ids: `(BH,)` the rows' indices among ``total_rows`` (a plan for some of the rows of a
+            call: flat indices count all of them). Default: all rows, ``arange(BH)``.
     """
     BH, T = q_codes.shape
     S = k_codes.shape[1]
-    block = block_size(T, S) if block is None else block
     budget = PAIR_BUDGET if budget is None else budget
     device = q_codes.device
     # int64 whatever the codes' dtype: the sentinels need num_bits + 1 bits (YOSO passes int32
@@ -335,9 +389,12 @@ def plan_collisions(
         k_codes = k_codes.masked_fill(~k_valid, k_sentinel)
     q_sorted, q_order = torch.sort(q_codes, dim=-1, stable=True)
     k_sorted, k_order = torch.sort(k_codes, dim=-1, stable=True)
+    block = block_size(T, S) if block is None else block
+    row_ids = torch.arange(BH, device=device) if row_ids is None else row_ids
+    total_rows = BH if total_rows is None else total_rows
     t_pad, s_pad = pad_length(T, block), pad_length(S, block)
-    q_index = F.pad(q_order + torch.arange(BH, device=device)[:, None] * T, (0, t_pad - T), value=BH * T)
-    k_index = F.pad(k_order + torch.arange(BH, device=device)[:, None] * S, (0, s_pad - S), value=BH * S)
+    q_index = F.pad(q_order + row_ids[:, None] * T, (0, t_pad - T), value=total_rows * T)
+    k_index = F.pad(k_order + row_ids[:, None] * S, (0, s_pad - S), value=total_rows * S)
     q_sorted = F.pad(q_sorted, (0, t_pad - T), value=q_sentinel).view(BH, -1, block)
     k_sorted = F.pad(k_sorted, (0, s_pad - S), value=k_sentinel).view(BH, -1, block)
     nq, nk = t_pad // block, s_pad // block
@@ -378,8 +435,9 @@ def plan_collisions(
 
 
 def collision_chunks(
-    plan: CollisionPlan, *, causal: bool, T: int, S: int, earlier: tuple[Tensor, Tensor] | None = None
-) -> Iterator[CollisionChunk]:
+    plan: CollisionPlan, *, causal: bool, T: int, S: int, earlier: tuple[Tensor, Tensor] | None = None,
+    covered: CoveredRanks | None = None,
+) -> Iterator[CollisionChunk]:  # fmt: skip
     """The chunks of a plan, each with its mask of counted pairs.
 
     Args:
@@ -399,8 +457,10 @@ def collision_chunks(
             mask &= (q_index % T)[:, :, None] >= (k_index % S)[:, None, :]
         if earlier is not None:
             q_earlier, k_earlier = earlier[0][q_index], earlier[1][k_index]  # (P, c, t)
-            for table in range(q_earlier.shape[-1]):
+            for table in range(q_earlier.shape[-1]):  # one (P, c, c) mask at a time, not (P, c, c, t)
                 mask &= q_earlier[:, :, None, table] != k_earlier[:, None, :, table]
+        if covered is not None:
+            mask &= ~covered.rule.covers(covered.queries[q_index][:, :, None], covered.keys[k_index][:, None, :])
         yield CollisionChunk(q_index, k_index, mask, rows - first, plan.q_index[first : last + 1], rows, cols)
 
 
@@ -411,19 +471,38 @@ def flat_codes(codes: Tensor, dump: int) -> Tensor:
     return torch.cat([rows, rows.new_full((1, R), dump)])
 
 
+class CoveredRanks(NamedTuple):
+    """A ``CoverRule`` with its ranks flat: `(B·H·T + 1,)` and `(B·H·S + 1,)`, the last entry
+    (slots past the end) ``CoverRule.UNRANKED``."""
+
+    rule: CoverRule
+    queries: Tensor
+    keys: Tensor
+
+    @classmethod
+    def of(cls, rule: CoverRule, H: int) -> CoveredRanks:
+        def flat(ranks: Tensor) -> Tensor:
+            rows = ranks[:, None, :].expand(ranks.shape[0], H, ranks.shape[1]).reshape(-1)
+            return torch.cat([rows, rows.new_full((1,), CoverRule.UNRANKED)])
+
+        return cls(rule, flat(rule.query_ranks), flat(rule.key_ranks))
+
+
 class Collisions(NamedTuple):
     """Every table's plan for one call, and what the kernels need to read them.
 
     Attributes:
-        plans: one ``CollisionPlan`` per table.
+        plans: per table, its ``CollisionPlan`` parts: one per block size its rows chose
+            (``row_blocks``), each over some of the rows.
         earlier: per table, the flat codes of the earlier tables (deduplication), or None.
         q_valid: `(B·H, T)` bool or None. k_valid: `(B·H, S)` bool or None.
         shape: (B, H, T, S). causal: whether keys after the query are hidden.
         scores_computed: query–key products the plans evaluate, colliding or not.
         q_codes: `(B, H, R, T)` the codes. k_codes: `(B, H, R, S)`. num_bits: their length.
+        covered: pairs left out of every chunk (the caller attends them), or None.
     """
 
-    plans: list[CollisionPlan]
+    plans: list[list[CollisionPlan]]
     earlier: list[tuple[Tensor, Tensor] | None]
     q_valid: Tensor | None
     k_valid: Tensor | None
@@ -433,21 +512,34 @@ class Collisions(NamedTuple):
     q_codes: Tensor
     k_codes: Tensor
     num_bits: int
+    covered: CoveredRanks | None = None
 
-    def chunks(self, table: int) -> Iterator[CollisionChunk]:
-        """The chunks of one table's plan, with their masks (see ``collision_chunks``)."""
+    @property
+    def tables(self) -> int:
+        """The number of hash tables."""
+        return len(self.plans)
+
+    def parts(self) -> Iterator[tuple[int, CollisionPlan]]:
+        """Every part of every table's plan, with its table."""
+        return ((table, plan) for table, parts in enumerate(self.plans) for plan in parts)
+
+    def chunks(self, table: int, plan: CollisionPlan) -> Iterator[CollisionChunk]:
+        """The chunks of one part of a table's plan, with their masks (see ``collision_chunks``)."""
         _, _, T, S = self.shape
-        return collision_chunks(self.plans[table], causal=self.causal, T=T, S=S, earlier=self.earlier[table])
+        return collision_chunks(
+            plan, causal=self.causal, T=T, S=S, earlier=self.earlier[table], covered=self.covered
+        )
 
 
 def build_collisions(
     q_codes: Tensor, k_codes: Tensor, query_padding_mask: Tensor | None, key_padding_mask: Tensor | None,
-    num_bits: int, *, causal: bool, dedup: bool,
+    num_bits: int, *, causal: bool, dedup: bool, covered: CoverRule | None = None,
 ) -> Collisions:  # fmt: skip
     """Plans for every table of `(B, H, R, T)` and `(B, H, R, S)` codes in ``[0, 2^num_bits)``.
 
     ``dedup=True`` counts a pair in the first table where it collides only (the union over
-    tables); ``dedup=False`` counts it in every table where it collides.
+    tables); ``dedup=False`` counts it in every table where it collides. ``covered``: pairs
+    counted in no table (the caller attends them itself).
     """
     B, H, R, T = q_codes.shape
     S = k_codes.shape[-1]
@@ -457,16 +549,42 @@ def build_collisions(
 
     q_valid, k_valid = per_row(query_padding_mask, T), per_row(key_padding_mask, S)
     plans = [
-        plan_collisions(q_codes[:, :, r].reshape(B * H, T), k_codes[:, :, r].reshape(B * H, S), q_valid, k_valid,
-                        num_bits, causal=causal)
+        _table_plans(q_codes[:, :, r].reshape(B * H, T), k_codes[:, :, r].reshape(B * H, S), q_valid, k_valid,
+                     num_bits, causal)
         for r in range(R)  # a loop over hash tables
-    ]
+    ]  # fmt: skip
     earlier: list[tuple[Tensor, Tensor] | None] = [None] * R
     if dedup and R > 1:
         q_flat, k_flat = flat_codes(q_codes, -1), flat_codes(k_codes, -2)
         earlier = [None] + [(q_flat[:, :r], k_flat[:, :r]) for r in range(1, R)]
-    computed = sum(p.rows.numel() * p.q_index.shape[1] ** 2 for p in plans)
-    return Collisions(plans, earlier, q_valid, k_valid, (B, H, T, S), causal, computed, q_codes, k_codes, num_bits)
+    computed = sum(p.rows.numel() * p.q_index.shape[1] ** 2 for parts in plans for p in parts)
+    ranks = None if covered is None else CoveredRanks.of(covered, H)
+    return Collisions(
+        plans, earlier, q_valid, k_valid, (B, H, T, S), causal, computed, q_codes, k_codes, num_bits, ranks
+    )
+
+
+def _table_plans(
+    q_codes: Tensor, k_codes: Tensor, q_valid: Tensor | None, k_valid: Tensor | None, num_bits: int, causal: bool
+) -> list[CollisionPlan]:
+    """One table's plan, in one part per block size its rows choose (``row_blocks``; at most four)."""
+    BH, T = q_codes.shape
+    blocks = row_blocks(k_codes, k_valid, T, num_bits)
+    sizes = torch.unique(blocks).tolist()
+    if len(sizes) == 1:
+        return [plan_collisions(q_codes, k_codes, q_valid, k_valid, num_bits, causal=causal, block=sizes[0])]
+    parts = []
+    for size in sizes:  # a loop over at most four block sizes
+        ids = (blocks == size).nonzero()[:, 0]
+
+        def pick(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.index_select(0, ids)
+
+        parts.append(plan_collisions(
+            pick(q_codes), pick(k_codes), pick(q_valid), pick(k_valid), num_bits, causal=causal, block=size,
+            row_ids=ids, total_rows=BH,
+        ))  # fmt: skip
+    return parts
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:
@@ -475,10 +593,56 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
     return x.index_select(0, index.reshape(-1).clamp_max(x.shape[0] - 1)).view(*index.shape, x.shape[-1])
 
 
-def _scores(q_blk: Tensor, k_blk: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """``scale · q·k`` of block pairs `(P, c, D)`, `(P, c, D)`, -inf off the mask: `(P, c, c)`."""
-    zero = q_blk.new_zeros(()).expand(q_blk.shape[0], q_blk.shape[1], k_blk.shape[1])
-    scores = torch.baddbmm(zero, q_blk, k_blk.transpose(1, 2), beta=0, alpha=scale)
+class ImportanceWeights(NamedTuple):
+    """MagicPIG's importance weights: a colliding pair counts 1 / P(collide | θ) times, its logit
+    ``scale·q·k − log P``. P is the chance that ``num_hashes`` tables of ``num_bits`` bits collide
+    in at least one, ``1 − (1 − (1 − θ/π)^num_bits)^num_hashes`` (rule "all" is one table of all
+    the bits); the angle comes from the pair's product and the norms, so the weights are constants
+    of the detached inputs (no gradient flows through them).
+
+    Attributes:
+        q_norms: `(B·H·T + 1,)` ‖q‖ of each flat query (the last: slots past the end).
+        k_norms: `(B·H·S + 1,)` ‖k‖ likewise.
+    """
+
+    q_norms: Tensor
+    k_norms: Tensor
+    num_bits: int
+    num_hashes: int
+
+    @classmethod
+    def of(cls, q: Tensor, k: Tensor, num_bits: int, num_hashes: int) -> ImportanceWeights:
+        def flat(x: Tensor) -> Tensor:
+            norms = x.detach().norm(dim=-1).reshape(-1)
+            return torch.cat([norms, norms.new_ones(1)])
+
+        return cls(flat(q), flat(k), num_bits, num_hashes)
+
+    def log_inverse(self, products: Tensor, q_index: Tensor, k_index: Tensor) -> Tensor:
+        """`(P, c, c)` ``−log P(collide | θ)`` of block pairs from their products ``q·k``
+        `(P, c, c)` and flat indices `(P, c)`: 0 at θ = 0, at most ``−log tiny`` (a pair at θ = π
+        cannot collide unless rounding lets it)."""
+        tiny = torch.finfo(products.dtype).tiny
+        norms = self.q_norms[q_index][:, :, None] * self.k_norms[k_index][:, None, :]
+        cosine = (products.detach() / norms.clamp_min(tiny)).clamp_(-1, 1)
+        per_table = (1 - torch.acos(cosine) / math.pi) ** self.num_bits
+        # 1 − (1 − p)^L, accurate for small p
+        collide = -torch.expm1(self.num_hashes * torch.log1p(-per_table))
+        return -torch.log(collide.clamp_min(tiny))
+
+
+def _scores(
+    q_blk: Tensor, k_blk: Tensor, mask: Tensor, scale: float, weights: ImportanceWeights | None = None,
+    chunk: CollisionChunk | None = None,
+) -> Tensor:  # fmt: skip
+    """``scale · q·k`` of block pairs `(P, c, D)`, `(P, c, D)`, -inf off the mask: `(P, c, c)`;
+    with importance ``weights``, plus each pair's ``−log P`` (the ``chunk`` gives the indices)."""
+    if weights is None:
+        zero = q_blk.new_zeros(()).expand(q_blk.shape[0], q_blk.shape[1], k_blk.shape[1])
+        scores = torch.baddbmm(zero, q_blk, k_blk.transpose(1, 2), beta=0, alpha=scale)
+    else:
+        products = torch.bmm(q_blk, k_blk.transpose(1, 2))
+        scores = weights.log_inverse(products, chunk.q_index, chunk.k_index).add_(products, alpha=scale)
     return scores.masked_fill_(~mask, float("-inf"))
 
 
@@ -521,43 +685,47 @@ class CollisionSoftmax(torch.autograd.Function):
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, col: Collisions, scale: float, faithful: bool,
         aside_count: Tensor | None = None, aside_values: Tensor | None = None,
+        importance: ImportanceWeights | None = None,
     ):  # fmt: skip
         B, H, T, _ = col.shape
         D, Dv = q.shape[-1], v.shape[-1]
         rows = B * H * T + 1  # the last row takes the writes of slots past the end
         q_flat, k_flat, v_flat = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, Dv)
-        single = len(col.plans) == 1
+        # One table: the colliding pairs counted from bucket sums (they are all of its pairs
+        # unless some are left out as covered).
+        single = col.tables == 1 and col.covered is None
         hit_count, hit_values = (None, None) if not single else _bucket_hits(v, col)
         if not single and faithful:
             hit_count, hit_values = q.new_zeros(rows), q.new_zeros(rows, Dv)
         count = torch.zeros((), dtype=torch.long, device=q.device)
         acc = None
-        for table, plan in enumerate(col.plans):
+        for table in range(col.tables):
             t_max = q.new_full((rows,), float("-inf"))
             t_sum, t_out = q.new_zeros(rows), q.new_zeros(rows, Dv)
-            # Sorted copies, so that a chunk gathers whole blocks rather than single rows.
-            q_sorted, k_sorted = _gather(q_flat, plan.q_index), _gather(k_flat, plan.k_index)
-            v_sorted = _gather(v_flat, plan.k_index)
-            for chunk in col.chunks(table):
-                n, block = chunk.block_index.shape
-                q_blk, k_blk = q_sorted.index_select(0, chunk.rows), k_sorted.index_select(0, chunk.cols)
-                scores = _scores(q_blk, k_blk, chunk.mask, scale)
-                row_max = q.new_full((n, block), float("-inf"))
-                row_max.scatter_reduce_(0, chunk.local[:, None].expand(-1, block), scores.amax(-1), "amax")
-                shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-                weights = torch.exp(scores.sub_(shift[chunk.local][..., None]))  # 0 off the mask
-                values = v_sorted.index_select(0, chunk.cols)
-                slots = chunk.block_index.reshape(-1)
-                t_max[slots] = row_max.view(-1)
-                t_sum[slots] = q.new_zeros(n, block).index_add_(0, chunk.local, weights.sum(-1)).view(-1)
-                summed = q.new_zeros(n, block, Dv).index_add_(0, chunk.local, torch.bmm(weights, values))
-                t_out[slots] = summed.view(-1, Dv)
-                if not single:
-                    count += chunk.mask.sum()
-                    if faithful:
-                        hits = chunk.mask.to(q.dtype)
-                        hit_count.index_add_(0, chunk.q_index.reshape(-1), hits.sum(-1).view(-1))
-                        hit_values.index_add_(0, chunk.q_index.reshape(-1), torch.bmm(hits, values).view(-1, Dv))
+            for plan in col.plans[table]:  # its parts: disjoint rows, each written once
+                # Sorted copies, so that a chunk gathers whole blocks rather than single rows.
+                q_sorted, k_sorted = _gather(q_flat, plan.q_index), _gather(k_flat, plan.k_index)
+                v_sorted = _gather(v_flat, plan.k_index)
+                for chunk in col.chunks(table, plan):
+                    n, block = chunk.block_index.shape
+                    q_blk, k_blk = q_sorted.index_select(0, chunk.rows), k_sorted.index_select(0, chunk.cols)
+                    scores = _scores(q_blk, k_blk, chunk.mask, scale, importance, chunk)
+                    row_max = q.new_full((n, block), float("-inf"))
+                    row_max.scatter_reduce_(0, chunk.local[:, None].expand(-1, block), scores.amax(-1), "amax")
+                    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+                    weights = torch.exp(scores.sub_(shift[chunk.local][..., None]))  # 0 off the mask
+                    values = v_sorted.index_select(0, chunk.cols)
+                    slots = chunk.block_index.reshape(-1)
+                    t_max[slots] = row_max.view(-1)
+                    t_sum[slots] = q.new_zeros(n, block).index_add_(0, chunk.local, weights.sum(-1)).view(-1)
+                    summed = q.new_zeros(n, block, Dv).index_add_(0, chunk.local, torch.bmm(weights, values))
+                    t_out[slots] = summed.view(-1, Dv)
+                    if not single:
+                        count += chunk.mask.sum()
+                        if faithful:
+                            hits = chunk.mask.to(q.dtype)
+                            hit_count.index_add_(0, chunk.q_index.reshape(-1), hits.sum(-1).view(-1))
+                            hit_values.index_add_(0, chunk.q_index.reshape(-1), torch.bmm(hits, values).view(-1, Dv))
             acc = (t_max, t_sum, t_out) if acc is None else _merge(*acc, t_max, t_sum, t_out)
 
         acc_max, acc_sum, acc_out = (x[:-1] for x in acc)
@@ -576,6 +744,7 @@ class CollisionSoftmax(torch.autograd.Function):
         lse = torch.where(acc_sum > 0, acc_max + acc_sum.clamp_min(tiny).log(), float("-inf"))
         ctx.save_for_backward(q, k, v, out, lse, background)
         ctx.col, ctx.scale, ctx.faithful, ctx.aside = col, scale, faithful, aside_count is not None
+        ctx.importance = importance
         ctx.mark_non_differentiable(count)
         return out.view(B, H, T, Dv), lse.view(B, H, T), count
 
@@ -600,13 +769,14 @@ class CollisionSoftmax(torch.autograd.Function):
         zero_weight = torch.cat([torch.where(has_zero_logits, torch.exp(-lse), torch.zeros_like(lse)), zero])
         grad_q, grad_k = q.new_zeros(B * H * T + 1, D), q.new_zeros(B * H * S + 1, D)
         grad_v = q.new_zeros(B * H * S + 1, Dv)
-        for table, plan in enumerate(col.plans):
+        for table, plan in col.parts():
             q_sorted, k_sorted = _gather(q_flat, plan.q_index), _gather(k_flat, plan.k_index)
             v_sorted, g_sorted = _gather(v_flat, plan.k_index), _gather(g_flat, plan.q_index)
-            for chunk in col.chunks(table):
+            for chunk in col.chunks(table, plan):
                 q_blk, k_blk = q_sorted.index_select(0, chunk.rows), k_sorted.index_select(0, chunk.cols)
                 v_blk, g_blk = v_sorted.index_select(0, chunk.cols), g_sorted.index_select(0, chunk.rows)
-                probs = torch.exp(_scores(q_blk, k_blk, chunk.mask, scale).sub_(lse_x[chunk.q_index][..., None]))
+                scores = _scores(q_blk, k_blk, chunk.mask, scale, ctx.importance, chunk)
+                probs = torch.exp(scores.sub_(lse_x[chunk.q_index][..., None]))
                 grad_scores = probs * (torch.bmm(g_blk, v_blk.transpose(1, 2)) - delta[chunk.q_index][..., None])
                 grad_q.index_add_(0, chunk.q_index.reshape(-1), torch.bmm(grad_scores, k_blk).view(-1, D), alpha=scale)
                 grad_k.index_add_(
@@ -629,7 +799,7 @@ class CollisionSoftmax(torch.autograd.Function):
         if ctx.aside:  # their values were subtracted from the logit-0 part's sum
             grad_aside = -(zero_weight[:-1, None] * g_flat).view(B, H, T, Dv)
         grads = grad_q[:-1].view(B, H, T, D), grad_k[:-1].view(B, H, S, D), grad_v
-        return *grads, None, None, None, None, grad_aside
+        return *grads, None, None, None, None, grad_aside, None
 
 
 def _merge(

@@ -420,7 +420,7 @@ def _surrogate_grads(
 ) -> tuple[Tensor, Tensor]:
     """The query and key gradients of ``LSHCumulation`` over the colliding pairs in blocks."""
     B, H, T, S = col.shape
-    D, m = q_hat.shape[-1], len(col.plans)
+    D, m = q_hat.shape[-1], col.tables
 
     def rows(x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -428,11 +428,11 @@ def _surrogate_grads(
 
     q_x, k_x, v_x, g_x = rows(q_hat), rows(k_hat), rows(v), rows(grad)
     grad_q, grad_k = torch.zeros_like(q_x), torch.zeros_like(k_x)
-    for table, plan in enumerate(col.plans):  # a loop over hashes
+    for table, plan in col.parts():  # a loop over hashes (and their block sizes)
         # Sorted copies, so that a chunk gathers whole blocks rather than single rows.
         q_sorted, k_sorted = q_x[plan.q_index], k_x[plan.k_index]
         v_sorted, g_sorted = v_x[plan.k_index], g_x[plan.q_index]
-        for chunk in col.chunks(table):
+        for chunk in col.chunks(table, plan):
             q_blk, k_blk = q_sorted.index_select(0, chunk.rows), k_sorted.index_select(0, chunk.cols)
             v_blk, g_blk = v_sorted.index_select(0, chunk.cols), g_sorted.index_select(0, chunk.rows)
             weight = torch.bmm(g_blk, v_blk.transpose(1, 2))
