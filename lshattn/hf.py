@@ -88,7 +88,7 @@ import inspect
 import numbers
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -106,7 +106,10 @@ try:
 except ImportError as _err:  # pragma: no cover - depends on the environment
     raise ImportError("lshattn.hf needs transformers >= 5: pip install 'lshattn[hf]'") from _err
 
-__all__ = ["NAME", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer", "mean_pool", "count", "Tally"]
+__all__ = [
+    "NAME", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer", "mean_pool", "count", "Tally",
+    "eval_generator",
+]  # fmt: skip
 
 NAME = "lshattn"
 """The name registered in transformers' AttentionInterface and AttentionMaskInterface."""
@@ -196,7 +199,7 @@ class _LayerState:
     def generator(self, training: bool) -> torch.Generator:
         """The generator for this call: seeded by (seed, layer) in eval, (seed, layer, step + 1) in training."""
         step = self.steps.step + 1 if training and self.redraw_in_training else 0
-        return torch.Generator().manual_seed(_mix_seed(self.seed, self.index, step))
+        return _seeded(self.seed, self.index, step)
 
 
 class AttentionLayer(NamedTuple):
@@ -217,7 +220,7 @@ class AttentionLayer(NamedTuple):
 
 def use(
     model: PreTrainedModel,
-    method: Method | str | None,
+    method: Method | str | Mapping[int, Method | str | None] | None,
     layers: Iterable[int] | None = None,
     *,
     seed: int = 0,
@@ -231,7 +234,10 @@ def use(
             ``AttentionInterface`` (BERT, RoBERTa, ALBERT, DistilBERT, ELECTRA, ViT, GPT-2,
             Llama, …), with or without a task head.
         method: a method spec (``lshattn.SMYRF(...)``), its string form
-            (``"smyrf:num_hashes=2"``), or None for the model's own exact attention everywhere.
+            (``"smyrf:num_hashes=2"``), or None for the model's own exact attention everywhere;
+            or a mapping from layer index to method (or None): a setting per layer, exact
+            attention on the layers it leaves out (``lshattn.eval.calibrate.split_budget``
+            makes one).
         layers: indices of the attention layers that run ``method`` (see ``attention_layers``);
             every other layer runs exact attention. None: all layers.
         seed: seeds the per-layer hash projections, ``(seed, layer index)``; the same seed gives
@@ -253,21 +259,24 @@ def use(
     Raises:
         ValueError: a model whose attention cannot be routed (the message says why), an index
             out of range, ``layers=`` on ALBERT with shared layers, or
-            ``Reformer(shared_qk=True)`` without ``allow_shared_qk``.
+            ``Reformer(shared_qk=True)`` without ``allow_shared_qk``, or a mapping given with
+            ``layers=``.
         TypeError: ``model`` is not a transformers ``PreTrainedModel`` or ``method`` is not a
             method spec.
     """
-    if isinstance(method, str):
-        method = parse(method)
-    if method is not None and not isinstance(method, Method):
-        raise TypeError(f"method must be a lshattn method spec, its string form or None, got {type(method).__name__}")
-    if isinstance(method, Reformer) and method.shared_qk and not allow_shared_qk:
-        raise ValueError(
-            "Reformer(shared_qk=True) uses the normalised queries as keys, but a pretrained model has "
-            "separate query and key projections and was not trained for that; use "
-            f"lshattn.Reformer(shared_qk=False, ...) instead (got {method}), or, for a model trained "
-            "from scratch with shared QK, hf.use(..., allow_shared_qk=True)"
-        )
+    per_layer_given = isinstance(method, Mapping)
+    if per_layer_given:
+        if layers is not None:
+            raise ValueError(
+                "a mapping of layers to methods already names its layers; pass layers=None (the layers it "
+                "leaves out run exact attention)"
+            )
+        given = {index: _method_spec(m, allow_shared_qk) for index, m in method.items()}
+        layers = list(given)
+        if all(m is None for m in given.values()):
+            method = None
+    else:
+        method = _method_spec(method, allow_shared_qk)
     found = attention_layers(model)
     chosen = _select_layers(model, found, layers)
 
@@ -290,15 +299,23 @@ def use(
         steps = model.__dict__[_STEPS] = _StepCounter()
     _register_for_steps(model)
     for layer in found:
-        layer_method = method if layer.index in chosen else None
+        if per_layer_given:
+            layer_method = given.get(layer.index)
+        else:
+            layer_method = method if layer.index in chosen else None
         state = _LayerState(layer_method, layer.index, int(seed), bool(redraw_in_training), steps)
         setattr(layer.module, _STATE, state)
+    if per_layer_given:  # JSON keys are strings
+        record_method: Any = {str(i): None if m is None else str(m) for i, m in sorted(given.items())}
+        record_layers = None
+    else:
+        record_method, record_layers = str(method), None if layers is None else sorted(chosen)
     setattr(
         model.config,
         _RECORD,
         {
-            "method": str(method),
-            "layers": None if layers is None else sorted(chosen),
+            "method": record_method,
+            "layers": record_layers,
             "seed": int(seed),
             "redraw_in_training": bool(redraw_in_training),
             "allow_shared_qk": bool(allow_shared_qk),
@@ -321,14 +338,35 @@ def use_saved(model: PreTrainedModel) -> PreTrainedModel:
     record = getattr(model.config, _RECORD, None)
     if not record:
         return model
+    saved = record["method"]
+    if isinstance(saved, dict):  # a setting per layer
+        method: Any = {int(i): None if m is None else parse(m) for i, m in saved.items()}
+    else:
+        method = parse(saved)
     return use(
         model,
-        parse(record["method"]),
+        method,
         record.get("layers"),
         seed=record.get("seed", 0),
         redraw_in_training=record.get("redraw_in_training", True),
         allow_shared_qk=record.get("allow_shared_qk", False),
     )
+
+
+def _method_spec(method: Method | str | None, allow_shared_qk: bool) -> Method | None:
+    """A method spec from what ``use`` was given (a spec, its string form or None), checked."""
+    if isinstance(method, str):
+        method = parse(method)
+    if method is not None and not isinstance(method, Method):
+        raise TypeError(f"method must be a lshattn method spec, its string form or None, got {type(method).__name__}")
+    if isinstance(method, Reformer) and method.shared_qk and not allow_shared_qk:
+        raise ValueError(
+            "Reformer(shared_qk=True) uses the normalised queries as keys, but a pretrained model has "
+            "separate query and key projections and was not trained for that; use "
+            f"lshattn.Reformer(shared_qk=False, ...) instead (got {method}), or, for a model trained "
+            "from scratch with shared QK, hf.use(..., allow_shared_qk=True)"
+        )
+    return method
 
 
 def set_step(model: PreTrainedModel, step: int) -> PreTrainedModel:
@@ -739,6 +777,17 @@ def _select_layers(model: PreTrainedModel, found: list[AttentionLayer], layers: 
 def _original_implementation(model: PreTrainedModel) -> str:
     original = model.__dict__.get(_ORIGINAL) or model.config._attn_implementation
     return "sdpa" if original in (None, NAME) else original
+
+
+def eval_generator(seed: int, index: int) -> torch.Generator:
+    """The generator the layer of ``index`` draws its projections from in eval after
+    ``use(model, method, seed=seed)``: to measure a method on a layer's captured inputs with the
+    projections the model will run (``lshattn.eval.calibrate``)."""
+    return _seeded(seed, index, 0)
+
+
+def _seeded(seed: int, index: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_mix_seed(seed, index, step))
 
 
 def _mix_seed(seed: int, index: int, step: int) -> int:

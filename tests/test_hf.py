@@ -737,6 +737,39 @@ def test_save_and_reload_gives_the_same_outputs(tmp_path):
         assert torch.equal(hidden(again, batch), before)
 
 
+def test_a_setting_per_layer_runs_and_is_saved(tmp_path):
+    """``use(model, {layer: method})``: each listed layer runs its method, the others exact
+    attention; the same as one method on those layers when they share it; the record survives
+    save_pretrained and ``use_saved`` re-applies it."""
+    family = FAMILIES["bert"]
+    _, model = build(family)
+    batch = inputs(family)
+    hf.use(model, {1: LSH_SETTINGS["smyrf"]}, seed=7)
+    with torch.no_grad():
+        mapped = hidden(model, batch)
+    hf.use(model, LSH_SETTINGS["smyrf"], layers=[1], seed=7)
+    with torch.no_grad():
+        assert torch.equal(hidden(model, batch), mapped)
+    split = {0: LSH_SETTINGS["simhash"], 1: "smyrf:num_hashes=2,q_cluster_size=4,k_cluster_size=4"}
+    hf.use(model, split, seed=3)
+    assert [layer.method for layer in hf.attention_layers(model)] == [LSH_SETTINGS["simhash"], LSH_SETTINGS["smyrf"]]
+    with torch.no_grad():
+        before = hidden(model, batch)
+    model.save_pretrained(tmp_path)
+    loaded = hf.use_saved(transformers.BertModel.from_pretrained(tmp_path).eval())
+    assert [layer.method for layer in hf.attention_layers(loaded)] == [LSH_SETTINGS["simhash"], LSH_SETTINGS["smyrf"]]
+    with torch.no_grad():
+        assert torch.equal(hidden(loaded, batch), before)
+    with pytest.raises(ValueError, match="already names its layers"):
+        hf.use(model, split, layers=[0])
+    with pytest.raises(TypeError, match="method must be a lshattn method spec"):
+        hf.use(model, {0: 3})
+    with pytest.raises(ValueError, match="out of range"):
+        hf.use(model, {5: LSH_SETTINGS["smyrf"]})
+    hf.use(model, {0: None, 1: None})  # nothing to run: exact attention, as use(model, None)
+    assert model.config._attn_implementation != hf.NAME
+
+
 def test_deepcopy_keeps_the_method():
     family = FAMILIES["bert"]
     _, model = build(family)

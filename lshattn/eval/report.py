@@ -264,7 +264,8 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
         "",
         "*Budget* is the share of exact attention's query–key dot products a method computes (at the "
         "section's length; YOSO-m computes none; section 1 measures it on real activations; in section 2 "
-        "SimHash's is the larger of its expectation for random directions and what it scored). Exact attention is "
+        "SimHash's is what it scored on the section's texts, not `cost()`'s expectation for random directions, "
+        "`expected_budget` in `report.json`). Exact attention is "
         "`lshattn.Dense` (SDPA). No model was retrained.",
         "",
         "Three rows are references, not methods to choose: the **oracle** `topk` (`lshattn.TopK`), exact "
@@ -309,7 +310,7 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
             "*Scored*: the share of the real query–key pairs the method scored on these texts "
             "(`lshattn.hf.count`; the slots of sinks and a window at padded positions included; the oracle "
             "scores every pair to choose). *Budget*: `cost()`'s share at this length, and for SimHash, whose "
-            "collisions follow the data, the larger of that expectation and what it scored. "
+            "collisions follow the data, what it scored. "
             "*FLOPs*: the method's analytic FLOPs (`cost()`) over exact attention's at this length. "
             "*Speed*: whole-model time per text, exact over the method's (above 1 is faster).",
         ]  # fmt: skip
