@@ -66,7 +66,8 @@ class SimHashAux(NamedTuple):
         key_codes: `(B, H, R, S)` likewise for keys.
         dot_products: colliding visible pairs scored, each pair once however many tables it
             collides in (B·H summed, real queries only): the paper's dot-product count; plus
-            the slots of ``sinks`` and ``window``.
+            the slots of ``sinks`` and ``window`` (in importance mode the colliding pairs they
+            cover are not scored twice: they leave the collisions).
         scores_computed: query–key products the blocked implementation evaluated, colliding
             or not (at least ``dot_products``; the rest is the price of working in blocks).
     """
@@ -679,6 +680,11 @@ class CollisionSoftmax(torch.autograd.Function):
     log-sum-exp of every entry (-inf for a query with none), differentiable like ``out`` (its
     gradient reaches q and k through the colliding pairs: ``∂lse/∂s = p``), for merging with
     other pairs (``lshattn.local.merge_local``).
+
+    With ``importance`` weights (``mode="importance"``) each colliding pair's logit is
+    ``scale·q·k − log P(collide | θ)``, the weights constants of the inputs (the backward
+    recomputes them and differentiates the scores only); pairs the collisions' ``covered`` rule
+    names are left out of every chunk.
     """
 
     @staticmethod
