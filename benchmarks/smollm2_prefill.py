@@ -7,6 +7,7 @@ teacher-forced over all its tokens (one forward, no cache: the decoding path is 
 per call, causal or not, as ``cost().budget``: a causal method scores at most about half)::
 
     python benchmarks/smollm2_prefill.py --tokens 1024 2048
+    python benchmarks/smollm2_prefill.py --tokens 1024 --only exact --more "simhash:num_hashes=64,num_bits=8,mode=importance,sinks=4,window=64"
 
 Results are in docs/longctx.md with the command that made them.
 """
@@ -42,7 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--only", nargs="+", choices=sorted(METHODS), help="methods to run (default: all)")
+    parser.add_argument("--more", nargs="+", default=[], help="more method strings for lshattn.parse")
     args = parser.parse_args()
+    METHODS.update({text: lshattn.parse(text) for text in args.more})
     tokenizer, model = data.load_smollm2()
     text = "\n\n".join(body for _, body in data.wikipedia())
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -50,7 +53,7 @@ def main() -> None:
     for length in args.tokens:
         batch = ids[:, :length]
         exact = None
-        for name in args.only or METHODS:
+        for name in (args.only or list(METHODS)) + [t for t in args.more if args.only]:
             method = METHODS[name]
             start = time.perf_counter()
             hf.use(model, method if method is not None else lshattn.Dense(), seed=0)
