@@ -32,9 +32,11 @@ Decisions a user should know:
   into the query length would change the method (queries of different heads would share
   clusters or buckets, and causal masks and SMYRF's cluster counts break), so it is not done.
 * **Cached decoding** (causal, fewer queries than keys, e.g. ``generate`` after the prompt):
-  exact attention over the cache (transformers' sdpa path with its own mask). No method here
-  defines a causal pattern for T ≠ S, and one new query against S cached keys costs O(S)
-  anyway. The prompt (prefill) runs the method.
+  ``SimHash`` decodes through a store of the cached keys' codes in each layer
+  (``lshattn.decode``: only the new keys are hashed; teacher-forced decoding equals the causal
+  prefill, sinks and window included). Every other method runs exact attention over the cache
+  (transformers' sdpa path with its own mask): Reformer's and SMYRF's causal patterns depend on
+  the sort of the whole sequence, and YOSO's decoding tables are not built yet.
 * **Reproducible by default**: hash projections come from a ``torch.Generator`` seeded by
   ``(seed, layer index)``. In eval every forward draws the same projections, so two forwards
   give identical outputs, in this process or after ``save_pretrained`` and re-applying.
@@ -96,8 +98,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from lshattn import decode
 from lshattn.api import Method, parse
-from lshattn.methods import Dense, Reformer
+from lshattn.methods import Dense, Reformer, SimHash
 
 try:
     from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
@@ -195,6 +198,7 @@ class _LayerState:
     redraw_in_training: bool
     steps: _StepCounter
     tally: Tally | None = None
+    store: Any = None  # lshattn.decode's store of cached key codes, for cached decoding steps
 
     def generator(self, training: bool) -> torch.Generator:
         """The generator for this call: seeded by (seed, layer) in eval, (seed, layer, step + 1) in training."""
@@ -599,15 +603,17 @@ def _attention(
                 f"{tuple(attention_mask.shape)}; lshattn methods take only (batch, length) padding masks. "
                 f"Pass a 2-D attention_mask (1 = real token) to the model"
             )
-        # A cached decoding step (or a caller's own 4-D mask on an exact layer): transformers'
-        # exact sdpa attention, with the mask transformers built.
-        if state is not None and state.tally is not None:
-            _count_exact(state.tally, query, key, attention_mask)
         if attention_mask is not None and attention_mask.dim() == 2:
             # Only if a model built a plain padding mask for a causal step: the T queries are
             # the last T positions of the S keys.
             behind = torch.arange(S, device=query.device) <= torch.arange(S - T, S, device=query.device)[:, None]
             attention_mask = attention_mask[:, None, None, :] & behind
+        if decoding and isinstance(method, SimHash):  # through the layer's store of key codes
+            return _decode_simhash(module, state, method, query, key, value, attention_mask, scaling), None
+        # A cached decoding step of another method (or a caller's own 4-D mask on an exact
+        # layer): transformers' exact sdpa attention, with the mask transformers built.
+        if state is not None and state.tally is not None:
+            _count_exact(state.tally, query, key, attention_mask)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout if module.training else 0.0,
             scaling=scaling, is_causal=is_causal, **kwargs,
@@ -645,6 +651,32 @@ def _attention(
         state.tally.pairs += _real_pairs(B, H, T, S, attention_mask, query_mask)
         state.tally.calls += 1
     return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_simhash(
+    module: torch.nn.Module, state: _LayerState, method: SimHash, query: Tensor, key: Tensor, value: Tensor,
+    attention_mask: Tensor | None, scaling: float | None,
+) -> Tensor:  # fmt: skip
+    """A cached decoding step of ``SimHash``: the T new queries against the layer's stored key
+    codes, extended by the new keys (``lshattn.decode``). Returns `(B, T, H, Dv)`."""
+    B, H, T = query.shape[:3]
+    S = key.shape[2]
+    groups = H // key.shape[1]
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    state.store = decode.store_for(state.store, method, key, T, state.generator(module.training))
+    if attention_mask is None:  # query t is position S − T + t
+        visible = (torch.arange(S, device=query.device) <= torch.arange(S - T, S, device=query.device)[:, None])
+        visible = visible.expand(B, 1, T, S)
+    else:
+        visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out, scored = decode.simhash_decode(method, state.store, query, key, value, visible, scale)
+    if state.tally is not None:
+        state.tally.dot_products += scored
+        state.tally.pairs += _real_pairs(B, H, T, S, visible[:, 0, -1, :], None)
+        state.tally.calls += 1
+    return out.transpose(1, 2).contiguous()
 
 
 def _count_exact(tally: Tally, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> None:

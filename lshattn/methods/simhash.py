@@ -164,17 +164,12 @@ class SimHash(SparseMethod):
         _, H, T, D = q.shape
         dtype = compute_dtype(q.dtype)
 
-        planes = draw_normal((H, D, self.num_hashes, self.num_bits), inputs.generator, q.device)
+        planes = self.planes(H, D, inputs.generator, q.device)
         importance = self.mode == "importance"
         with torch.no_grad():
             q_codes, k_codes = simhash_codes(q, planes), simhash_codes(k, planes)
-            if self.rule == "all":  # equal in every table = equal concatenated code
-                shifts = torch.arange(self.num_hashes, device=q.device).view(1, 1, -1, 1) * self.num_bits
-                q_tables = (q_codes << shifts).sum(2, keepdim=True)
-                k_tables = (k_codes << shifts).sum(2, keepdim=True)
-                table_bits = self.num_hashes * self.num_bits
-            else:
-                q_tables, k_tables, table_bits = q_codes, k_codes, self.num_bits
+            q_tables, table_bits = self.table_codes(q_codes)
+            k_tables, _ = self.table_codes(k_codes)
             # Importance weights stand for the keys not found; the covered ones are attended
             # exactly instead, so the collisions leave them out.
             covered = cover_rule(inputs, self.sinks, self.window) if importance else None
@@ -219,6 +214,20 @@ class SimHash(SparseMethod):
         out = finish_output(out, T, inputs.query_padding_mask, out_dtype)
         aux = SimHashAux(q_codes, k_codes, dot_products, collisions.scores_computed)
         return out, aux
+
+    def planes(self, H: int, D: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """`(H, D, num_hashes, num_bits)` projections, drawn from ``generator``: a call and the
+        decoding steps after it (``lshattn.decode``) hash alike with the same generator state."""
+        return draw_normal((H, D, self.num_hashes, self.num_bits), generator, device)
+
+    def table_codes(self, codes: Tensor) -> tuple[Tensor, int]:
+        """The codes pairs collide on, from `(B, H, num_hashes, L)` SimHash codes, and their bits:
+        the codes themselves under ``rule="any"``; under ``"all"`` (equal in every table = equal
+        concatenated code) one table of ``num_hashes·num_bits`` bits, `(B, H, 1, L)`."""
+        if self.rule == "any":
+            return codes, self.num_bits
+        shifts = torch.arange(self.num_hashes, device=codes.device).view(1, 1, -1, 1) * self.num_bits
+        return (codes << shifts).sum(2, keepdim=True), self.num_hashes * self.num_bits
 
     def cost(self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4) -> Cost:
         """Expected cost for queries and keys of independent, uniformly random directions.

@@ -1,0 +1,120 @@
+"""Cached decoding through ``lshattn.hf`` (``lshattn.decode``): SimHash's decoding steps hash only
+the new keys, and teacher-forced decoding equals the causal prefill (DESIGN §4, decoding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import lshattn
+from lshattn import hf
+
+VOCAB = 64
+
+
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    """4 query heads sharing 2 key/value heads (GQA), 2 layers."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def prompt(B: int = 2, L: int = 14) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, :3] = 0  # left padding, as generation pads
+    return ids, mask
+
+
+def decoded_logits(model, ids, mask, start: int) -> torch.Tensor:
+    """Logits at positions start.. of ``ids``, the prompt ids[:, :start] prefilled, then one token
+    a step through the cache (teacher forcing)."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :start], attention_mask=mask[:, :start], use_cache=True)
+        past, steps = out.past_key_values, []
+        for t in range(start, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1)
+
+
+SETTINGS = {
+    "sparse": lshattn.SimHash(num_hashes=2, num_bits=3, mode="sparse"),
+    "importance": lshattn.SimHash(num_hashes=3, num_bits=2, mode="importance"),
+    "faithful": lshattn.SimHash(num_hashes=2, num_bits=3),
+    "faithful-all": lshattn.SimHash(num_hashes=2, num_bits=2, rule="all"),
+    "sparse-sinks-window": lshattn.SimHash(num_hashes=1, num_bits=4, mode="sparse", sinks=2, window=3),
+    "importance-sinks-window": lshattn.SimHash(num_hashes=2, num_bits=4, mode="importance", sinks=1, window=2),
+    "faithful-sinks": lshattn.SimHash(num_hashes=1, num_bits=3, sinks=2),
+    "faithful-window": lshattn.SimHash(num_hashes=1, num_bits=3, window=4),
+}
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_teacher_forced_decoding_equals_the_causal_prefill(name):
+    model = tiny_llama()
+    hf.use(model, SETTINGS[name], seed=5)
+    ids, mask = prompt()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+    start = 9
+    steps = decoded_logits(model, ids, mask, start)
+    torch.testing.assert_close(steps, full[:, start:], atol=1e-5, rtol=1e-5)
+    # and the setting is not exact attention on these inputs
+    hf.use(model, None)
+    with torch.no_grad():
+        exact = model(input_ids=ids, attention_mask=mask).logits
+    assert (exact[:, start:] - full[:, start:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["sparse", "importance", "faithful"])
+def test_every_code_colliding_decodes_as_exact_attention(mode):
+    model = tiny_llama()
+    ids, mask = prompt()
+    with torch.no_grad():
+        exact = model(input_ids=ids, attention_mask=mask).logits
+    hf.use(model, lshattn.SimHash(num_hashes=2, num_bits=0, mode=mode))
+    torch.testing.assert_close(decoded_logits(model, ids, mask, 9), exact[:, 9:], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_runs_and_counts_the_decode_budget():
+    """``generate`` works unchanged; ``hf.count`` sees each decoding step score only colliding keys."""
+    model = tiny_llama()
+    ids, mask = prompt()
+    hf.use(model, lshattn.SimHash(num_hashes=1, num_bits=3, mode="sparse"))
+    with torch.no_grad(), hf.count(model) as tally:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 14 + 5)
+    assert tally.calls == 2 * 5  # the prompt and 4 decoding steps, in 2 layers
+    assert 0 < tally.budget < 0.8
+
+
+def test_a_new_prompt_or_a_reordered_cache_rehashes():
+    """The store follows the cache it is given: a second generation with another prompt of the same
+    length gives what a fresh model gives (no stale codes)."""
+    ids, mask = prompt()
+    other = torch.roll(ids, 1, dims=1)
+    method = lshattn.SimHash(num_hashes=2, num_bits=2, mode="sparse")
+    model = tiny_llama()
+    hf.use(model, method)
+    decoded_logits(model, ids, mask, 9)  # leaves a store for ids
+    again = decoded_logits(model, other, mask, 9)
+    fresh = tiny_llama()
+    hf.use(fresh, method)
+    torch.testing.assert_close(again, decoded_logits(fresh, other, mask, 9), atol=0, rtol=0)
+
+
+def test_a_window_over_everything_decodes_as_exact_attention():
+    """Sinks and a window covering every key: exact attention in decoding too, whatever collides."""
+    model = tiny_llama()
+    ids, mask = prompt()
+    with torch.no_grad():
+        exact = model(input_ids=ids, attention_mask=mask).logits
+    hf.use(model, lshattn.SimHash(num_hashes=2, num_bits=6, mode="importance", sinks=1, window=20))
+    torch.testing.assert_close(decoded_logits(model, ids, mask, 9), exact[:, 9:], atol=1e-5, rtol=1e-5)
