@@ -145,7 +145,7 @@ def simhash_decode(
         inverse = -torch.log((-torch.expm1(tables * torch.log1p(-per_table))).clamp_min(tiny))
         logits = logits + torch.where(exact, 0.0, inverse)
     logits = logits.masked_fill(~taken, float("-inf"))
-    top = logits.amax(-1, keepdim=True)
+    top = logits.amax(-1, keepdim=True) if most else logits.new_full((B, H, T, 1), float("-inf"))
     if method.mode == "faithful":  # the visible keys that do not collide, at logit 0
         rest = (visible & ~collide).to(dtype)  # (B, H, T, S): neither colliding nor covered
         rest_count = rest.sum(-1, keepdim=True)

@@ -118,3 +118,49 @@ def test_a_window_over_everything_decodes_as_exact_attention():
         exact = model(input_ids=ids, attention_mask=mask).logits
     hf.use(model, lshattn.SimHash(num_hashes=2, num_bits=6, mode="importance", sinks=1, window=20))
     torch.testing.assert_close(decoded_logits(model, ids, mask, 9), exact[:, 9:], atol=1e-5, rtol=1e-5)
+
+
+# --- the method level, over random settings (hypothesis) -------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@st.composite
+def decode_cases(draw):
+    mode = draw(st.sampled_from(["faithful", "sparse", "importance"]))
+    rule = draw(st.sampled_from(["any", "all"]))
+    num_hashes = draw(st.integers(1, 4))
+    num_bits = draw(st.integers(0, 6 if rule == "any" else 6 // num_hashes))
+    sinks = draw(st.integers(0, 3))
+    window = draw(st.one_of(st.none(), st.integers(0, 5)))
+    method = lshattn.SimHash(num_hashes, num_bits, rule, mode, sinks=sinks, window=window)
+    B, H, L, D = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(2, 20)), draw(st.integers(1, 8))
+    prompt_length = draw(st.integers(1, L - 1))
+    padding = [draw(st.integers(0, L - 1)) for _ in range(B)]  # left padding of each sequence
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    return method, (B, H, L, D), prompt_length, padding, dtype, draw(st.integers(0, 2**16))
+
+
+@hypothesis.given(decode_cases())
+def test_decoding_step_by_step_equals_the_causal_prefill(case):
+    """``lshattn.decode`` over random SimHash settings, sizes, left paddings and dtypes: a prompt
+    hashed into the store, then one query at a time against the keys so far, equals the causal
+    prefill of the whole sequence with the same generator, at every real query."""
+    from lshattn import decode
+
+    method, (B, H, L, D), prompt_length, padding, dtype, seed = case
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.arange(L)[None, :] >= torch.tensor(padding)[:, None]  # (B, L), real suffixes
+    full = method(q, k, v, key_padding_mask=mask, query_padding_mask=mask, causal=True,
+                  generator=torch.Generator().manual_seed(7))  # fmt: skip
+    store = decode.store_for(None, method, k[:, :, :prompt_length], prompt_length, torch.Generator().manual_seed(7))
+    for t in range(prompt_length, L):
+        store = decode.store_for(store, method, k[:, :, : t + 1], 1, torch.Generator().manual_seed(7))
+        visible = mask[:, None, None, : t + 1]
+        out, _ = decode.simhash_decode(method, store, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+                                       D**-0.5)  # fmt: skip
+        real = mask[:, t]
+        tol = 1e-9 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(out[real, :, 0], full[real, :, t], atol=tol, rtol=tol)
