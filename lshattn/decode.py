@@ -67,11 +67,14 @@ def _covered(visible: Tensor, sinks: int, window: int | None) -> Tensor:
 
 
 def store_for(
-    store: SimHashStore | None, method: SimHash, keys: Tensor, new: int, generator: torch.Generator | None
-) -> SimHashStore:
-    """The store holding the codes of all S keys of `(B, H, S, D)` ``keys``, the last ``new`` of
-    them just appended: ``store`` extended by those when it holds exactly the S − new before them,
-    else all S hashed afresh with projections from ``generator``.
+    store: SimHashStore | None, method: SimHash, keys: Tensor, new: int, generator: torch.Generator | None,
+    groups: int = 1,
+) -> SimHashStore:  # fmt: skip
+    """The store holding the codes of all S keys of `(B, H_kv, S, D)` ``keys``, the last ``new``
+    of them just appended: ``store`` extended by those when it holds exactly the S − new before
+    them, else all S hashed afresh with projections from ``generator``. With ``groups`` query
+    heads per key head (GQA), each query head hashes its group's keys with its own projections,
+    as the prefill does on repeated keys; only the keys being hashed are repeated.
 
     Raises:
         ValueError: ``store`` was filled by another method (its codes would mean nothing here).
@@ -81,7 +84,8 @@ def store_for(
             f"this layer's decoding store was filled by {store.method}, not {method}: a cache must be decoded "
             f"with the method that filled it; start a new generation (a new prompt) after lshattn.hf.use"
         )
-    B, H, S, D = keys.shape
+    B, H_kv, S, D = keys.shape
+    H = H_kv * groups
     cached = S - new
     same = (
         store is not None
@@ -92,9 +96,10 @@ def store_for(
     )
     if not same:
         planes = method.planes(H, D, generator, keys.device)
-        return SimHashStore(method, planes, _hash(method, planes, keys), keys[:, :, -1].clone())
-    codes = torch.cat([store.codes, _hash(method, store.planes, keys[:, :, cached:])], dim=-1)
-    return SimHashStore(method, store.planes, codes, keys[:, :, -1].clone())
+        codes = _hash(method, planes, keys.repeat_interleave(groups, dim=1))
+        return SimHashStore(method, planes, codes, keys[:, :, -1].clone())
+    added = _hash(method, store.planes, keys[:, :, cached:].repeat_interleave(groups, dim=1))
+    return SimHashStore(method, store.planes, torch.cat([store.codes, added], dim=-1), keys[:, :, -1].clone())
 
 
 def simhash_decode(
@@ -109,7 +114,8 @@ def simhash_decode(
     with their own score, once.
 
     Args:
-        q: `(B, H, T, D)`, k: `(B, H, S, D)`, v: `(B, H, S, Dv)`.
+        q: `(B, H, T, D)`, k: `(B, H_kv, S, D)`, v: `(B, H_kv, S, Dv)`: query head h reads key head
+            ``h // (H / H_kv)`` (GQA; K and V are never repeated).
         visible: `(B, 1 or H, T, S)` bool: the keys each query may see (causality and padding).
 
     Returns:
@@ -117,7 +123,8 @@ def simhash_decode(
         (colliding or covered, each once).
     """
     B, H, T, D = q.shape
-    Dv = v.shape[-1]
+    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups = H // H_kv
     with torch.no_grad():
         q_codes, bits = method.table_codes(simhash_codes(q, store.planes))
         collide = (q_codes[..., :, None] == store.codes[..., None, :]).any(2) & visible  # (B, H, T, S)
@@ -131,9 +138,12 @@ def simhash_decode(
     order = torch.sort((~collide).to(torch.int8), dim=-1, stable=True).indices[..., :most]  # (B, H, T, C)
     taken = torch.arange(most, device=q.device) < count[..., None]
     exact = torch.gather(covered.expand(B, H, T, -1), 3, order) & taken  # covered: weight 1, its own score
-    keys = torch.gather(k.to(dtype), 2, order.reshape(B, H, T * most, 1).expand(-1, -1, -1, D)).view(B, H, T, most, D)
-    values = torch.gather(v.to(dtype), 2, order.reshape(B, H, T * most, 1).expand(-1, -1, -1, Dv))
-    values = values.view(B, H, T, most, Dv)
+    # Rows of the flat `(B·H_kv·S, ·)` keys and values: index_select, several times faster than
+    # torch.gather over an expanded index.
+    kv_row = (torch.arange(B, device=q.device)[:, None] * H_kv + torch.arange(H, device=q.device) // groups) * S
+    rows = (kv_row.view(B, H, 1, 1) + order).reshape(-1)
+    keys = k.to(dtype).reshape(-1, D).index_select(0, rows).view(B, H, T, most, D)
+    values = v.to(dtype).reshape(-1, Dv).index_select(0, rows).view(B, H, T, most, Dv)
     products = (qf[..., None, :] * keys).sum(-1)  # (B, H, T, C)
     logits = products * scale
     if method.mode == "importance":
@@ -156,7 +166,8 @@ def simhash_decode(
     denominator = weights.sum(-1, keepdim=True)
     if method.mode == "faithful":
         zero_logit = torch.exp(-top)
-        numerator = numerator + zero_logit * (rest @ v.to(dtype))
+        per_kv_head = rest.reshape(B, H_kv, groups * T, -1) @ v.to(dtype)  # (B, H_kv, G·T, Dv)
+        numerator = numerator + zero_logit * per_kv_head.view(B, H, T, Dv)
         denominator = denominator + zero_logit * rest_count
     out = numerator / denominator.clamp_min(torch.finfo(dtype).tiny)
     return out.to(q.dtype), int(count.sum())

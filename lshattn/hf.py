@@ -661,10 +661,8 @@ def _decode_simhash(
     codes, extended by the new keys (``lshattn.decode``). Returns `(B, T, H, Dv)`."""
     B, H, T = query.shape[:3]
     S = key.shape[2]
-    groups = H // key.shape[1]
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    state.store = decode.store_for(state.store, method, key, T, state.generator(module.training))
+    groups = H // key.shape[1]  # GQA: K and V are read per key head, never repeated
+    state.store = decode.store_for(state.store, method, key, T, state.generator(module.training), groups)
     if attention_mask is None:  # query t is position S − T + t
         visible = (torch.arange(S, device=query.device) <= torch.arange(S - T, S, device=query.device)[:, None])
         visible = visible.expand(B, 1, T, S)

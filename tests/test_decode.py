@@ -139,25 +139,30 @@ def decode_cases(draw):
     prompt_length = draw(st.integers(1, L - 1))
     padding = [draw(st.integers(0, L - 1)) for _ in range(B)]  # left padding of each sequence
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    return method, (B, H, L, D), prompt_length, padding, dtype, draw(st.integers(0, 2**16))
+    groups = draw(st.integers(1, 3))  # query heads per key head (GQA)
+    return method, (B, H, L, D), groups, prompt_length, padding, dtype, draw(st.integers(0, 2**16))
 
 
 @hypothesis.given(decode_cases())
 def test_decoding_step_by_step_equals_the_causal_prefill(case):
-    """``lshattn.decode`` over random SimHash settings, sizes, left paddings and dtypes: a prompt
-    hashed into the store, then one query at a time against the keys so far, equals the causal
-    prefill of the whole sequence with the same generator, at every real query."""
+    """``lshattn.decode`` over random SimHash settings, sizes, GQA groups, left paddings and dtypes:
+    a prompt hashed into the store, then one query at a time against the keys so far (read per key
+    head), equals the causal prefill of the whole sequence on repeated keys with the same
+    generator, at every real query."""
     from lshattn import decode
 
-    method, (B, H, L, D), prompt_length, padding, dtype, seed = case
+    method, (B, H_kv, L, D), groups, prompt_length, padding, dtype, seed = case
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=dtype) for _ in range(3))
+    q = torch.randn(B, H_kv * groups, L, D, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, H_kv, L, D, generator=g, dtype=dtype) for _ in range(2))
     mask = torch.arange(L)[None, :] >= torch.tensor(padding)[:, None]  # (B, L), real suffixes
-    full = method(q, k, v, key_padding_mask=mask, query_padding_mask=mask, causal=True,
-                  generator=torch.Generator().manual_seed(7))  # fmt: skip
-    store = decode.store_for(None, method, k[:, :, :prompt_length], prompt_length, torch.Generator().manual_seed(7))
+    full = method(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), key_padding_mask=mask,
+                  query_padding_mask=mask, causal=True, generator=torch.Generator().manual_seed(7))  # fmt: skip
+    store = decode.store_for(
+        None, method, k[:, :, :prompt_length], prompt_length, torch.Generator().manual_seed(7), groups
+    )
     for t in range(prompt_length, L):
-        store = decode.store_for(store, method, k[:, :, : t + 1], 1, torch.Generator().manual_seed(7))
+        store = decode.store_for(store, method, k[:, :, : t + 1], 1, torch.Generator().manual_seed(7), groups)
         visible = mask[:, None, None, : t + 1]
         out, _ = decode.simhash_decode(method, store, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                        D**-0.5)  # fmt: skip
