@@ -25,8 +25,9 @@ once per forward). This module registers one name, ``"lshattn"``, in both:
 
 Decisions a user should know:
 
-* **Grouped-query attention** (Llama with fewer K/V heads): K and V are repeated per query head
-  (``repeat_interleave``) before the method runs. Each query head hashes and sorts the keys with
+* **Grouped-query attention** (Llama with fewer K/V heads): in the prefill, K and V are repeated
+  per query head (``repeat_interleave``) before the method runs (SimHash's decoding steps read
+  them per key head instead). Each query head hashes and sorts the keys with
   its own projections, so the methods hold a per-query-head sorted copy of K and V anyway;
   skipping the repeat would not lower their peak memory. Folding the G query heads of a group
   into the query length would change the method (queries of different heads would share
