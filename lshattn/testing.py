@@ -277,7 +277,8 @@ def collision_probability(q: Tensor, k: Tensor, num_bits: int, num_hashes: int) 
     """`(B, H, T, S)`: the chance ``1 − (1 − (1 − θ/π)^num_bits)^num_hashes`` that some table of
     SimHash codes collides for each pair, θ their angle (a zero vector: θ = π/2), densely."""
     cosine = (_unit(q) @ _unit(k).transpose(-1, -2)).clamp(-1, 1)
-    return 1 - (1 - (1 - torch.acos(cosine) / math.pi) ** num_bits) ** num_hashes
+    per_table = (1 - torch.acos(cosine) / math.pi) ** num_bits
+    return -torch.expm1(num_hashes * torch.log1p(-per_table))  # 1 − (1 − p)^L, accurate for tiny p
 
 
 def simhash_reference(
