@@ -16,13 +16,13 @@ colliding keys of any query in the step.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import Tensor
 
 from lshattn.hashing import simhash_codes
 from lshattn.methods import SimHash
+from lshattn.methods.simhash import inverse_log_probability
 
 __all__ = ["SimHashStore", "simhash_decode", "store_for"]
 
@@ -147,12 +147,8 @@ def simhash_decode(
     products = (qf[..., None, :] * keys).sum(-1)  # (B, H, T, C)
     logits = products * scale
     if method.mode == "importance":
-        tables = store.codes.shape[2]
         norms = qf.norm(dim=-1)[..., None] * keys.norm(dim=-1)
-        tiny = torch.finfo(dtype).tiny
-        cosine = (products / norms.clamp_min(tiny)).clamp(-1, 1)
-        per_table = (1 - torch.acos(cosine) / math.pi) ** bits
-        inverse = -torch.log((-torch.expm1(tables * torch.log1p(-per_table))).clamp_min(tiny))
+        inverse = inverse_log_probability(products, norms, bits, store.codes.shape[2])
         logits = logits + torch.where(exact, 0.0, inverse)
     logits = logits.masked_fill(~taken, float("-inf"))
     top = logits.amax(-1, keepdim=True) if most else logits.new_full((B, H, T, 1), float("-inf"))

@@ -632,13 +632,19 @@ class ImportanceWeights(NamedTuple):
         """`(P, c, c)` ``−log P(collide | θ)`` of block pairs from their products ``q·k``
         `(P, c, c)` and flat indices `(P, c)`: 0 at θ = 0, at most ``−log tiny`` (a pair at θ = π
         cannot collide unless rounding lets it)."""
-        tiny = torch.finfo(products.dtype).tiny
         norms = self.q_norms[q_index][:, :, None] * self.k_norms[k_index][:, None, :]
-        cosine = (products.detach() / norms.clamp_min(tiny)).clamp_(-1, 1)
-        per_table = (1 - torch.acos(cosine) / math.pi) ** self.num_bits
-        # 1 − (1 − p)^L, accurate for small p
-        collide = -torch.expm1(self.num_hashes * torch.log1p(-per_table))
-        return -torch.log(collide.clamp_min(tiny))
+        return inverse_log_probability(products.detach(), norms, self.num_bits, self.num_hashes)
+
+
+def inverse_log_probability(products: Tensor, norms: Tensor, num_bits: int, num_hashes: int) -> Tensor:
+    """``−log P(collide | θ)`` of pairs from their products ``q·k`` and norm products ``‖q‖‖k‖``
+    (same shape): P = 1 − (1 − (1 − θ/π)^num_bits)^num_hashes, by expm1/log1p (accurate for small
+    P), at most ``−log tiny``. Importance-weighted SimHash's log-weight, in the prefill and in
+    decoding (``lshattn.decode``)."""
+    tiny = torch.finfo(products.dtype).tiny
+    cosine = (products / norms.clamp_min(tiny)).clamp(-1, 1)
+    per_table = (1 - torch.acos(cosine) / math.pi) ** num_bits
+    return -torch.log((-torch.expm1(num_hashes * torch.log1p(-per_table))).clamp_min(tiny))
 
 
 def _scores(
