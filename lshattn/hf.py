@@ -89,6 +89,7 @@ import functools
 import hashlib
 import inspect
 import numbers
+import time
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -176,11 +177,14 @@ class Tally:
         pairs: real queries times real keys, summed likewise: the denominator of the budget, as
             ``cost().budget`` divides by T·S (causal or not).
         calls: attention calls counted (one per layer per forward).
+        seconds: wall time spent inside those calls (the attention function alone, from the
+            projected q, k, v to its output), for timing attention apart from the rest of a model.
     """
 
     dot_products: int = 0
     pairs: int = 0
     calls: int = 0
+    seconds: float = 0.0
 
     @property
     def budget(self) -> float:
@@ -568,7 +572,28 @@ def _attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """Attention function registered as ``"lshattn"``: dispatches to the layer's method.
+    """Attention function registered as ``"lshattn"``: ``_dispatch``, timed into the ``Tally`` of
+    an active ``count``."""
+    state: _LayerState | None = module.__dict__.get(_STATE)
+    if state is None or state.tally is None:
+        return _dispatch(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    start = time.perf_counter()
+    out = _dispatch(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    state.tally.seconds += time.perf_counter() - start
+    return out
+
+
+def _dispatch(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The attention of one call: dispatches to the layer's method.
 
     Args:
         module: the calling attention module (holds the method ``use`` gave it).
