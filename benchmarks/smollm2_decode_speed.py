@@ -1,5 +1,6 @@
 """Time per decoding step of SmolLM2-135M at long contexts: exact attention (SDPA over the cache)
-against SimHash decoding through its store of key codes (issue 14).
+against SimHash and YOSO decoding through their stores (issue 14); attention time apart
+(``hf.count``'s ``seconds``).
 
 The prompt (gensim's Wikipedia articles) is prefilled once with exact attention; each method then
 decodes ``--steps`` tokens after it, teacher-forced, from a copy of that cache. SimHash's first
@@ -28,6 +29,8 @@ METHODS = {
     "SimHash sparse 32 × 8 + 4 sinks + 64 window": lshattn.SimHash(
         num_hashes=32, num_bits=8, mode="sparse", sinks=4, window=64
     ),
+    "YOSO 32 × 8 + 4 sinks + 64 window": lshattn.YOSO(num_hashes=32, num_bits=8, sinks=4, window=64),
+    "YOSO 16 × 8": lshattn.YOSO(num_hashes=16, num_bits=8),
 }
 
 
@@ -39,22 +42,27 @@ def main() -> None:
     tokenizer, model = data.load_smollm2()
     text = "\n\n".join(body for _, body in data.wikipedia())
     ids = tokenizer(text, return_tensors="pt").input_ids
-    print("| context | method | first step (ms) | ms per step (median) | scored (decoding) |\n|---|---|---|---|---|")
+    print(
+        "| context | method | first step (ms) | ms per step (median) | attention ms per step (median) | "
+        "scored (decoding) |\n|---|---|---|---|---|---|"
+    )
     for context in args.context:
         hf.use(model, lshattn.Dense())
         with torch.no_grad():
             prefill = model(input_ids=ids[:, :context], use_cache=True).past_key_values
         for name, method in METHODS.items():
             hf.use(model, method)
-            cache, times = copy.deepcopy(prefill), []
+            cache, times, attention = copy.deepcopy(prefill), [], []
             with torch.no_grad(), hf.count(model) as tally:
                 for t in range(context, context + args.steps + 1):
-                    start = time.perf_counter()
+                    start, inside = time.perf_counter(), tally.seconds
                     out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
                     times.append(time.perf_counter() - start)
+                    attention.append(tally.seconds - inside)
                     cache = out.past_key_values
             print(
                 f"| {context} | {name} | {times[0] * 1e3:.0f} | {statistics.median(times[1:]) * 1e3:.0f} | "
+                f"{statistics.median(attention[1:]) * 1e3:.1f} | "
                 f"{tally.budget:.1%} |",
                 flush=True,
             )

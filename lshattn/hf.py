@@ -26,18 +26,18 @@ once per forward). This module registers one name, ``"lshattn"``, in both:
 Decisions a user should know:
 
 * **Grouped-query attention** (Llama with fewer K/V heads): in the prefill, K and V are repeated
-  per query head (``repeat_interleave``) before the method runs (SimHash's decoding steps read
-  them per key head instead). Each query head hashes and sorts the keys with
+  per query head (``repeat_interleave``) before the method runs (decoding steps read them
+  per key head instead). Each query head hashes and sorts the keys with
   its own projections, so the methods hold a per-query-head sorted copy of K and V anyway;
   skipping the repeat would not lower their peak memory. Folding the G query heads of a group
   into the query length would change the method (queries of different heads would share
   clusters or buckets, and causal masks and SMYRF's cluster counts break), so it is not done.
 * **Cached decoding** (causal, fewer queries than keys, e.g. ``generate`` after the prompt):
-  ``SimHash`` decodes through a store of the cached keys' codes in each layer
-  (``lshattn.decode``: only the new keys are hashed; teacher-forced decoding equals the causal
-  prefill, sinks and window included). Every other method runs exact attention over the cache
-  (transformers' sdpa path with its own mask): Reformer's and SMYRF's causal patterns depend on
-  the sort of the whole sequence, and YOSO's decoding tables are not built yet.
+  ``SimHash`` and ``YOSO`` decode through a store in each layer (``lshattn.decode``: the codes
+  of the cached keys, and YOSO's bucket tables of their values; only the new keys are hashed;
+  teacher-forced decoding equals the causal prefill, sinks and window included). Every other
+  method runs exact attention over the cache (transformers' sdpa path with its own mask):
+  Reformer's and SMYRF's causal patterns depend on the sort of the whole sequence.
 * **Reproducible by default**: hash projections come from a ``torch.Generator`` seeded by
   ``(seed, layer index)``. In eval every forward draws the same projections, so two forwards
   give identical outputs, in this process or after ``save_pretrained`` and re-applying.
@@ -634,8 +634,8 @@ def _dispatch(
             # the last T positions of the S keys.
             behind = torch.arange(S, device=query.device) <= torch.arange(S - T, S, device=query.device)[:, None]
             attention_mask = attention_mask[:, None, None, :] & behind
-        if decoding and isinstance(method, SimHash):  # through the layer's store of key codes
-            return _decode_simhash(module, state, method, query, key, value, attention_mask, scaling), None
+        if decoding and decode.decodes(method):  # through the layer's store (lshattn.decode)
+            return _decode(module, state, method, query, key, value, attention_mask, scaling), None
         # A cached decoding step of another method (or a caller's own 4-D mask on an exact
         # layer): transformers' exact sdpa attention, with the mask transformers built.
         if state is not None and state.tally is not None:
@@ -679,28 +679,28 @@ def _dispatch(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decode_simhash(
-    module: torch.nn.Module, state: _LayerState, method: SimHash, query: Tensor, key: Tensor, value: Tensor,
+def _decode(
+    module: torch.nn.Module, state: _LayerState, method: Method, query: Tensor, key: Tensor, value: Tensor,
     attention_mask: Tensor | None, scaling: float | None,
 ) -> Tensor:  # fmt: skip
-    """A cached decoding step of ``SimHash``: the T new queries against the layer's stored key
-    codes, extended by the new keys (``lshattn.decode``). Returns `(B, T, H, Dv)`."""
+    """A cached decoding step through the layer's store (``lshattn.decode``): the T new queries
+    against every cached key, the store extended by the new keys. Returns `(B, T, H, Dv)`."""
     B, H, T = query.shape[:3]
     S = key.shape[2]
-    groups = H // key.shape[1]  # GQA: K and V are read per key head, never repeated
-    state.store = decode.store_for(state.store, method, key, T, state.generator(module.training), groups)
     if attention_mask is None:  # query t is position S − T + t
         visible = (torch.arange(S, device=query.device) <= torch.arange(S - T, S, device=query.device)[:, None])
         visible = visible.expand(B, 1, T, S)
     else:
         visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out, scored = decode.simhash_decode(method, state.store, query, key, value, visible, scale)
+    # GQA: K and V are read per key head, never repeated
+    result = decode.step(state.store, method, query, key, value, visible, scale, state.generator(module.training))
+    state.store = result.store
     if state.tally is not None:
-        state.tally.dot_products += scored
+        state.tally.dot_products += result.scored
         state.tally.pairs += _real_pairs(B, H, T, S, visible[:, 0, -1, :], None)
         state.tally.calls += 1
-    return out.transpose(1, 2).contiguous()
+    return result.out.transpose(1, 2).contiguous()
 
 
 def _count_exact(tally: Tally, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> None:

@@ -53,6 +53,9 @@ SETTINGS = {
     "importance-sinks-window": lshattn.SimHash(num_hashes=2, num_bits=4, mode="importance", sinks=1, window=2),
     "faithful-sinks": lshattn.SimHash(num_hashes=1, num_bits=3, sinks=2),
     "faithful-window": lshattn.SimHash(num_hashes=1, num_bits=3, window=4),
+    "yoso-tables": lshattn.YOSO(num_hashes=4, num_bits=2),  # 4 buckets, 9 cached keys: tables
+    "yoso-codes": lshattn.YOSO(num_hashes=3, num_bits=6),  # 64 buckets: codes compared
+    "yoso-unnormalised-sinks-window": lshattn.YOSO(num_hashes=4, num_bits=3, normalize_output=False, sinks=2, window=3),
 }
 
 
@@ -81,6 +84,40 @@ def test_every_code_colliding_decodes_as_exact_attention(mode):
         exact = model(input_ids=ids, attention_mask=mask).logits
     hf.use(model, lshattn.SimHash(num_hashes=2, num_bits=0, mode=mode))
     torch.testing.assert_close(decoded_logits(model, ids, mask, 9), exact[:, 9:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_yoso_window_over_everything_decodes_as_yoso_e():
+    """YOSO's covered pairs take the exact kernel: a window over every key decodes as YOSO-E, the
+    expectation YOSO-m samples (its exact limit)."""
+    model = tiny_llama()
+    ids, mask = prompt()
+    hf.use(model, lshattn.YOSO(num_hashes=2, num_bits=3, expectation=True))
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    hf.use(model, lshattn.YOSO(num_hashes=2, num_bits=3, sinks=1, window=20))
+    torch.testing.assert_close(decoded_logits(model, ids, mask, 9), expected[:, 9:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method", [lshattn.YOSO(num_hashes=4, num_bits=2, sinks=1), lshattn.YOSO(num_hashes=2, num_bits=8)]
+)
+def test_yoso_generates_with_its_tables(method):
+    """``generate`` with YOSO: each layer keeps bucket tables (or codes) that grow one key a step;
+    only the sinks' pairs are scored."""
+    model = tiny_llama()
+    ids, mask = prompt()
+    hf.use(model, method)
+    with torch.no_grad(), hf.count(model) as tally:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 14 + 4)
+    store = model.model.layers[0].self_attn.__dict__["_lshattn_state"].store
+    assert isinstance(store, lshattn.decode.YOSOStore)
+    assert store.length == 14 + 3  # the prompt and 3 generated tokens (the 4th is not fed back)
+    assert (store.tables is None) == (2**method.num_bits > 14)
+    layers, B, H = 2, 2, model.config.num_attention_heads
+    # the sink slots: every query of the prefill (padded ones included, as its cost counts), then
+    # the one real sink of each of the 3 decoding steps' queries
+    assert tally.dot_products == layers * B * H * method.sinks * (14 + 3)
 
 
 def test_generate_runs_and_counts_the_decode_budget():
@@ -128,13 +165,18 @@ st = hypothesis.strategies
 
 @st.composite
 def decode_cases(draw):
-    mode = draw(st.sampled_from(["faithful", "sparse", "importance"]))
-    rule = draw(st.sampled_from(["any", "all"]))
-    num_hashes = draw(st.integers(1, 4))
-    num_bits = draw(st.integers(0, 6 if rule == "any" else 6 // num_hashes))
     sinks = draw(st.integers(0, 3))
     window = draw(st.one_of(st.none(), st.integers(0, 5)))
-    method = lshattn.SimHash(num_hashes, num_bits, rule, mode, sinks=sinks, window=window)
+    if draw(st.booleans()):
+        mode = draw(st.sampled_from(["faithful", "sparse", "importance"]))
+        rule = draw(st.sampled_from(["any", "all"]))
+        num_hashes = draw(st.integers(1, 4))
+        num_bits = draw(st.integers(0, 6 if rule == "any" else 6 // num_hashes))
+        method = lshattn.SimHash(num_hashes, num_bits, rule, mode, sinks=sinks, window=window)
+    else:  # 2^τ up to 256 buckets: tables (fewer buckets than cached keys) and compared codes
+        num_hashes, num_bits = draw(st.integers(1, 6)), draw(st.integers(1, 8))
+        normalize = draw(st.booleans())
+        method = lshattn.YOSO(num_hashes, num_bits, normalize_output=normalize, sinks=sinks, window=window)
     B, H, L, D = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(2, 20)), draw(st.integers(1, 8))
     prompt_length = draw(st.integers(1, L - 1))
     padding = [draw(st.integers(0, L - 1)) for _ in range(B)]  # left padding of each sequence
@@ -145,7 +187,7 @@ def decode_cases(draw):
 
 @hypothesis.given(decode_cases())
 def test_decoding_step_by_step_equals_the_causal_prefill(case):
-    """``lshattn.decode`` over random SimHash settings, sizes, GQA groups, left paddings and dtypes:
+    """``lshattn.decode`` over random SimHash and YOSO settings, sizes, GQA groups, left paddings and dtypes:
     a prompt hashed into the store, then one query at a time against the keys so far (read per key
     head), equals the causal prefill of the whole sequence on repeated keys with the same
     generator, at every real query."""
@@ -158,14 +200,11 @@ def test_decoding_step_by_step_equals_the_causal_prefill(case):
     mask = torch.arange(L)[None, :] >= torch.tensor(padding)[:, None]  # (B, L), real suffixes
     full = method(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), key_padding_mask=mask,
                   query_padding_mask=mask, causal=True, generator=torch.Generator().manual_seed(7))  # fmt: skip
-    store = decode.store_for(
-        None, method, k[:, :, :prompt_length], prompt_length, torch.Generator().manual_seed(7), groups
-    )
+    store = None
     for t in range(prompt_length, L):
-        store = decode.store_for(store, method, k[:, :, : t + 1], 1, torch.Generator().manual_seed(7), groups)
         visible = mask[:, None, None, : t + 1]
-        out, _ = decode.simhash_decode(method, store, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
-                                       D**-0.5)  # fmt: skip
+        out, store, _ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+                                    D**-0.5, torch.Generator().manual_seed(7))  # fmt: skip
         real = mask[:, t]
         tol = 1e-9 if dtype == torch.float64 else 2e-5
         torch.testing.assert_close(out[real, :, 0], full[real, :, t], atol=tol, rtol=tol)
