@@ -39,12 +39,13 @@ from torch import Tensor
 
 from lshattn.api import Method
 from lshattn.blocks import compute_dtype
-from lshattn.hashing import draw_normal, simhash_codes
-from lshattn.methods import YOSO, SimHash
+from lshattn.hashing import angular_buckets, angular_factors, draw_normal, e2lsh_projection, simhash_codes
+from lshattn.methods import SMYRF, YOSO, Local, RandomClusters, Reformer, SimHash, TopK
 from lshattn.methods.simhash import inverse_log_probability
+from lshattn.methods.topk import ranking_scores, selection_weights, top_keys
 from lshattn.methods.yoso import angle
 
-__all__ = ["TABLE_ADD_ROWS", "SimHashStore", "Step", "YOSOStore", "decodes", "step"]
+__all__ = ["TABLE_ADD_ROWS", "RoundsStore", "SimHashStore", "Step", "Store", "YOSOStore", "decodes", "step"]
 
 # Up to this many (key, hash) rows are added to YOSO's tables in one call (a copy of their values
 # per hash); more, as when a whole prompt is stored, one hash at a time.
@@ -126,18 +127,21 @@ class Step(NamedTuple):
     store it was given in place (its buffers and tables): decode on from the returned one."""
 
     out: Tensor
-    store: SimHashStore | YOSOStore
+    store: Store | None
     scored: int
 
 
 def decodes(method: Method | None) -> bool:
-    """Whether ``method`` decodes through a store (else a cached step runs exact attention)."""
-    return isinstance(method, SimHash) or (isinstance(method, YOSO) and not method.expectation)
+    """Whether ``method`` has a decoding step here (``lshattn.hf`` runs exact attention over the
+    cache for those that do not: ``Dense``, YOSO-E, the ``RandomClusters`` control)."""
+    if type(method) is RandomClusters or (isinstance(method, YOSO) and method.expectation):
+        return False
+    return isinstance(method, (SimHash, YOSO, Reformer, SMYRF, TopK, Local))
 
 
 def step(
-    store: SimHashStore | YOSOStore | None, method: SimHash | YOSO, q: Tensor, k: Tensor, v: Tensor, visible: Tensor,
-    scale: float, generator: torch.Generator | None,
+    store: Store | None, method: Method, q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float,
+    generator: torch.Generator | None,
 ) -> Step:  # fmt: skip
     """``method``'s attention of the T new queries over all S keys, the last T of them new.
 
@@ -162,21 +166,32 @@ def step(
             f"this layer's decoding store was filled by {store.method}, not {method}: a cache must be decoded "
             f"with the method that filled it; start a new generation (a new prompt) after lshattn.hf.use"
         )
+    if not decodes(method):
+        raise ValueError(f"{method} has no decoding step (lshattn.decode.decodes); use exact attention")
+    if isinstance(method, Reformer) and method.shared_qk:
+        raise ValueError(
+            "Reformer(shared_qk=True) cannot decode through a cache: the cache holds the key projection's "
+            "outputs, while shared-QK attention uses the queries as keys. Generate with use_cache=False (every "
+            "step a full forward), or use Reformer(shared_qk=False)"
+        )
     if isinstance(method, SimHash):
         return _simhash_step(store, method, q, k, v, visible, scale, generator)
-    if decodes(method):
+    if isinstance(method, YOSO):
         return _yoso_step(store, method, q, k, v, visible, generator)
-    raise ValueError(f"{method} does not decode through a store (lshattn.decode.decodes); use exact attention")
+    if isinstance(method, (Reformer, SMYRF)):
+        return _rounds_step(store, method, q, k, v, visible, scale, generator)
+    return Step(*_selection_step(method, q, k, v, visible, scale))
 
 
-def _continues(store: SimHashStore | YOSOStore | None, keys: Tensor, new: int, H: int) -> bool:
+def _continues(store: Store | None, keys: Tensor, new: int, H: int) -> bool:
     """Whether ``store`` holds exactly the keys of `(B, H_kv, S, D)` ``keys`` before the last ``new``."""
     cached = keys.shape[2] - new
     return (
         store is not None
         and store.length == cached
         and cached > 0
-        and store.codes.shape[:2] == (keys.shape[0], H)
+        and store.last_key.shape[0] == keys.shape[0]
+        and store.planes.shape[0] == H
         and torch.equal(store.last_key, keys[:, :, cached - 1])
     )
 
@@ -426,3 +441,197 @@ def _yoso_local_correction(
     kernel = (1 - theta / math.pi) ** method.num_bits
     weight = kernel - hits / m
     return torch.where(valid[..., None], weight[..., None] * picked, 0.0).sum(-2)
+
+
+# --- Reformer and SMYRF: rounds of buckets or clusters -----------------------------------------
+
+
+@dataclasses.dataclass
+class RoundsStore:
+    """What Reformer's or SMYRF's rounds know of a layer's cached keys.
+
+    Attributes:
+        method: the Reformer or SMYRF setting.
+        planes: Reformer's rotations `(H, D, R, Σ factors / 2)`, or SMYRF's directions `(H, R, D + 2)`.
+        buffer: `(B, H, R, capacity)`: each cached key's bucket in each round (Reformer), or its
+            projection on the direction without XBOX+'s extra coordinate, ``k·d`` (SMYRF), in its
+            first ``length`` slots.
+        squares: `(B, H, capacity)` SMYRF's ‖k‖² of each cached key (XBOX+); empty for Reformer.
+        largest_query, largest_key: `(B, H)` SMYRF's largest ‖q‖² and ‖k‖² over the real tokens
+            seen, whose sum is XBOX+'s M² (the prompt's queries are not in the cache: queries
+            count from the first decoding step on); zeros for Reformer.
+        length: S, the keys stored.
+        last_key: `(B, H_kv, D)` the last cached key.
+    """
+
+    method: Reformer | SMYRF
+    planes: Tensor
+    buffer: Tensor
+    squares: Tensor
+    largest_query: Tensor
+    largest_key: Tensor
+    length: int
+    last_key: Tensor
+
+
+def _round_values(method: Reformer | SMYRF, planes: Tensor, x: Tensor) -> Tensor:
+    """`(B, H, R, L)`: Reformer's buckets of `(B, H, L, D)` ``x``, or SMYRF's ``x·d`` (no extra coordinate)."""
+    with torch.no_grad():
+        if isinstance(method, Reformer):
+            return angular_buckets(x, planes, angular_factors(method.num_buckets))
+        return e2lsh_projection(x, planes[..., : x.shape[-1]])
+
+
+def _rounds_store(
+    store: RoundsStore | None, method: Reformer | SMYRF, k: Tensor, new: int, real: Tensor,
+    generator: torch.Generator | None, groups: int,
+) -> RoundsStore:  # fmt: skip
+    """The store of all S keys of `(B, H_kv, S, D)` ``k``: ``store`` grown by the last ``new``
+    when it holds the others, else built afresh from all of them."""
+    B, H_kv, S, D = k.shape
+    H, cached = H_kv * groups, S - new
+    if not _continues(store, k, new, H):
+        if isinstance(method, Reformer):
+            planes = draw_normal(
+                (H, D, method.num_hashes, sum(angular_factors(method.num_buckets)) // 2), generator, k.device
+            )
+        else:
+            planes = draw_normal((H, method.num_hashes, D + 2), generator, k.device)
+        dtype = compute_dtype(k.dtype)
+        values_dtype = torch.long if isinstance(method, Reformer) else dtype
+        store = RoundsStore(
+            method, planes, k.new_zeros(B, H, method.num_hashes, 0, dtype=values_dtype), k.new_zeros(B, H, 0, dtype=dtype),
+            k.new_zeros(B, H, dtype=dtype), k.new_zeros(B, H, dtype=dtype), 0, k[:, :, 0],
+        )  # fmt: skip
+        cached = 0
+    keys = _per_query_head(k[:, :, cached:], groups)
+    store.buffer = _appended(store.buffer, cached, _round_values(method, store.planes, keys).to(store.buffer.dtype), -1)
+    if isinstance(method, SMYRF):
+        squares = keys.to(store.squares.dtype).pow(2).sum(-1)  # (B, H, new)
+        store.squares = _appended(store.squares, cached, squares, -1)
+        seen = torch.where(real[:, None, cached:], squares, 0.0)
+        store.largest_key = torch.maximum(store.largest_key, seen.amax(-1)) if seen.shape[-1] else store.largest_key
+    store.length, store.last_key = S, k[:, :, -1].clone()
+    return store
+
+
+def _rounds_step(
+    store: RoundsStore | None, method: Reformer | SMYRF, q: Tensor, k: Tensor, v: Tensor, visible: Tensor,
+    scale: float, generator: torch.Generator | None,
+) -> Step:  # fmt: skip
+    """Each round, a new query attends the visible keys of its bucket (Reformer: all of them, not
+    a chunk of the sorted sequence) or the ``k_cluster_size`` visible keys nearest to it in the
+    round's projection (SMYRF: the cluster it would sort into), its own key once per round
+    (as the causal prefill), the covered keys as found by every round (``sinks``, ``window``).
+    The rounds merge as the prefill merges them: a key found by n rounds enters the softmax n
+    times (once with ``correct_duplicates``).
+
+    This is not the causal prefill: there a query's bucket is cut into chunks, and its cluster
+    drawn, by the sort of the whole sequence, later tokens included, which a decoding step
+    cannot know. ``docs/longctx.md`` measures how far the two are apart."""
+    H, T = q.shape[1:3]
+    S = k.shape[2]
+    groups, cached, R = H // k.shape[1], S - T, method.num_hashes
+    real = visible[:, 0, -1, :]
+    store = _rounds_store(store, method, k, T, real, generator, groups)
+    keys = store.buffer[..., :S]  # (B, H, R, S)
+    own = torch.zeros_like(visible)
+    own[..., cached:] = torch.eye(T, dtype=torch.bool, device=q.device)  # query t's own position
+    others = (visible & ~own)[:, :, None]  # (B, 1 or H, 1, T, S): the keys before it
+    if isinstance(method, Reformer):
+        found = (_round_values(method, store.planes, q)[..., None] == keys[..., None, :]) & others  # (B, H, R, T, S)
+    else:
+        found = _nearest_keys(method, store, q, keys, others)
+    counted = 1 if method.correct_duplicates else R
+    times = found.sum(2)  # (B, H, T, S): in how many rounds each key was found
+    times = torch.where(_covered(visible, method.sinks, method.window) | own, counted, times)
+    if method.correct_duplicates:
+        times = times.clamp_max(1)
+    out, scored = _softmax_over(times, q, k, v, scale)
+    return Step(out, store, scored)
+
+
+def _nearest_keys(method: SMYRF, store: RoundsStore, q: Tensor, keys: Tensor, others: Tensor) -> Tensor:
+    """`(B, H, R, T, S)` bool: per round, the ``k_cluster_size`` keys among ``others`` nearest to
+    each query in XBOX+ projection, M² the largest squared norms seen so far."""
+    D = q.shape[-1]
+    with torch.no_grad():
+        squares = q.to(keys.dtype).pow(2).sum(-1)  # (B, H, T)
+        store.largest_query = torch.maximum(store.largest_query, squares.amax(-1))
+        total = (store.largest_query + store.largest_key)[..., None, None]  # (B, H, 1, 1): M²
+        key_extra = (total - store.squares[:, :, None, : keys.shape[-1]]).clamp_min(0).sqrt()
+        keys = keys + key_extra * store.planes[None, :, :, D, None]  # (B, H, R, S): K(k)·d
+        query_extra = (total - squares[:, :, None, :]).clamp_min(0).sqrt()  # (B, H, 1, T)
+        queries = (
+            _round_values(method, store.planes, q.to(keys.dtype)) + query_extra * store.planes[None, :, :, D + 1, None]
+        )
+        distance = (keys[..., None, :] - queries[..., None]).abs().masked_fill(~others, float("inf"))  # (B, H, R, T, S)
+        size = min(method.k_cluster_size, distance.shape[-1])
+        nearest = torch.topk(distance, size, dim=-1, largest=False)
+        found = torch.zeros_like(distance, dtype=torch.bool)
+        return found.scatter_(-1, nearest.indices, torch.isfinite(nearest.values))
+
+
+def _softmax_over(times: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, int]:
+    """Softmax over the keys with ``times`` > 0, each entering that many times (logit + log
+    times): `(B, H, T, Dv)` in q's dtype (zeros for a query with none) and the keys scored.
+
+    Args:
+        times: `(B, H, T, S)` integers; q: `(B, H, T, D)`; k, v: `(B, H_kv, S, ·)` (GQA).
+    """
+    B, H, T, D = q.shape
+    S, Dv = k.shape[2], v.shape[-1]
+    index, taken, count = _listed(times > 0)  # (B, H, T, C)
+    dtype = compute_dtype(q.dtype)
+    rows = _flat_rows(index, B, H, H // k.shape[1], S)
+    keys = k.to(dtype).reshape(-1, D).index_select(0, rows).view(B, H, T, -1, D)
+    values = v.to(dtype).reshape(-1, Dv).index_select(0, rows).view(B, H, T, -1, Dv)
+    logits = (q.to(dtype)[..., None, :] * keys).sum(-1) * scale + torch.gather(times, 3, index).to(dtype).log()
+    logits = logits.masked_fill(~taken, float("-inf"))
+    top = logits.amax(-1, keepdim=True) if logits.shape[-1] else logits.new_zeros(B, H, T, 1)
+    weights = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))
+    out = (weights[..., None] * values).sum(-2) / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    return out.to(q.dtype), int(count.sum())
+
+
+# --- TopK and Local: selections without hashing --------------------------------------------------
+
+
+def _selection_step(method: TopK | Local, q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float) -> tuple:
+    """The oracle's and the locality baseline's step, as their causal prefill: ``TopK`` scores
+    every visible key (it is the ceiling, O(S) a query like exact attention) and keeps the
+    covered keys and the top ``fraction`` of the others; ``Local`` attends the covered keys
+    (``tail``: and the others as one mean-field entry, from their sums, O(S·D) a query)."""
+    B, H, T, D = q.shape
+    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups = H // H_kv
+    dtype = compute_dtype(q.dtype)
+    covered = _covered(visible, method.sinks, method.window).expand(B, H, T, S)
+    if isinstance(method, Local) and not method.tail:
+        out, scored = _softmax_over(covered.long(), q, k, v, scale)
+        return out, None, scored
+    per_kv_head = q.to(dtype).reshape(B, H_kv, groups * T, D)  # query heads of a group, one after another
+    scores = (per_kv_head @ k.to(dtype).transpose(-1, -2)).view(B, H, T, S) * scale
+    if isinstance(method, TopK):
+        ranking = ranking_scores(per_kv_head, k, scale).view(B, H, T, S)
+        selected = top_keys(ranking, visible & ~covered, method.fraction) | covered
+        weights = selection_weights(scores, selected, visible, tail=method.tail)
+        scored = int(visible.sum()) * (H // visible.shape[1])  # every visible key, to choose
+    else:  # Local(tail=True): the covered keys and one entry for the rest, at log n + scale·q·mean(k)
+        rest = (visible & ~covered).to(dtype)  # (B, H, T, S)
+        n = rest.sum(-1, keepdim=True)
+        mean_key = (rest.view(B, H_kv, groups * T, S) @ k.to(dtype)).view(B, H, T, D) / n.clamp_min(1)
+        tail_logit = torch.where(
+            n > 0.5, n.clamp_min(1).log() + (q.to(dtype) * mean_key).sum(-1, keepdim=True) * scale, float("-inf")
+        )
+        logits = torch.cat([scores.masked_fill(~covered, float("-inf")), tail_logit], dim=-1)
+        top = logits.amax(-1, keepdim=True)
+        probabilities = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))
+        probabilities = probabilities / probabilities.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        weights = probabilities[..., :S] + probabilities[..., S:] * rest / n.clamp_min(1)  # the tail: mean value
+        scored = int(covered.sum()) + B * H * T
+    out = (weights.view(B, H_kv, groups * T, S) @ v.to(dtype)).view(B, H, T, Dv)
+    return out.to(q.dtype), None, scored
+
+
+Store = SimHashStore | YOSOStore | RoundsStore

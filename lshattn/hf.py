@@ -33,11 +33,15 @@ Decisions a user should know:
   into the query length would change the method (queries of different heads would share
   clusters or buckets, and causal masks and SMYRF's cluster counts break), so it is not done.
 * **Cached decoding** (causal, fewer queries than keys, e.g. ``generate`` after the prompt):
-  ``SimHash`` and ``YOSO`` decode through a store in each layer (``lshattn.decode``: the codes
-  of the cached keys, and YOSO's bucket tables of their values; only the new keys are hashed;
-  teacher-forced decoding equals the causal prefill, sinks and window included). Every other
-  method runs exact attention over the cache (transformers' sdpa path with its own mask):
-  Reformer's and SMYRF's causal patterns depend on the sort of the whole sequence.
+  every method but ``Dense`` and YOSO-E runs its own decoding step (``lshattn.decode``), with a
+  store in each layer that grows with the cache: only the new keys are hashed. ``SimHash``,
+  ``YOSO`` (bucket tables of the cached values), ``TopK`` and ``Local`` are strictly causal, so
+  teacher-forced decoding equals their causal prefill, sinks and window included. ``Reformer``
+  and ``SMYRF`` attend the new query's bucket, or the keys nearest it in projection, in each
+  round: their causal prefill depends on the sort of the whole sequence, which decoding cannot
+  know, so the two differ (measured in docs/longctx.md). ``Reformer(shared_qk=True)`` cannot
+  decode through a cache (it holds keys, not queries): generate with ``use_cache=False``.
+  ``Dense`` runs transformers' sdpa over the cache with its own mask.
 * **Reproducible by default**: hash projections come from a ``torch.Generator`` seeded by
   ``(seed, layer index)``. In eval every forward draws the same projections, so two forwards
   give identical outputs, in this process or after ``save_pretrained`` and re-applying.

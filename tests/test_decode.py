@@ -3,6 +3,8 @@ the new keys, and teacher-forced decoding equals the causal prefill (DESIGN §4,
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -56,6 +58,10 @@ SETTINGS = {
     "yoso-tables": lshattn.YOSO(num_hashes=4, num_bits=2),  # 4 buckets, 9 cached keys: tables
     "yoso-codes": lshattn.YOSO(num_hashes=3, num_bits=6),  # 64 buckets: codes compared
     "yoso-unnormalised-sinks-window": lshattn.YOSO(num_hashes=4, num_bits=3, normalize_output=False, sinks=2, window=3),
+    "topk": lshattn.TopK(fraction=0.3),
+    "topk-tail-sinks-window": lshattn.TopK(fraction=0.2, tail=True, sinks=1, window=2),
+    "local": lshattn.Local(sinks=2, window=3),
+    "local-tail": lshattn.Local(sinks=1, window=2, tail=True),
 }
 
 
@@ -118,6 +124,69 @@ def test_yoso_generates_with_its_tables(method):
     # the sink slots: every query of the prefill (padded ones included, as its cost counts), then
     # the one real sink of each of the 3 decoding steps' queries
     assert tally.dot_products == layers * B * H * method.sinks * (14 + 3)
+
+
+EVERY_METHOD = [
+    lshattn.SimHash(num_hashes=2, num_bits=3),
+    lshattn.YOSO(num_hashes=4, num_bits=3, sinks=1, window=2),
+    lshattn.Reformer(num_hashes=2, bucket_size=4, num_buckets=4, shared_qk=False, sinks=1, window=2),
+    lshattn.Reformer(num_hashes=3, bucket_size=4, num_buckets=8, shared_qk=False, correct_duplicates=True),
+    lshattn.SMYRF(num_hashes=2, q_cluster_size=4, k_cluster_size=4, sinks=1, window=2),
+    lshattn.SMYRF(num_hashes=2, q_cluster_size=4, k_cluster_size=3, correct_duplicates=True),
+    lshattn.TopK(fraction=0.25, sinks=1),
+    lshattn.Local(sinks=2, window=3),
+]
+
+
+@pytest.mark.parametrize("method", EVERY_METHOD, ids=str)
+def test_every_method_generates_through_its_decoding_step(method):
+    """``generate`` with each method: every cached step runs the method's decoding step (counted
+    as fewer scores than the cached keys, but TopK's, which scores all to choose), never sdpa."""
+    model = tiny_llama()
+    ids, mask = prompt()
+    hf.use(model, method)
+    with torch.no_grad():
+        prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        with hf.count(model) as tally:
+            step = model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+                         cache=prefill.past_key_values, use_cache=True)  # fmt: skip
+    assert torch.isfinite(step.logits).all()
+    assert tally.calls == 2
+    expected = 1.0 if isinstance(method, lshattn.TopK) else None
+    assert tally.budget == expected if expected else 0 < tally.budget < 1
+    assert lshattn.decode.decodes(method)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 14 + 3)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lshattn.Reformer(num_hashes=2, bucket_size=4, num_buckets=4, shared_qk=False, sinks=1, window=20),
+        lshattn.SMYRF(num_hashes=2, q_cluster_size=4, k_cluster_size=4, window=20),
+        lshattn.SMYRF(num_hashes=3, q_cluster_size=32, k_cluster_size=32),  # every key in the cluster
+        lshattn.SMYRF(num_hashes=3, q_cluster_size=32, k_cluster_size=32, correct_duplicates=True),
+        lshattn.TopK(fraction=1.0),
+        lshattn.Local(sinks=0, window=20),
+    ],
+    ids=str,
+)
+def test_reformer_smyrf_and_the_baselines_decode_as_exact_attention_when_they_cover_everything(method):
+    model = tiny_llama()
+    ids, mask = prompt()
+    with torch.no_grad():
+        exact = model(input_ids=ids, attention_mask=mask).logits
+    hf.use(model, method)
+    torch.testing.assert_close(decoded_logits(model, ids, mask, 9), exact[:, 9:], atol=1e-5, rtol=1e-5)
+
+
+def test_reformer_with_shared_qk_refuses_to_decode_through_a_cache():
+    model = tiny_llama()
+    ids, mask = prompt()
+    hf.use(model, lshattn.Reformer(num_hashes=1, bucket_size=4, num_buckets=4), allow_shared_qk=True)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        decoded_logits(model, ids, mask, 9)
 
 
 def test_generate_runs_and_counts_the_decode_budget():
@@ -208,3 +277,110 @@ def test_decoding_step_by_step_equals_the_causal_prefill(case):
         real = mask[:, t]
         tol = 1e-9 if dtype == torch.float64 else 2e-5
         torch.testing.assert_close(out[real, :, 0], full[real, :, t], atol=tol, rtol=tol)
+
+
+@st.composite
+def rounds_cases(draw):
+    sinks, window = draw(st.integers(0, 2)), draw(st.one_of(st.none(), st.integers(0, 3)))
+    rounds, duplicates = draw(st.integers(1, 3)), draw(st.booleans())
+    if draw(st.booleans()):
+        method = lshattn.Reformer(num_hashes=rounds, bucket_size=4, num_buckets=draw(st.sampled_from([2, 4, 8])),
+                                  shared_qk=False, correct_duplicates=duplicates, sinks=sinks, window=window)  # fmt: skip
+    else:
+        method = lshattn.SMYRF(num_hashes=rounds, q_cluster_size=4, k_cluster_size=draw(st.integers(1, 6)),
+                               correct_duplicates=duplicates, sinks=sinks, window=window)  # fmt: skip
+    B, H_kv, L, D = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(2, 12)), draw(st.integers(1, 6))
+    padding = [draw(st.integers(0, L - 1)) for _ in range(B)]
+    return (
+        method,
+        (B, H_kv, L, D),
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, L - 1)),
+        padding,
+        draw(st.integers(0, 2**16)),
+    )
+
+
+def rounds_brute_force(method, store, q, k, v, visible, scale, groups):
+    """A loop over batch, heads, rounds and keys: the keys each round finds for each query (its
+    bucket, or its cluster of the nearest keys in projection), its own key and the covered keys as
+    found by every round, a softmax in which a key found n times enters n times (once with
+    ``correct_duplicates``)."""
+    from lshattn.decode import _covered
+    from lshattn.hashing import angular_buckets, angular_factors
+
+    B, H, T, D = q.shape
+    S, R = k.shape[2], method.num_hashes
+    out = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64)
+    covered = _covered(visible, method.sinks, method.window)
+    for b in range(B):
+        for h in range(H):
+            kv = h // groups
+            for t in range(T):
+                position = S - T + t
+                times = [0] * S
+                for r in range(R):
+                    if isinstance(method, lshattn.Reformer):
+                        bucket = angular_buckets(
+                            q[b : b + 1, h : h + 1, t : t + 1],
+                            store.planes[h : h + 1],
+                            angular_factors(method.num_buckets),
+                        )
+                        found = [j for j in range(S) if store.buffer[b, h, r, j] == bucket[0, 0, r, 0]]
+                    else:
+                        total = store.largest_query[b, h] + store.largest_key[b, h]
+                        d = store.planes[h, r]
+                        keys_at = [
+                            float(
+                                k[b, kv, j].double() @ d[:D].double()
+                                + (total - store.squares[b, h, j]).clamp_min(0).sqrt() * d[D]
+                            )
+                            for j in range(S)
+                        ]
+                        query_at = float(
+                            q[b, h, t].double() @ d[:D].double()
+                            + (total - q[b, h, t].double().pow(2).sum()).clamp_min(0).sqrt() * d[D + 1]
+                        )
+                        candidates = sorted(
+                            (abs(keys_at[j] - query_at), j) for j in range(S) if visible[b, 0, t, j] and j != position
+                        )
+                        found = [j for _, j in candidates[: method.k_cluster_size]]
+                    for j in found:
+                        if visible[b, 0, t, j] and j != position:
+                            times[j] += 1
+                counted = 1 if method.correct_duplicates else R
+                for j in range(S):
+                    if covered[b, 0, t, j] or j == position:
+                        times[j] = counted
+                    if method.correct_duplicates:
+                        times[j] = min(times[j], 1)
+                entries = [j for j in range(S) if times[j]]
+                if not entries:
+                    continue
+                logits = torch.stack(
+                    [q[b, h, t].double() @ k[b, kv, j].double() * scale + math.log(times[j]) for j in entries]
+                )
+                out[b, h, t] = torch.softmax(logits, 0) @ v[b, kv, entries].double()
+    return out
+
+
+@hypothesis.given(rounds_cases())
+def test_reformer_and_smyrf_decoding_steps_match_a_brute_force_loop(case):
+    """Over random Reformer and SMYRF settings, GQA groups and left paddings, each decoding step
+    (the prompt stored at the first) equals the loop of ``rounds_brute_force``."""
+    from lshattn import decode
+
+    method, (B, H_kv, L, D), groups, prompt_length, padding, seed = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H_kv * groups, L, D, generator=g)
+    k, v = (torch.randn(B, H_kv, L, D, generator=g) for _ in range(2))
+    mask = torch.arange(L)[None, :] >= torch.tensor(padding)[:, None]
+    store = None
+    for t in range(prompt_length, L):
+        visible = (mask[:, None, None, : t + 1] & (torch.arange(t + 1) <= t)).clone()
+        out, store, _ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+                                    D**-0.5, torch.Generator().manual_seed(7))  # fmt: skip
+        expected = rounds_brute_force(method, store, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+                                      D**-0.5, groups)  # fmt: skip
+        real = mask[:, t]
+        torch.testing.assert_close(out[real].double(), expected[real], atol=2e-5, rtol=2e-5)
