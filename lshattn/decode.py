@@ -45,7 +45,17 @@ from lshattn.methods.simhash import inverse_log_probability
 from lshattn.methods.topk import ranking_scores, selection_weights, top_keys
 from lshattn.methods.yoso import angle
 
-__all__ = ["TABLE_ADD_ROWS", "RoundsStore", "SimHashStore", "Step", "Store", "YOSOStore", "decodes", "step"]
+__all__ = [
+    "TABLE_ADD_ROWS",
+    "RoundsStore",
+    "SimHashStore",
+    "Step",
+    "Store",
+    "YOSOStore",
+    "decodes",
+    "reordered",
+    "step",
+]
 
 # Up to this many (key, hash) rows are added to YOSO's tables in one call (a copy of their values
 # per hash); more, as when a whole prompt is stored, one hash at a time.
@@ -87,9 +97,9 @@ class YOSOStore:
         buffer: `(B, H, capacity, m)` the bucket of each cached key in each hash (int32, int64
             above 31 bits) in its first ``length`` slots (``codes``).
         length: S, the keys hashed.
-        tables: `(B·H·m·2^τ, Dv)`: row ``((b·H + h)·m + i)·2^τ + c`` sums the values of the real
-            cached keys of bucket c in hash i; None when 2^τ was above the keys (the codes are
-            compared instead).
+        tables: `(B, H·m·2^τ, Dv)`: row ``((b·H + h)·m + i)·2^τ + c`` of its flat view sums the
+            values of the real cached keys of bucket c in hash i; None when 2^τ was above the keys
+            (the codes are compared instead).
         last_key: `(B, H_kv, D)` the last cached key.
     """
 
@@ -129,6 +139,17 @@ class Step(NamedTuple):
     out: Tensor
     store: Store | None
     scored: int
+
+
+def reordered(store: Store, beam_idx: Tensor) -> Store:
+    """``store`` with its sequences in the order `(B,)` ``beam_idx`` gives (beam search reorders
+    the cache so; ``lshattn.hf`` reorders every layer's store with it)."""
+    changes = {
+        field.name: value.index_select(0, beam_idx.to(value.device))
+        for field in dataclasses.fields(store)
+        if field.name != "planes" and isinstance(value := getattr(store, field.name), Tensor)
+    }
+    return dataclasses.replace(store, **changes)
 
 
 def decodes(method: Method | None) -> bool:
@@ -324,20 +345,19 @@ def _table_rows(codes: Tensor, B: int, H: int, num_bits: int) -> Tensor:
     return head_hash * 2**num_bits + codes
 
 
-def _add_to_tables(tables: Tensor, codes: Tensor, values: Tensor, real: Tensor, num_bits: int) -> Tensor:
+def _add_to_tables(tables: Tensor, codes: Tensor, values: Tensor, real: Tensor, num_bits: int) -> None:
     """Add to ``tables`` (in place) the values `(B, H, L, Dv)` of the real (`(B, L)` bool) keys of
     `(B, H, L, m)` ``codes``, into their buckets; padded keys add nothing (NaN included)."""
     B, H, L, m = codes.shape
+    flat = tables.view(-1, tables.shape[-1])
     values = torch.where(real[:, None, :, None], values, 0.0)
     rows = _table_rows(codes, B, H, num_bits)
     if L * m <= TABLE_ADD_ROWS:  # a decoding step's few keys: one call
-        return tables.index_add_(
-            0, rows.reshape(-1), values[:, :, :, None].expand(B, H, L, m, -1).reshape(B * H * L * m, -1)
-        )
+        flat.index_add_(0, rows.reshape(-1), values[:, :, :, None].expand(B, H, L, m, -1).reshape(B * H * L * m, -1))
+        return
     values = values.reshape(B * H * L, -1)
     for hash_rows in rows.permute(3, 0, 1, 2).reshape(m, B * H * L):  # one pass per hash: no (L, m, Dv) copy
-        tables.index_add_(0, hash_rows, values)
-    return tables
+        flat.index_add_(0, hash_rows, values)
 
 
 def _yoso_store(
@@ -354,9 +374,9 @@ def _yoso_store(
     codes = _yoso_codes(planes, _per_query_head(k[:, :, :cached], groups), method.num_bits)
     tables = None
     if 2**method.num_bits <= max(cached, 1):
-        tables = v.new_zeros(B * H * method.num_hashes * 2**method.num_bits, Dv, dtype=compute_dtype(v.dtype))
+        tables = v.new_zeros(B, H * method.num_hashes * 2**method.num_bits, Dv, dtype=compute_dtype(v.dtype))
         values = _per_query_head(v[:, :, :cached], groups).to(tables.dtype)
-        tables = _add_to_tables(tables, codes, values, real[:, :cached], method.num_bits)
+        _add_to_tables(tables, codes, values, real[:, :cached], method.num_bits)
     return YOSOStore(method, planes, codes, cached, tables, k[:, :, max(cached - 1, 0)].clone())
 
 
@@ -387,7 +407,7 @@ def _yoso_step(
 
     if store.tables is not None:  # the cached keys, one table row per hash
         rows = _table_rows(q_codes, B, H, bits).reshape(B * H * T, m)
-        summed = F.embedding_bag(rows, store.tables, mode="sum").view(B, H, T, Dv)
+        summed = F.embedding_bag(rows, store.tables.view(-1, Dv), mode="sum").view(B, H, T, Dv)
     else:  # in how many hashes each query meets each cached key
         hits = (q_codes[:, :, :, None, :] == store.codes[:, :, None, :, :]).sum(-1).to(dtype)  # (B, H, T, cached)
         cached_values = torch.where(real[:, None, :cached, None], v[:, :, :cached].to(dtype), 0.0)

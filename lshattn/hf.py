@@ -94,6 +94,7 @@ import hashlib
 import inspect
 import numbers
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -299,6 +300,7 @@ def use(
         model.set_attn_implementation(_original_implementation(model))
         model.__dict__.pop(_ORIGINAL, None)
         model.__dict__.pop(_STEPS, None)
+        model.__dict__.pop("_reorder_cache", None)
         _MODELS.discard(model)
         _remove_step_registration(model)
         if hasattr(model.config, _RECORD):
@@ -311,6 +313,8 @@ def use(
     if steps is None:
         steps = model.__dict__[_STEPS] = _StepCounter()
     _register_for_steps(model)
+    # beam search reorders the cache through model._reorder_cache when a model has one
+    model.__dict__["_reorder_cache"] = types.MethodType(_reorder_cache, model)
     for layer in found:
         if per_layer_given:
             layer_method = given.get(layer.index)
@@ -692,7 +696,7 @@ def _decode(
     B, H, T = query.shape[:3]
     S = key.shape[2]
     if attention_mask is None:  # query t is position S − T + t
-        visible = (torch.arange(S, device=query.device) <= torch.arange(S - T, S, device=query.device)[:, None])
+        visible = torch.arange(S, device=query.device) <= torch.arange(S - T, S, device=query.device)[:, None]
         visible = visible.expand(B, 1, T, S)
     else:
         visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
@@ -705,6 +709,22 @@ def _decode(
         state.tally.pairs += _real_pairs(B, H, T, S, visible[:, 0, -1, :], None)
         state.tally.calls += 1
     return result.out.transpose(1, 2).contiguous()
+
+
+def _reorder_cache(model: PreTrainedModel, cache: Any, beam_idx: Tensor) -> Any:
+    """Beam search's reordering of the cache (``generate`` calls ``model._reorder_cache`` when the
+    model has one; ``use`` gives it this), applied to every layer's decoding store as well, so the
+    stores follow their sequences."""
+    own = getattr(type(model), "_reorder_cache", None)
+    if own is not None:
+        cache = own(model, cache, beam_idx)
+    else:
+        cache.reorder_cache(beam_idx)
+    for layer in attention_layers(model):
+        state = layer.module.__dict__.get(_STATE)
+        if state is not None and state.store is not None:
+            state.store = decode.reordered(state.store, beam_idx)
+    return cache
 
 
 def _count_exact(tally: Tally, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> None:
@@ -854,4 +874,3 @@ def _mix_seed(seed: int, index: int, step: int) -> int:
     """A 63-bit generator seed from (seed, layer, step), the same on every machine."""
     digest = hashlib.blake2b(f"lshattn:{seed}:{index}:{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-

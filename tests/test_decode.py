@@ -155,9 +155,11 @@ def test_every_method_generates_through_its_decoding_step(method):
     expected = 1.0 if isinstance(method, lshattn.TopK) else None
     assert tally.budget == expected if expected else 0 < tally.budget < 1
     assert lshattn.decode.decodes(method)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert out.shape == (2, 14 + 3)
+    for beams in (1, 2):  # greedy, and beam search (which reorders the cache and the stores)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=beams,
+                                 do_sample=False, pad_token_id=0)  # fmt: skip
+        assert out.shape == (2, 14 + 3)
 
 
 @pytest.mark.parametrize(
@@ -384,3 +386,25 @@ def test_reformer_and_smyrf_decoding_steps_match_a_brute_force_loop(case):
                                       D**-0.5, groups)  # fmt: skip
         real = mask[:, t]
         torch.testing.assert_close(out[real].double(), expected[real], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [m for m in EVERY_METHOD if not isinstance(m, (lshattn.Reformer, lshattn.SMYRF))]
+    + [lshattn.YOSO(num_hashes=3, num_bits=2), lshattn.SimHash(num_hashes=2, num_bits=2, mode="importance", window=2)],
+    ids=str,
+)
+def test_beam_search_reorders_the_stores_with_the_cache(method):
+    """Beam search reorders the cache between steps; the stores follow (``hf`` gives the model a
+    ``_reorder_cache``). For a strictly causal method, decoding through the cache then chooses
+    the beams that full forwards without a cache choose."""
+    model = tiny_llama()
+    ids, mask = prompt()
+    hf.use(model, method)
+    settings = {"max_new_tokens": 5, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **settings)
+    assert torch.equal(cached, uncached)
+    hf.use(model, None)
+    assert "_reorder_cache" not in model.__dict__
