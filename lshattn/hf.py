@@ -94,7 +94,6 @@ import hashlib
 import inspect
 import numbers
 import time
-import types
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -314,7 +313,8 @@ def use(
         steps = model.__dict__[_STEPS] = _StepCounter()
     _register_for_steps(model)
     # beam search reorders the cache through model._reorder_cache when a model has one
-    model.__dict__["_reorder_cache"] = types.MethodType(_reorder_cache, model)
+    # (a partial, not a bound method: it pickles and deep-copies with the model)
+    model.__dict__["_reorder_cache"] = functools.partial(_reorder_cache, model)
     for layer in found:
         if per_layer_given:
             layer_method = given.get(layer.index)
@@ -665,6 +665,8 @@ def _dispatch(
             )
         key = query  # the method normalises them; the model's key projection goes unused
     counting = state is not None and state.tally is not None
+    if state is not None:
+        state.store = None  # a forward over whole sequences (a new prompt): decoding starts afresh
     out = (method or Dense())(
         query,
         key,
