@@ -183,12 +183,15 @@ class Tally:
         calls: attention calls counted (one per layer per forward).
         seconds: wall time spent inside those calls (the attention function alone, from the
             projected q, k, v to its output), for timing attention apart from the rest of a model.
+        empty: (query, head) rows of cached decoding steps that attended no key (a budget that
+            leaves a query nothing: no sink, no window, no collision); their output is zeros.
     """
 
     dot_products: int = 0
     pairs: int = 0
     calls: int = 0
     seconds: float = 0.0
+    empty: int = 0
 
     @property
     def budget(self) -> float:
@@ -707,6 +710,7 @@ def _decode(
     result = decode.step(state.store, method, query, key, value, visible, scale, state.generator(module.training))
     state.store = result.store
     if state.tally is not None:
+        state.tally.empty += int((result.out == 0).all(-1).sum())
         state.tally.dot_products += result.scored
         state.tally.pairs += _real_pairs(B, H, T, S, visible[:, 0, -1, :], None)
         state.tally.calls += 1

@@ -203,6 +203,18 @@ def test_generate_runs_and_counts_the_decode_budget():
     assert 0 < tally.budget < 0.8
 
 
+def test_a_query_left_without_keys_gets_zeros_and_is_counted():
+    """Sparse SimHash with long codes and no sinks or window: most decoding queries collide with
+    nothing; their attention is zeros, never NaN, and ``hf.count`` counts them."""
+    model = tiny_llama()
+    ids, mask = prompt()
+    hf.use(model, lshattn.SimHash(num_hashes=1, num_bits=16, mode="sparse"))
+    with hf.count(model) as tally:
+        logits = decoded_logits(model, ids, mask, 9)
+    assert torch.isfinite(logits).all()
+    assert 0 < tally.empty <= 2 * 2 * 4 * 5  # layers · batch · heads · steps
+
+
 def test_a_new_prompt_or_a_reordered_cache_rehashes():
     """The store follows the cache it is given: a second generation with another prompt of the same
     length gives what a fresh model gives (no stale codes)."""
