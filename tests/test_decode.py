@@ -26,6 +26,17 @@ def tiny_llama() -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def tiny_gpt2() -> transformers.GPT2LMHeadModel:
+    """4 heads, 2 layers, learned positions, a per-layer logit scale."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                     scale_attn_by_inverse_layer_idx=True)  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
 def prompt(B: int = 2, L: int = 14) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(B, L, dtype=torch.long)
@@ -65,9 +76,10 @@ SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("name", SETTINGS)
-def test_teacher_forced_decoding_equals_the_causal_prefill(name):
-    model = tiny_llama()
+def test_teacher_forced_decoding_equals_the_causal_prefill(name, family):
+    model = MODELS[family]()
     hf.use(model, SETTINGS[name], seed=5)
     ids, mask = prompt()
     with torch.no_grad():
@@ -138,11 +150,12 @@ EVERY_METHOD = [
 ]
 
 
+@pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("method", EVERY_METHOD, ids=str)
-def test_every_method_generates_through_its_decoding_step(method):
+def test_every_method_generates_through_its_decoding_step(method, family):
     """``generate`` with each method: every cached step runs the method's decoding step (counted
     as fewer scores than the cached keys, but TopK's, which scores all to choose), never sdpa."""
-    model = tiny_llama()
+    model = MODELS[family]()
     ids, mask = prompt()
     hf.use(model, method)
     with torch.no_grad():

@@ -221,8 +221,9 @@ def test_lsh_setting_is_finite_differs_and_trains(name, setting):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_cached_generation_matches_eager(name):
-    """Greedy generation with a KV cache and left padding: the prompt runs the method, the
-    decoding steps (one query, many cached keys) run exact attention over the cache."""
+    """Greedy generation with a KV cache and left padding, SMYRF with one cluster holding every
+    key: the prompt and the decoding steps (one query, many cached keys, through SMYRF's store)
+    give exact attention's tokens."""
     family = FAMILIES[name]
     torch.manual_seed(0)
     config = family.config()
