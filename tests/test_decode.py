@@ -333,13 +333,13 @@ def rounds_brute_force(method, store, q, k, v, visible, scale, groups):
     bucket, or its cluster of the nearest keys in projection), its own key and the covered keys as
     found by every round, a softmax in which a key found n times enters n times (once with
     ``correct_duplicates``)."""
-    from lshattn.decode import _covered
+    from lshattn.decode.common import covered_keys
     from lshattn.hashing import angular_buckets, angular_factors
 
     B, H, T, D = q.shape
     S, R = k.shape[2], method.num_hashes
     out = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64)
-    covered = _covered(visible, method.sinks, method.window)
+    covered = covered_keys(visible, method.sinks, method.window)
     for b in range(B):
         for h in range(H):
             kv = h // groups

@@ -1,0 +1,117 @@
+"""What every decoding step shares: the step's result, the check that a store still holds the
+cache it is given, the buffers that grow with it, the covered keys (sinks and window) and the
+listing of each query's keys without a sort.
+
+Shape legend: B batch, H query heads, H_kv key heads (H = G·H_kv, GQA), T new queries, S keys
+(cached and new), C the most keys any query lists in the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lshattn.blocks import compute_dtype
+
+__all__ = ["Step", "appended", "continues", "covered_keys", "flat_rows", "listed", "per_query_head", "softmax_over"]
+
+
+class Step(NamedTuple):
+    """One decoding step: ``out`` `(B, H, T, Dv)` in q's dtype, the ``store`` for the next step, and
+    the query–key pairs it ``scored`` (colliding or covered keys, each once). The step grows the
+    store it was given in place (its buffers and tables): decode on from the returned one."""
+
+    out: Tensor
+    store: Any  # the method's store (lshattn.decode.Store), None for TopK and Local
+    scored: int
+
+
+def appended(buffer: Tensor, length: int, new: Tensor, dim: int) -> Tensor:
+    """``buffer`` holding ``new`` after its first ``length`` slots along ``dim``, written in place
+    when there is room, else in a buffer twice as long: O(new) a step, amortised, where
+    ``torch.cat`` would copy the whole cache every step."""
+    need = length + new.shape[dim]
+    if need > buffer.shape[dim]:
+        shape = list(buffer.shape)
+        shape[dim] = max(need, 2 * buffer.shape[dim])
+        grown = buffer.new_empty(shape)
+        grown.narrow(dim, 0, length).copy_(buffer.narrow(dim, 0, length))
+        buffer = grown
+    buffer.narrow(dim, length, new.shape[dim]).copy_(new)
+    return buffer
+
+
+def continues(store: Any, keys: Tensor, new: int, H: int) -> bool:
+    """Whether ``store`` holds exactly the keys of `(B, H_kv, S, D)` ``keys`` before the last ``new``."""
+    cached = keys.shape[2] - new
+    return (
+        store is not None
+        and store.length == cached
+        and cached > 0
+        and store.last_key.shape[0] == keys.shape[0]
+        and store.planes.shape[0] == H
+        and torch.equal(store.last_key, keys[:, :, cached - 1])
+    )
+
+
+def per_query_head(x: Tensor, groups: int) -> Tensor:
+    """`(B, H_kv, L, ·)` → `(B, H, L, ·)`: only for the few tokens a step hashes."""
+    return x.repeat_interleave(groups, dim=1)
+
+
+def flat_rows(index: Tensor, B: int, H: int, groups: int, S: int) -> Tensor:
+    """Rows of `(B·H_kv·S, ·)` keys or values for `(B, H, T, C)` key positions ``index``."""
+    kv_row = (
+        torch.arange(B, device=index.device)[:, None] * (H // groups) + torch.arange(H, device=index.device) // groups
+    ) * S
+    return (kv_row.view(B, H, 1, 1) + index).reshape(-1)
+
+
+def listed(flags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The positions of the True entries of `(..., S)` ``flags``, in order, C per row (the most of
+    any row): `(..., C)` positions (valid ones first, the rest point at S − 1), `(..., C)` valid,
+    `(...)` counts. A running count and a binary search: O(S) a row, no sort."""
+    running = flags.long().cumsum(-1)
+    count = running[..., -1] if flags.shape[-1] else flags.new_zeros(flags.shape[:-1], dtype=torch.long)
+    most = int(count.max()) if count.numel() else 0
+    wanted = torch.arange(1, most + 1, device=flags.device).expand(*flags.shape[:-1], most).contiguous()
+    index = torch.searchsorted(running, wanted).clamp_max_(max(flags.shape[-1] - 1, 0))
+    return index, wanted <= count[..., None], count
+
+
+def covered_keys(visible: Tensor, sinks: int, window: int | None) -> Tensor:
+    """`(B, 1 or H, T, S)` bool: the visible keys among the first ``sinks`` real keys or within
+    ``window`` real keys before the query (ranks among the real keys, as ``lshattn.local``)."""
+    if sinks == 0 and window is None:
+        return torch.zeros_like(visible)
+    real = visible[:, :, -1:, :]  # the last query sees every real key
+    key_rank = real.long().cumsum(-1) - 1  # (B, ., 1, S)
+    query_rank = visible.long().sum(-1, keepdim=True) - 1  # (B, ., T, 1): real keys up to it, less one
+    covered = key_rank < sinks
+    if window is not None:
+        covered = covered | (query_rank - key_rank <= window)
+    return covered & visible
+
+
+def softmax_over(times: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, int]:
+    """Softmax over the keys with ``times`` > 0, each entering that many times (logit + log
+    times): `(B, H, T, Dv)` in q's dtype (zeros for a query with none) and the keys scored.
+
+    Args:
+        times: `(B, H, T, S)` integers; q: `(B, H, T, D)`; k, v: `(B, H_kv, S, ·)` (GQA).
+    """
+    B, H, T, D = q.shape
+    S, Dv = k.shape[2], v.shape[-1]
+    index, taken, count = listed(times > 0)  # (B, H, T, C)
+    dtype = compute_dtype(q.dtype)
+    rows = flat_rows(index, B, H, H // k.shape[1], S)
+    keys = k.to(dtype).reshape(-1, D).index_select(0, rows).view(B, H, T, -1, D)
+    values = v.to(dtype).reshape(-1, Dv).index_select(0, rows).view(B, H, T, -1, Dv)
+    logits = (q.to(dtype)[..., None, :] * keys).sum(-1) * scale + torch.gather(times, 3, index).to(dtype).log()
+    logits = logits.masked_fill(~taken, float("-inf"))
+    top = logits.amax(-1, keepdim=True) if logits.shape[-1] else logits.new_zeros(B, H, T, 1)
+    weights = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))
+    out = (weights[..., None] * values).sum(-2) / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    return out.to(q.dtype), int(count.sum())

@@ -1,0 +1,185 @@
+"""YOSO-m's decoding step: per hash, a table of the sums of the cached values in each bucket, one
+add per new key, one lookup per new query — O(m·Dv) a query whatever the context (when the 2^τ
+buckets are fewer than the keys; otherwise the codes are compared, O(S·m)) — plus the keys'
+codes for the sinks and window. The causal prefill sums the same keys, so decoding reproduces it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lshattn.blocks import compute_dtype
+from lshattn.decode.common import Step, appended, continues, covered_keys, flat_rows, listed, per_query_head
+from lshattn.hashing import draw_normal, simhash_codes
+from lshattn.methods import YOSO
+from lshattn.methods.yoso import angle
+
+__all__ = ["TABLE_ADD_ROWS", "YOSOStore", "yoso_step"]
+
+# Up to this many (key, hash) rows are added to YOSO's tables in one call (a copy of their values
+# per hash); more, as when a whole prompt is stored, one hash at a time.
+TABLE_ADD_ROWS = 1 << 12
+
+
+@dataclasses.dataclass
+class YOSOStore:
+    """YOSO-m's bucket tables of a layer's cached values, and the cached keys' codes.
+
+    Attributes:
+        method: the YOSO setting that hashed them.
+        planes: `(H, D, m, τ)` its projections.
+        buffer: `(B, H, capacity, m)` the bucket of each cached key in each hash (int32, int64
+            above 31 bits) in its first ``length`` slots (``codes``).
+        length: S, the keys hashed.
+        tables: `(B, H·m·2^τ, Dv)`: row ``((b·H + h)·m + i)·2^τ + c`` of its flat view sums the
+            values of the real cached keys of bucket c in hash i; None when 2^τ was above the keys
+            (the codes are compared instead).
+        last_key: `(B, H_kv, D)` the last cached key.
+    """
+
+    method: YOSO
+    planes: Tensor
+    buffer: Tensor
+    length: int
+    tables: Tensor | None
+    last_key: Tensor
+
+    @property
+    def codes(self) -> Tensor:
+        """`(B, H, S, m)` the codes of the cached keys."""
+        return self.buffer[:, :, : self.length]
+
+
+def _yoso_codes(planes: Tensor, x: Tensor, num_bits: int) -> Tensor:
+    """`(B, H, L, m)` bucket codes of `(B, H, L, D)` ``x``."""
+    with torch.no_grad():
+        return simhash_codes(x, planes, tables_last=True, dtype=torch.int32 if num_bits <= 31 else torch.long)
+
+
+def _table_rows(codes: Tensor, B: int, H: int, num_bits: int) -> Tensor:
+    """Rows of the flat tables for `(B, H, L, m)` codes."""
+    m = codes.shape[-1]
+    head_hash = torch.arange(B * H, device=codes.device).view(B, H, 1, 1) * m + torch.arange(m, device=codes.device)
+    return head_hash * 2**num_bits + codes
+
+
+def _add_to_tables(tables: Tensor, codes: Tensor, values: Tensor, real: Tensor, num_bits: int) -> None:
+    """Add to ``tables`` (in place) the values `(B, H, L, Dv)` of the real (`(B, L)` bool) keys of
+    `(B, H, L, m)` ``codes``, into their buckets; padded keys add nothing (NaN included)."""
+    B, H, L, m = codes.shape
+    flat = tables.view(-1, tables.shape[-1])
+    values = torch.where(real[:, None, :, None], values, 0.0)
+    rows = _table_rows(codes, B, H, num_bits)
+    if L * m <= TABLE_ADD_ROWS:  # a decoding step's few keys: one call
+        flat.index_add_(0, rows.reshape(-1), values[:, :, :, None].expand(B, H, L, m, -1).reshape(B * H * L * m, -1))
+        return
+    values = values.reshape(B * H * L, -1)
+    for hash_rows in rows.permute(3, 0, 1, 2).reshape(m, B * H * L):  # one pass per hash: no (L, m, Dv) copy
+        flat.index_add_(0, hash_rows, values)
+
+
+def _yoso_store(
+    store: YOSOStore | None, method: YOSO, k: Tensor, v: Tensor, new: int, real: Tensor, generator: torch.Generator | None,
+    groups: int,
+) -> YOSOStore:  # fmt: skip
+    """The store of the S − new keys before the new ones: ``store`` when it holds them, else built
+    from them (tables when 2^τ is at most their number)."""
+    if continues(store, k, new, k.shape[1] * groups):
+        return store
+    B, H_kv, S, D = k.shape
+    H, cached, Dv = H_kv * groups, S - new, v.shape[-1]
+    planes = draw_normal((H, D, method.num_hashes, method.num_bits), generator, k.device)
+    codes = _yoso_codes(planes, per_query_head(k[:, :, :cached], groups), method.num_bits)
+    tables = None
+    if 2**method.num_bits <= max(cached, 1):
+        tables = v.new_zeros(B, H * method.num_hashes * 2**method.num_bits, Dv, dtype=compute_dtype(v.dtype))
+        values = per_query_head(v[:, :, :cached], groups).to(tables.dtype)
+        _add_to_tables(tables, codes, values, real[:, :cached], method.num_bits)
+    return YOSOStore(method, planes, codes, cached, tables, k[:, :, max(cached - 1, 0)].clone())
+
+
+def yoso_step(
+    store: YOSOStore | None, method: YOSO, q: Tensor, k: Tensor, v: Tensor, visible: Tensor,
+    generator: torch.Generator | None,
+) -> Step:  # fmt: skip
+    """YOSO-m's ``Y_i = (1/m) Σ_h Σ_{j visible, c_h(k_j) = c_h(q_i)} v_j`` for the new queries, as
+    the causal prefill computes it: the cached keys from the tables (or by comparing codes), the
+    new keys up to each query by comparing codes, the covered pairs corrected to the exact kernel
+    (``lshattn.methods.yoso``); L2-normalised with ``normalize_output``."""
+    B, H, T = q.shape[:3]
+    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups, m, bits, cached = H // H_kv, method.num_hashes, method.num_bits, S - T
+    real = visible[:, 0, -1, :]  # (B, S): the last query sees every real key
+    if not bool((visible[..., :cached] == real[:, None, None, :cached]).all()):
+        raise ValueError(
+            "YOSO decodes with bucket tables of every cached real key, but the attention mask hides some cached "
+            "keys from a new query (a sliding window or a custom 4-D mask); use exact attention in this layer"
+        )
+    store = _yoso_store(store, method, k, v, T, real, generator, groups)
+    dtype = compute_dtype(q.dtype)
+    # the queries' and the new keys' codes in one call: (B, H, T, m) each
+    q_codes, new_codes = _yoso_codes(
+        store.planes, torch.cat([q, per_query_head(k[:, :, cached:], groups)], 2), bits
+    ).split(T, 2)
+    new_values = torch.where(real[:, None, cached:, None], v[:, :, cached:].to(dtype), 0.0)  # (B, H_kv, T, Dv)
+
+    if store.tables is not None:  # the cached keys, one table row per hash
+        rows = _table_rows(q_codes, B, H, bits).reshape(B * H * T, m)
+        summed = F.embedding_bag(rows, store.tables.view(-1, Dv), mode="sum").view(B, H, T, Dv)
+    else:  # in how many hashes each query meets each cached key
+        hits = (q_codes[:, :, :, None, :] == store.codes[:, :, None, :, :]).sum(-1).to(dtype)  # (B, H, T, cached)
+        cached_values = torch.where(real[:, None, :cached, None], v[:, :, :cached].to(dtype), 0.0)
+        summed = (hits.view(B, H_kv, groups * T, cached) @ cached_values).view(B, H, T, Dv)
+    # the new keys up to each query (teacher forcing may bring several)
+    block_hits = (q_codes[:, :, :, None, :] == new_codes[:, :, None, :, :]).sum(-1).to(dtype)  # (B, H, T, T)
+    block_hits = block_hits * visible[..., cached:]
+    summed = summed + (block_hits.view(B, H_kv, groups * T, T) @ new_values).view(B, H, T, Dv)
+    out = summed / m
+
+    if store.tables is not None:  # the new keys into the tables (they were read before, above)
+        _add_to_tables(store.tables, new_codes, per_query_head(new_values, groups), real[:, cached:], bits)
+    grown = YOSOStore(method, store.planes, appended(store.buffer, cached, new_codes, 2), S, store.tables,
+                      k[:, :, -1].clone())  # fmt: skip
+
+    scored = 0
+    if method.sinks or method.window is not None:
+        covered = covered_keys(visible, method.sinks, method.window)
+        index, valid, count = listed(covered)  # (B, 1 or H, T, C)
+        out = out + _yoso_local_correction(
+            method, q.to(dtype), k.to(dtype), v, q_codes, grown.buffer, index.expand(B, H, T, -1),
+            valid.expand(B, H, T, -1), groups,
+        )  # fmt: skip
+        scored = int(count.sum()) * (H // covered.shape[1])
+    if method.normalize_output:
+        out = out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)
+    return Step(out.to(q.dtype), grown, scored)
+
+
+def _yoso_local_correction(
+    method: YOSO, q: Tensor, k: Tensor, values: Tensor, q_codes: Tensor, codes: Tensor, index: Tensor, valid: Tensor,
+    groups: int,
+) -> Tensor:  # fmt: skip
+    """`(B, H, T, Dv)`: for the covered keys, the exact kernel (1 − θ/π)^τ in place of the sampled
+    collision fraction, ``Σ_a (B_ia − hits_ia/m)·v_a``, as the prefill's correction.
+
+    Args:
+        q: `(B, H, T, D)`; k: `(B, H_kv, S, D)`; values: `(B, H_kv, S, Dv)`; q_codes: `(B, H, T, m)`;
+        codes: `(B, H, capacity ≥ S, m)` every key's (the store's buffer: its rows are read in
+            place, never copied); index, valid: `(B, H, T, C)` the covered keys (all real).
+    """
+    B, H, T, C = index.shape
+    S, D, Dv, m = k.shape[2], k.shape[-1], values.shape[-1], codes.shape[-1]
+    rows = flat_rows(index, B, H, groups, S)
+    keys = k.reshape(-1, D).index_select(0, rows).view(B, H, T, C, D)
+    picked = values.to(q.dtype).reshape(-1, Dv).index_select(0, rows).view(B, H, T, C, Dv)
+    head_rows = (torch.arange(B * H, device=index.device).view(B, H, 1, 1) * codes.shape[2] + index).reshape(-1)
+    key_codes = codes.reshape(-1, m).index_select(0, head_rows).view(B, H, T, C, m)
+    hits = (q_codes[:, :, :, None, :] == key_codes).sum(-1).to(q.dtype)
+    theta = angle(F.normalize(q, dim=-1)[:, :, :, None, :], F.normalize(keys, dim=-1))
+    kernel = (1 - theta / math.pi) ** method.num_bits
+    weight = kernel - hits / m
+    return torch.where(valid[..., None], weight[..., None] * picked, 0.0).sum(-2)
