@@ -433,3 +433,44 @@ def test_beam_search_reorders_the_stores_with_the_cache(method):
     assert torch.equal(cached, uncached)
     hf.use(model, None)
     assert "_reorder_cache" not in model.__dict__
+
+
+@hypothesis.given(
+    st.integers(1, 2), st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(0, 6), st.integers(1, 40),
+    st.integers(0, 2**16),
+)  # fmt: skip
+def test_the_bucket_index_finds_the_keys_that_comparing_codes_finds(B, H, R, T, bits, S, seed):
+    """SimHash's decoding index (keys sorted by code per table, the start of each code's run):
+    a query's colliding keys, gathered from its buckets, are those that comparing its codes with
+    every key's finds."""
+    from lshattn.decode.simhash import BucketIndex
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (B, H, R, S), generator=g)
+    q_codes = torch.randint(0, 2**bits, (B, H, R, T), generator=g)
+    expected = (q_codes[..., :, None] == codes[..., None, :]).any(2)
+    assert torch.equal(BucketIndex.build(codes, bits).colliding(q_codes, S), expected)
+
+
+def test_a_long_decode_rebuilds_the_index_and_still_equals_the_prefill():
+    """Past ``index_slack`` new keys the index is rebuilt; every step still equals the prefill."""
+    from lshattn import decode
+    from lshattn.decode.simhash import index_slack
+
+    B, H_kv, groups, L, D = 2, 2, 2, 160, 8
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H_kv * groups, L, D, generator=g)
+    k, v = (torch.randn(B, H_kv, L, D, generator=g) for _ in range(2))
+    mask = torch.arange(L)[None, :] >= torch.tensor([0, 5])[:, None]
+    method = lshattn.SimHash(num_hashes=3, num_bits=3, mode="sparse", sinks=1, window=2)
+    full = method(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), key_padding_mask=mask,
+                  query_padding_mask=mask, causal=True, generator=torch.Generator().manual_seed(7))  # fmt: skip
+    store, indexed = None, set()
+    for t in range(8, L):
+        visible = mask[:, None, None, : t + 1]
+        out, store, _ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+                                    D**-0.5, torch.Generator().manual_seed(7))  # fmt: skip
+        indexed.add(store.index.indexed)
+        real = mask[:, t]
+        torch.testing.assert_close(out[real, :, 0], full[real, :, t], atol=2e-5, rtol=2e-5)
+    assert len(indexed) >= 2 and max(indexed) > 9 + index_slack(9)  # rebuilt at least once

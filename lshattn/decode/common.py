@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lshattn.blocks import compute_dtype
@@ -72,13 +73,17 @@ def flat_rows(index: Tensor, B: int, H: int, groups: int, S: int) -> Tensor:
 def listed(flags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The positions of the True entries of `(..., S)` ``flags``, in order, C per row (the most of
     any row): `(..., C)` positions (valid ones first, the rest point at S − 1), `(..., C)` valid,
-    `(...)` counts. A running count and a binary search: O(S) a row, no sort."""
-    running = flags.long().cumsum(-1)
-    count = running[..., -1] if flags.shape[-1] else flags.new_zeros(flags.shape[:-1], dtype=torch.long)
+    `(...)` counts. ``nonzero`` lists them row by row: O(S) a row, no sort."""
+    *rows_shape, S = flags.shape
+    flat = flags.reshape(-1, S)
+    count = flat.sum(-1)
     most = int(count.max()) if count.numel() else 0
-    wanted = torch.arange(1, most + 1, device=flags.device).expand(*flags.shape[:-1], most).contiguous()
-    index = torch.searchsorted(running, wanted).clamp_max_(max(flags.shape[-1] - 1, 0))
-    return index, wanted <= count[..., None], count
+    index = torch.full((flat.shape[0], most), max(S - 1, 0), dtype=torch.long, device=flags.device)
+    row, position = flat.nonzero(as_tuple=True)  # row-major: each row's positions in order
+    slot = torch.arange(row.numel(), device=flags.device) - (count.cumsum(0) - count)[row]
+    index[row, slot] = position
+    valid = torch.arange(most, device=flags.device) < count[:, None]
+    return index.view(*rows_shape, most), valid.view(*rows_shape, most), count.view(rows_shape)
 
 
 def covered_keys(visible: Tensor, sinks: int, window: int | None) -> Tensor:
@@ -107,11 +112,11 @@ def softmax_over(times: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -
     index, taken, count = listed(times > 0)  # (B, H, T, C)
     dtype = compute_dtype(q.dtype)
     rows = flat_rows(index, B, H, H // k.shape[1], S)
-    keys = k.to(dtype).reshape(-1, D).index_select(0, rows).view(B, H, T, -1, D)
-    values = v.to(dtype).reshape(-1, Dv).index_select(0, rows).view(B, H, T, -1, Dv)
-    logits = (q.to(dtype)[..., None, :] * keys).sum(-1) * scale + torch.gather(times, 3, index).to(dtype).log()
+    keys = F.embedding(rows, k.to(dtype).reshape(-1, D)).view(B, H, T, -1, D)
+    values = F.embedding(rows, v.to(dtype).reshape(-1, Dv)).view(B, H, T, -1, Dv)
+    logits = (keys @ q.to(dtype)[..., None])[..., 0] * scale + torch.gather(times, 3, index).to(dtype).log()
     logits = logits.masked_fill(~taken, float("-inf"))
     top = logits.amax(-1, keepdim=True) if logits.shape[-1] else logits.new_zeros(B, H, T, 1)
     weights = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))
-    out = (weights[..., None] * values).sum(-2) / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    out = (weights[..., None, :] @ values)[..., 0, :] / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     return out.to(q.dtype), int(count.sum())

@@ -174,8 +174,8 @@ def _yoso_local_correction(
     B, H, T, C = index.shape
     S, D, Dv, m = k.shape[2], k.shape[-1], values.shape[-1], codes.shape[-1]
     rows = flat_rows(index, B, H, groups, S)
-    keys = k.reshape(-1, D).index_select(0, rows).view(B, H, T, C, D)
-    picked = values.to(q.dtype).reshape(-1, Dv).index_select(0, rows).view(B, H, T, C, Dv)
+    keys = F.embedding(rows, k.reshape(-1, D)).view(B, H, T, C, D)
+    picked = F.embedding(rows, values.to(q.dtype).reshape(-1, Dv)).view(B, H, T, C, Dv)
     head_rows = (torch.arange(B * H, device=index.device).view(B, H, 1, 1) * codes.shape[2] + index).reshape(-1)
     key_codes = codes.reshape(-1, m).index_select(0, head_rows).view(B, H, T, C, m)
     hits = (q_codes[:, :, :, None, :] == key_codes).sum(-1).to(q.dtype)
