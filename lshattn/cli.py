@@ -1,4 +1,5 @@
-"""The ``lshattn`` command: ``info``, ``bench``, the evaluation commands, ``train`` and ``reproduce``.
+"""The ``lshattn`` command: ``info``, ``bench``, the evaluation commands (``demo``, ``longctx``,
+``fidelity``), ``train`` and ``reproduce``.
 
 Methods are given as strings that ``lshattn.parse`` reads, e.g. ``"smyrf:num_hashes=2"``.
 Every command exits non-zero on failure; ``--json`` writes machine-readable output.
@@ -7,6 +8,7 @@ Every command exits non-zero on failure; ``--json`` writes machine-readable outp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import platform
@@ -85,6 +87,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _longctx(args: argparse.Namespace) -> int:
+    from lshattn.eval import longctx
+
+    config = longctx.LongCtxConfig(seed=args.seed)
+    config = config.quick() if args.quick else config
+    changes = {"lengths": args.lengths, "budgets": args.budgets, "methods": args.methods, "corpus": args.corpus}
+    config = dataclasses.replace(config, **{key: tuple(v) if isinstance(v, list) else v
+                                            for key, v in changes.items() if v is not None})  # fmt: skip
+    results = longctx.run(config, args.out, progress=not args.no_progress, resume=not args.fresh)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        from lshattn.eval.longctx_report import targets
+
+        for target, measured, met in targets(results):
+            print(f"{met:>12}: {target}: {measured}")
+        print(f"report: {args.out}/report.md ({results['seconds'] / 60:.1f} min)")
+    return 0
+
+
 def _fidelity(args: argparse.Namespace) -> int:
     from lshattn import data
     from lshattn.eval import capture, fidelity
@@ -150,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.add_argument("--quick", action="store_true", help="a small run (about a minute) for a first look")
     demo_parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    longctx_parser = commands.add_parser(
+        "longctx", help="long contexts on SmolLM2: perplexity (prefill and decoding), passkey, decoding speed",
+        description="Run lshattn.eval.longctx on SmolLM2-135M-Instruct and write report.md, report.json and plots "
+        "into --out. report.json is written after every cell; a run into a folder that holds one reuses the cells "
+        "measured with the same settings (--fresh starts over).",
+    )  # fmt: skip
+    longctx_parser.add_argument("--out", default="longctx-report", help="directory for the report")
+    longctx_parser.add_argument("--seed", type=int, default=0)
+    longctx_parser.add_argument("--quick", action="store_true", help="a small run (a few minutes) for a first look")
+    longctx_parser.add_argument("--lengths", nargs="+", type=int, help="tokens per text for the perplexity")
+    longctx_parser.add_argument("--budgets", nargs="+", type=float, help="shares of exact attention's work")
+    longctx_parser.add_argument(
+        "--methods", nargs="+", help="method strings for lshattn.parse (the budget turns each one's knob; the fields "
+        "a string names stay fixed)",
+    )  # fmt: skip
+    longctx_parser.add_argument("--corpus", choices=["wikipedia", "bible"], help="the text (default: wikipedia)")
+    longctx_parser.add_argument("--fresh", action="store_true", help="ignore the cells of an earlier run in --out")
+    longctx_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    longctx_parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
     fidelity_parser = commands.add_parser(
         "fidelity", help="each method against exact attention on real MiniLM activations",
@@ -249,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench.run(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "longctx":
+            return _longctx(args)
         if args.command == "fidelity":
             return _fidelity(args)
         if args.command == "train":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import lshattn
@@ -239,14 +240,21 @@ def _method_rows(results: dict) -> list[list[dict]]:
     return sections + [t.get("rows", []) for t in results.get("tasks", [])]
 
 
-def write(results: dict, out_dir: str | Path) -> Path:
-    """Write ``report.md``, ``report.json`` and the plots into ``out_dir``; returns report.md's path."""
+def write(
+    results: dict, out_dir: str | Path, *, plots: Callable[[dict, Path], dict[str, str]] | None = None,
+    markdown: Callable[[dict, dict[str, str]], str] | None = None,
+) -> Path:  # fmt: skip
+    """Write ``report.md``, ``report.json`` and the plots into ``out_dir``; returns report.md's path.
+
+    ``plots(results, out_dir)`` draws the PNGs and returns their names by key, and
+    ``markdown(results, plots)`` renders the page; None: the demo's (another report passes its own).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(results, indent=1))
-    plots = _plots(results, out)
+    made = (plots or _plots)(results, out)
     path = out / "report.md"
-    path.write_text(_markdown(results, plots))
+    path.write_text((markdown or _markdown)(results, made))
     return path
 
 

@@ -1,0 +1,758 @@
+"""Long contexts on a causal LM: perplexity in the prefill and in cached decoding, passkey
+retrieval and decoding speed, each method against exact attention (issue 14).
+
+``lshattn longctx --out DIR`` runs ``run(LongCtxConfig(), DIR)`` on SmolLM2-135M-Instruct
+(``lshattn.data.load_smollm2``) and long real text (``lshattn.data.wikipedia``, or the King James
+Bible); every attention layer runs the method (``lshattn.hf.use``):
+
+1. **Perplexity.** One text per length, teacher-forced. *Prefill*: one forward over every token.
+   *Decode*: the text but its last ``decode_tokens`` prefilled with the method, then those tokens
+   fed one at a time through the cache, each step predicting the next. Beside each perplexity,
+   the mean next-token KL(exact ‖ method) over the same predictions, and the share of the keys
+   the calls scored (``lshattn.hf.count``), prefill and decoding apart. Each method runs at each
+   budget with the setting ``lshattn.for_budget`` picks; a budget it cannot reach is recorded
+   with the reason. The references: the oracle ``TopK`` with the methods' sinks and window (the
+   ceiling of any selection of that budget), sinks and a window alone at the same budget
+   (``Local``; the window turned), and the sinks and window every method includes, alone.
+2. **Passkey.** A random 5-digit number hidden at several depths of filler text from the corpus,
+   asked for through the model's chat template; greedy generation; correct when the number is in
+   the answer (``passkey_prompt``, ``passkey_correct``).
+3. **Decoding speed.** A context prefilled once with exact attention; each method then decodes a
+   few tokens from a copy of that cache, in one run: whole-model time per step, attention time per
+   step (``Tally.seconds``), and the bytes of the state decoding keeps (the KV cache and each
+   layer's store of key codes).
+
+Nothing here assumes SmolLM2: any Hugging Face causal LM whose logits are its output embeddings
+applied to the last hidden state works (the tests use a tiny random Llama). ``report.json`` is
+written after every cell, and a run given a folder that holds one reuses the cells measured with
+the same settings (each cell's key names them), so a long run can be stopped and resumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import lshattn
+from lshattn.api import Method, parse
+from lshattn.budget import work_share
+
+__all__ = [
+    "LongCtxConfig", "kl_divergence", "passkey_correct", "passkey_prompt", "run", "setting", "state_bytes",
+    "token_scores",
+]  # fmt: skip
+
+# The methods, each with 4 sinks and a 64-token window (SmolLM2 leans on its first tokens and
+# neighbours: docs/longctx.md); the budget turns each one's knob (lshattn.budget), the fields
+# named here stay fixed. SimHash in sparse mode with 32 tables (docs/longctx.md: importance
+# weighting is worse with few tables); YOSO-m with 8-bit codes; SMYRF with 2 rounds; Reformer
+# with the model's own keys (a pretrained model has separate query and key projections).
+SIMHASH = "simhash:num_hashes=32,mode=sparse,sinks=4,window=64"
+YOSO = "yoso:num_bits=8,sinks=4,window=64"
+REFORMER = "reformer:shared_qk=False,sinks=4,window=64"
+SMYRF = "smyrf:num_hashes=2,sinks=4,window=64"
+ORACLE = "topk:sinks=4,window=64"  # the ceiling: exact top keys besides the same sinks and window
+BASELINE = "local:sinks=4"  # sinks and a window alone at the same budget (the window turned)
+LOCALITY = "local:sinks=4,window=64"  # the locality every method includes, alone (no budget)
+EXACT = "exact"
+ROLES = {"topk": "oracle", "local": "baseline"}
+# The oracle scores and ranks every pair in float64: at 8,000 tokens its (1, 9, T, T) scores and
+# ranks take about 10 GB a layer, more than a 23 GB machine shared with other work can give.
+EXCLUDED = (("topk", 8000, "the oracle scores and ranks every pair (float64): about 10 GB a layer at 8k tokens"),)
+
+
+@dataclasses.dataclass(frozen=True)
+class LongCtxConfig:
+    """Everything the long-context report does; the defaults are the full report.
+
+    Attributes:
+        seed: seeds the methods' projections (``hf.use``) and the passkeys and their filler.
+        corpus: ``"wikipedia"`` (gensim's articles) or ``"bible"`` (the King James Bible).
+        lengths: tokens per text for the perplexity (at most the model's positions).
+        budgets: shares of exact attention's work (``lshattn.work_share``: dot products over T·S).
+        methods: method strings for ``lshattn.parse``; the budget turns each one's knob, the fields
+            a string names stay fixed (``setting``).
+        references: method strings run as they are, once per length (no budget).
+        decode_tokens: the last tokens of each text decoded one at a time through the cache.
+        exclude: ``(method name, from length, reason)``: cells left out of the grid, with the reason.
+        passkey_lengths, passkey_depths, passkey_trials: the passkey grid (depth 0 = the start
+            of the filler, 1 = its end); each trial has its own number and filler.
+        passkey_budget: the methods' budget in the passkey task.
+        passkey_new_tokens: tokens generated for the answer.
+        speed_contexts, speed_steps, speed_budget: decoding speed: context lengths, steps timed
+            after the first (which may hash the whole cache), the methods' budget.
+        chunk: positions per chunk of logits when scoring (memory: ``chunk`` × vocabulary).
+    """
+
+    seed: int = 0
+    corpus: str = "wikipedia"
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
+    budgets: tuple[float, ...] = (1 / 4, 1 / 16, 1 / 64)
+    methods: tuple[str, ...] = (SIMHASH, YOSO, REFORMER, SMYRF, ORACLE, BASELINE)
+    references: tuple[str, ...] = (LOCALITY,)
+    decode_tokens: int = 256
+    exclude: tuple[tuple[str, int, str], ...] = EXCLUDED
+    passkey_lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_trials: int = 2
+    passkey_budget: float = 1 / 16
+    passkey_new_tokens: int = 10
+    speed_contexts: tuple[int, ...] = (2048, 4096, 8000)
+    speed_steps: int = 8
+    speed_budget: float = 1 / 16
+    chunk: int = 512
+
+    def quick(self) -> LongCtxConfig:
+        """A first look in under 5 minutes on 2 CPU cores: 1,024 tokens at 1/4 (at 1k the methods'
+        4 sinks and 64-token window alone cover 6.7 % of T·S, so 1/16 is out of reach there, and
+        2k costs SimHash twice the time), 32 decoded tokens, SimHash, SMYRF, the oracle and the
+        baselines, one passkey trial at three depths, speed at 2k with 4 steps (at 1/16)."""
+        return dataclasses.replace(
+            self, lengths=(1024,), budgets=(1 / 4,), methods=(SIMHASH, SMYRF, ORACLE, BASELINE), decode_tokens=32,
+            passkey_lengths=(1024,), passkey_depths=(0.0, 0.5, 1.0), passkey_trials=1, passkey_budget=1 / 4,
+            speed_contexts=(2048,), speed_steps=4,
+        )  # fmt: skip
+
+
+def setting(text: str, fraction: float | None, T: int, D: int) -> Method:
+    """The method a string names at a budget: ``lshattn.for_budget`` at ``fraction`` of exact
+    attention's work for causal self-attention over ``T`` tokens with heads of dim ``D``, the
+    fields the string names kept fixed; the string's own setting when ``fraction`` is None.
+
+    Raises:
+        ValueError: the method cannot spend that little (``for_budget``'s message says its
+            smallest setting), or a bad string.
+    """
+    spec = parse(text)
+    if fraction is None:
+        return spec
+    named = [item.partition("=")[0].strip() for item in text.partition(":")[2].split(",") if item.strip()]
+    return lshattn.for_budget(spec.name, fraction, T, D=D, causal=True, **{key: getattr(spec, key) for key in named})
+
+
+def excluded(config: LongCtxConfig, text: str, length: int) -> str | None:
+    """Why ``config`` leaves the method out at ``length`` (None: it does not)."""
+    name = text.partition(":")[0]
+    return next((reason for family, start, reason in config.exclude if family == name and length >= start), None)
+
+
+# --- scoring -------------------------------------------------------------------------------------
+
+
+def kl_divergence(reference: Tensor, other: Tensor) -> Tensor:
+    """KL(reference ‖ other) of next-token distributions given as log-probabilities.
+
+    Args:
+        reference, other: `(N, V)` log-probabilities.
+
+    Returns:
+        `(N,)` the divergence per row, in nats.
+    """
+    return (reference.exp() * (reference - other)).sum(-1)
+
+
+@torch.no_grad()
+def token_scores(
+    head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, reference: Tensor | None = None, chunk: int = 512
+) -> tuple[Tensor, Tensor | None]:
+    """Next-token losses of a model's last hidden states, and their KL from a reference's.
+
+    Logits are made ``chunk`` positions at a time: at 8,000 tokens a vocabulary of 49,152 would
+    take 1.6 GB a copy in float32.
+
+    Args:
+        head: the output embeddings (hidden states to logits).
+        hidden: `(N, d)` the last hidden states at the positions that predict ``targets``.
+        targets: `(N,)` the next tokens.
+        reference: `(N, d)` exact attention's hidden states at the same positions, or None.
+        chunk: positions per chunk.
+
+    Returns:
+        `(N,)` cross-entropy per position (nats), and `(N,)` KL(exact ‖ this) per position (None
+        without a reference).
+    """
+    losses, divergences = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        part = slice(start, start + chunk)
+        logp = torch.log_softmax(head(hidden[part]).float(), -1)
+        losses.append(-logp.gather(-1, targets[part, None])[:, 0])
+        if reference is not None:
+            divergences.append(kl_divergence(torch.log_softmax(head(reference[part]).float(), -1), logp))
+    return torch.cat(losses), torch.cat(divergences) if reference is not None else None
+
+
+def _perplexity(losses: Tensor) -> float:
+    return math.exp(float(losses.mean()))
+
+
+def _head(model: Any) -> Callable[[Tensor], Tensor]:
+    """The model's output embeddings; refused where the logits are not just that."""
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(
+            f"{type(model).__name__} soft-caps its logits (final_logit_softcapping); the long-context report scores "
+            "the output embeddings of the last hidden state, which would differ from the model's logits"
+        )
+    return model.get_output_embeddings()
+
+
+def _hidden(model: Any, ids: Tensor) -> Tensor:
+    """`(T, d)` the last hidden states of the batch of one `(1, T)` ``ids``, without the logits."""
+    with torch.no_grad():
+        return model.base_model(input_ids=ids).last_hidden_state[0]
+
+
+def _decoded_hidden(model: Any, ids: Tensor, n: int) -> Tensor:
+    """`(n, d)` the last hidden states predicting the last ``n`` tokens of `(1, T)` ``ids``: all
+    but the last ``n + 1`` tokens prefilled, then one token a step through the cache."""
+    T = ids.shape[1]
+    with torch.no_grad():
+        out = model.base_model(input_ids=ids[:, : T - n - 1], use_cache=True)
+        cache, steps = out.past_key_values, []
+        for t in range(T - n - 1, T - 1):
+            out = model.base_model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.last_hidden_state[0, -1])
+    return torch.stack(steps)
+
+
+def perplexity_cell(
+    model: Any, ids: Tensor, method: Method, seed: int, decode_tokens: int, exact: Tensor | None, chunk: int
+) -> dict:
+    """Perplexity, KL to exact and the budget spent, in the prefill and in decoding, of one method.
+
+    Args:
+        ids: `(1, T)` the text.
+        exact: `(T, d)` exact attention's last hidden states over ``ids`` (the reference for the
+            KL), or None to leave the KL out.
+        decode_tokens: N, the last tokens decoded one at a time.
+    """
+    from lshattn import hf
+
+    head, T, N = _head(model), ids.shape[1], decode_tokens
+    targets = ids[0, 1:]
+    hf.use(model, method, seed=seed)
+    try:
+        started = time.perf_counter()
+        with hf.count(model) as prefill_tally:
+            hidden = _hidden(model, ids)
+        prefill_seconds = time.perf_counter() - started
+        losses, kl = token_scores(head, hidden[:-1], targets, None if exact is None else exact[:-1], chunk)
+        started = time.perf_counter()
+        with hf.count(model) as decode_tally:
+            decoded = _decoded_hidden(model, ids, N)
+        decode_seconds = time.perf_counter() - started
+    finally:
+        hf.use(model, None)
+    last = slice(T - N - 1, T - 1)  # the positions predicting the last N tokens
+    decode_losses, decode_kl = token_scores(head, decoded, targets[last], None if exact is None else exact[last], chunk)
+    return {
+        "prefill_ppl": _perplexity(losses),
+        "prefill_ppl_last": _perplexity(losses[last]),
+        "decode_ppl": _perplexity(decode_losses),
+        "prefill_kl": None if kl is None else float(kl.mean()),
+        "prefill_kl_last": None if kl is None else float(kl[last].mean()),
+        "decode_kl": None if decode_kl is None else float(decode_kl.mean()),
+        "prefill_budget": prefill_tally.budget,
+        "decode_budget": decode_tally.budget,
+        "prefill_seconds": prefill_seconds,
+        "decode_seconds": decode_seconds,
+    }
+
+
+# --- passkey -------------------------------------------------------------------------------------
+
+PASSKEY_INTRO = (
+    "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the pass key."
+)
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+# Measured on SmolLM2-135M-Instruct at 512 and 1,024 tokens (10 prompts each, exact attention):
+# asked only "What is the pass key?" and given "The pass key is" it found 1 of 10 at 1k (it
+# rambles: "a term used in the context of anarchism"); asked for "the 5-digit number only" and
+# given "The pass key is " it found 10 of 10 at both.
+PASSKEY_QUESTION = "What is the pass key? Answer with the 5-digit number only."
+PASSKEY_ANSWER = "The pass key is "  # the answer's start, after the chat template's assistant turn
+_HAYSTACK = "\x00HAYSTACK\x00"
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def passkey_prompt(tokenizer: Any, filler: Sequence[int], length: int, depth: float, key: int) -> tuple[list[int], int]:
+    """A passkey prompt of exactly ``length`` tokens, the key hidden at ``depth`` of the filler.
+
+    The user turn of the model's chat template (``tokenizer.apply_chat_template``) holds the
+    instruction, the filler with the needle ("The pass key is 12345. Remember it. ...") inside,
+    and the question; the assistant turn starts with "The pass key is", so the next tokens are the
+    answer. Pieces are tokenised apart and joined as token ids, so the needle sits exactly
+    ``round(depth · n)`` filler tokens in, whatever the tokenizer.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a chat template (or anything with
+            ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``,
+            ``__call__(text, add_special_tokens=False)["input_ids"]``).
+        filler: token ids of filler text, at least as many as the prompt needs.
+        length: the prompt's tokens.
+        depth: where the needle goes, from 0 (right after the instruction) to 1 (right before
+            the question).
+        key: the number to hide.
+
+    Returns:
+        The prompt's token ids and the index of the needle's first token.
+
+    Raises:
+        ValueError: a depth outside [0, 1], or a length or filler too short for the prompt.
+    """
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1] (0: the start of the filler, 1: its end), got {depth}")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{PASSKEY_INTRO}\n\n{_HAYSTACK}\n\n{PASSKEY_QUESTION}"}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    before, _, after = text.partition(_HAYSTACK)
+    prefix, suffix = _encode(tokenizer, before), _encode(tokenizer, after + PASSKEY_ANSWER)
+    needle = _encode(tokenizer, PASSKEY_NEEDLE.format(key=key))
+    n = length - len(prefix) - len(needle) - len(suffix)
+    if n < 0:
+        raise ValueError(
+            f"a passkey prompt needs at least {length - n} tokens (instruction, needle, question), got length={length}"
+        )
+    if len(filler) < n:
+        raise ValueError(f"the filler has {len(filler)} tokens, the prompt needs {n}; give a longer corpus")
+    at = round(depth * n)
+    ids = prefix + list(filler[:at]) + needle + list(filler[at:n]) + suffix
+    return ids, len(prefix) + at
+
+
+def passkey_correct(answer: str, key: int) -> bool:
+    """Whether the generated ``answer`` gives the passkey: its digits appear in it, as a number
+    of their own (not inside a longer one)."""
+    return re.search(rf"(?<!\d){key}(?!\d)", answer) is not None
+
+
+def passkey_keys(seed: int, length: int, trial: int, count: int) -> list[int]:
+    """``count`` 5-digit numbers for one (length, trial), the same for every method."""
+    generator = torch.Generator().manual_seed(_mix(seed, length, trial, 0))
+    return torch.randint(10_000, 100_000, (count,), generator=generator).tolist()
+
+
+def _mix(*numbers: int) -> int:
+    """A seed from several integers, the same in every process (``hash`` of a str is not)."""
+    mixed = 0
+    for number in numbers:
+        mixed = (mixed * 1_000_003 + number) % 2**61
+    return mixed
+
+
+def _filler(corpus: Tensor, seed: int, length: int, trial: int) -> list[int]:
+    """``length`` tokens of the corpus from a seeded offset: each trial reads other text."""
+    generator = torch.Generator().manual_seed(_mix(seed, length, trial, 1))
+    start = int(torch.randint(0, max(1, corpus.numel() - length), (1,), generator=generator))
+    return corpus[start : start + length].tolist()
+
+
+def passkey_cell(model: Any, tokenizer: Any, prompts: list[list[int]], keys: list[int], new_tokens: int) -> dict:
+    """Greedy answers to a batch of prompts of one length, and whether each gives its key."""
+    from lshattn import hf
+
+    ids = torch.tensor(prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad(), hf.count(model) as tally:
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=pad,
+        )  # fmt: skip
+    answers = [tokenizer.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=True) for row in out]
+    return {
+        "answers": answers,
+        "correct": [passkey_correct(a, k) for a, k in zip(answers, keys)],
+        "scored": tally.budget,
+    }
+
+
+# --- decoding speed ------------------------------------------------------------------------------
+
+
+def state_bytes(*objects: Any) -> int:
+    """Bytes of the tensors held by ``objects`` (walking lists, dicts, dataclasses and object
+    attributes), each storage counted once: what a decoding state keeps in memory."""
+    seen: set[int] = set()
+    visited: set[int] = set()
+    total = 0
+
+    def walk(obj: Any) -> None:
+        nonlocal total
+        if isinstance(obj, Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+            return
+        if isinstance(obj, (str, bytes, int, float, bool, type(None))) or id(obj) in visited:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, dict):
+            items: Iterable[Any] = obj.values()
+        elif isinstance(obj, (list, tuple, set)):
+            items = obj
+        elif hasattr(obj, "__dict__"):
+            items = vars(obj).values()
+        else:
+            return
+        for item in items:
+            walk(item)
+
+    for obj in objects:
+        walk(obj)
+    return total
+
+
+def _stores(model: Any) -> list[Any]:
+    """Each attention layer's decoding store (``lshattn.decode``), where it has one."""
+    from lshattn import hf
+
+    return [getattr(layer.module.__dict__.get("_lshattn_state"), "store", None) for layer in hf.attention_layers(model)]
+
+
+def speed_row(model: Any, ids: Tensor, prefill: Any, method: Method, seed: int, steps: int) -> dict:
+    """Decode ``steps + 1`` tokens of `(1, context + steps + 1)` ``ids`` with ``method`` from a copy
+    of the exact ``prefill`` cache; time the steps after the first (which may hash the cache)."""
+    from lshattn import hf
+
+    context = ids.shape[1] - steps - 1
+    cache = copy.deepcopy(prefill)
+    hf.use(model, method, seed=seed)
+    try:
+        with torch.no_grad():
+            started = time.perf_counter()
+            cache = model(input_ids=ids[:, context : context + 1], cache=cache, use_cache=True).past_key_values
+            first = time.perf_counter() - started
+            times = []
+            with hf.count(model) as tally:
+                for t in range(context + 1, context + steps + 1):
+                    started = time.perf_counter()
+                    cache = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).past_key_values
+                    times.append(time.perf_counter() - started)
+        store = state_bytes(_stores(model))
+        cache_size = state_bytes(cache)
+    finally:
+        hf.use(model, None)
+    step = statistics.median(times)
+    return {
+        "first_step_ms": first * 1e3, "ms_per_step": step * 1e3, "tokens_per_s": 1 / step,
+        "attention_ms": tally.seconds / steps * 1e3, "decode_budget": tally.budget,
+        "cache_bytes": cache_size, "store_bytes": store, "state_bytes": cache_size + store,
+    }  # fmt: skip
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def corpus_ids(tokenizer: Any, corpus: str, tokens: int) -> Tensor:
+    """`(tokens,)` the first ``tokens`` token ids of the corpus, its texts joined by blank lines
+    (tokenised a text at a time, as far as needed: the whole of Wikipedia is 779k tokens)."""
+    from lshattn import data
+
+    loaders = {"wikipedia": data.wikipedia, "bible": data.bible}
+    if corpus not in loaders:
+        raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(loaders)}")
+    ids: list[int] = []
+    for _, text in loaders[corpus]():
+        ids += _encode(tokenizer, f"\n\n{text}" if ids else text)
+        if len(ids) >= tokens:
+            break
+    return torch.tensor(ids[:tokens])
+
+
+def corpus_tokens(config: LongCtxConfig) -> int:
+    """How much of the corpus a run reads: 8 times its longest text, at least 64k tokens (the
+    passkey filler is drawn from anywhere in it, a seeded offset per trial)."""
+    longest = max((*config.lengths, *config.passkey_lengths, *config.speed_contexts), default=0)
+    return max(65_536, 8 * (longest + config.speed_steps + 1))
+
+
+def check_lengths(config: LongCtxConfig, model: Any, corpus: Tensor) -> None:
+    """ValueError for lengths the model or the corpus cannot give, before anything runs."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(
+        (*config.lengths, *config.passkey_lengths, *(c + config.speed_steps + 1 for c in config.speed_contexts))
+    )
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"{type(model).__name__} has {limit} positions, the run asks for {longest} tokens (lengths, passkey "
+            f"lengths, or a speed context plus its {config.speed_steps + 1} decoded tokens); choose lengths of at most "
+            f"{limit} (speed contexts of at most {limit - config.speed_steps - 1})"
+        )
+    if longest > corpus.numel():
+        raise ValueError(f"the corpus has {corpus.numel()} tokens, the run asks for {longest}; choose shorter lengths")
+    if min(config.lengths, default=config.decode_tokens + 2) < config.decode_tokens + 2:
+        raise ValueError(
+            f"decode_tokens={config.decode_tokens} needs texts of at least {config.decode_tokens + 2} tokens, "
+            f"got lengths {config.lengths}"
+        )
+
+
+def _model_id(model: Any) -> str:
+    c = model.config
+    return f"{getattr(c, '_name_or_path', '') or type(model).__name__}|{c.num_hidden_layers}x{c.hidden_size}"
+
+
+def _head_dim(model: Any) -> int:
+    c = model.config
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def _budget_key(fraction: float | None) -> str:
+    return "fixed" if fraction is None else f"{fraction:.6g}"
+
+
+class _Journal:
+    """The results, written to ``report.json`` after every cell; cells of an earlier run with
+    the same key are reused."""
+
+    def __init__(self, out: Path, results: dict, previous: dict[str, dict]) -> None:
+        self.out, self.results, self.previous, self.reused = out, results, previous, 0
+
+    def cell(self, section: str, key: str, compute: Callable[[], dict]) -> dict:
+        row = self.previous.get(key)
+        if row is not None:
+            self.reused += 1
+        else:
+            row = {"key": key, **compute()}
+        self.results[section]["rows"].append(row)
+        self.save()
+        return row
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "report.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.out / "report.json")  # a reader never sees half a file
+
+
+def _previous_cells(out: Path) -> dict[str, dict]:
+    try:
+        old = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        row["key"]: row
+        for section in ("perplexity", "passkey", "speed")
+        for row in old.get(section, {}).get("rows", [])
+        if "key" in row and row.get("status") != "failed"
+    }
+
+
+def run(
+    config: LongCtxConfig, out_dir: str | Path, *, model: Any = None, tokenizer: Any = None,
+    corpus: Tensor | None = None, progress: bool = True, resume: bool = True,
+) -> dict:  # fmt: skip
+    """Run every section, write ``report.md``, ``report.json`` and the plots into ``out_dir``,
+    return the results.
+
+    Args:
+        config: what to run.
+        out_dir: the report's folder; a ``report.json`` there from an earlier run is resumed
+            (its cells with the same settings are kept, not measured again) unless ``resume`` is
+            False.
+        model, tokenizer: a causal LM and its tokenizer (with a chat template, for the passkey);
+            None: SmolLM2-135M-Instruct (``lshattn.data.load_smollm2``).
+        corpus: `(N,)` token ids of long text; None: ``config.corpus`` through ``tokenizer``.
+        progress: tqdm progress bars.
+
+    Raises:
+        ValueError: a length past the model's positions or the corpus, or a bad method string.
+    """
+    from tqdm.auto import tqdm
+
+    from lshattn import data
+    from lshattn.eval.demo import machine
+
+    started = time.perf_counter()
+    for text in (*config.methods, *config.references):
+        parse(text)  # a bad string fails before the model loads
+    if model is None:
+        tokenizer, model = data.load_smollm2()
+    model.eval()
+    corpus = corpus_ids(tokenizer, config.corpus, corpus_tokens(config)) if corpus is None else corpus
+    check_lengths(config, model, corpus)
+    out = Path(out_dir)
+    model_id, seed, D = _model_id(model), config.seed, _head_dim(model)
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "model": {"id": model_id, "class": type(model).__name__, "positions": model.config.max_position_embeddings},
+        "machine": machine(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": command(config),
+        "perplexity": {"rows": []}, "passkey": {"rows": []}, "speed": {"rows": []},
+    }  # fmt: skip
+    journal = _Journal(out, results, _previous_cells(out) if resume else {})
+    bar = tqdm(total=_cell_count(config), desc="longctx", disable=not progress)
+
+    def tick(what: str) -> None:
+        bar.set_postfix_str(what[:60])
+        bar.update()
+
+    # 1. Perplexity: exact first at each length (the KL's reference), then each method and budget.
+    for length in config.lengths:
+        ids = corpus[None, :length]
+        base = f"perplexity|{model_id}|{config.corpus}|seed={seed}|T={length}|N={config.decode_tokens}"
+        reference = _exact_reference(model, ids)
+        jobs = [(EXACT, None)] + [(t, f) for f in config.budgets for t in config.methods]
+        jobs += [(t, None) for t in config.references]
+        for text, fraction in jobs:
+            key = f"{base}|budget={_budget_key(fraction)}|{text}"
+            journal.cell("perplexity", key, partial(_perplexity_row, config, model, ids, text, fraction, D, reference))
+            tick(f"perplexity {length}: {text}")
+    # 2. Passkey: each method at the passkey budget; a batch of every depth per trial.
+    for length in config.passkey_lengths:
+        for trial in range(config.passkey_trials):
+            keys = passkey_keys(seed, length, trial, len(config.passkey_depths))
+            filler = _filler(corpus, seed, length, trial)
+            built = [passkey_prompt(tokenizer, filler, length, d, k) for d, k in zip(config.passkey_depths, keys)]
+            base = f"passkey|{model_id}|{config.corpus}|seed={seed}|T={length}|trial={trial}"
+            base += f"|depths={','.join(map(str, config.passkey_depths))}|new={config.passkey_new_tokens}"
+            for text in (EXACT, *config.methods):
+                fraction = None if text == EXACT else config.passkey_budget
+                key = f"{base}|budget={_budget_key(fraction)}|{text}"
+                row = partial(_passkey_row, config, model, tokenizer, built, keys, text, length, trial, D)
+                journal.cell("passkey", key, row)
+                tick(f"passkey {length}: {text}")
+    # 3. Speed: every method in one run per context, from one exact prefill.
+    for context in config.speed_contexts:
+        key = f"speed|{model_id}|{config.corpus}|seed={seed}|T={context}|steps={config.speed_steps}"
+        key += f"|budget={_budget_key(config.speed_budget)}|{','.join((EXACT, *config.methods))}"
+        journal.cell("speed", key, partial(_speed_rows, config, model, corpus, context, D))
+        tick(f"speed {context}")
+    bar.close()
+    results["reused_cells"] = journal.reused
+    results["seconds"] = time.perf_counter() - started
+    journal.save()
+    write(results, out)
+    return results
+
+
+def command(config: LongCtxConfig) -> str:
+    """The command that runs ``config``, where one does."""
+    default = LongCtxConfig(seed=config.seed, corpus=config.corpus)
+    corpus = "" if config.corpus == "wikipedia" else f" --corpus {config.corpus}"
+    for flags, known in (("", default), (" --quick", default.quick())):
+        if config == known:
+            return f"`lshattn longctx{flags} --seed {config.seed}{corpus} --out DIR`"
+    return "`lshattn.eval.longctx.run(LongCtxConfig(**config), DIR)`"
+
+
+def _exact_reference(model: Any, ids: Tensor) -> Callable[[], Tensor]:
+    """A function giving exact attention's `(T, d)` last hidden states over `(1, T)` ``ids``,
+    computed on the first call only: a length whose cells are all reused needs none."""
+    cached: list[Tensor] = []
+
+    def reference() -> Tensor:
+        if not cached:
+            lshattn.hf.use(model, lshattn.Dense())
+            try:
+                cached.append(_hidden(model, ids))
+            finally:
+                lshattn.hf.use(model, None)
+        return cached[0]
+
+    return reference
+
+
+def _cell_count(config: LongCtxConfig) -> int:
+    perplexity = len(config.lengths) * (1 + len(config.budgets) * len(config.methods) + len(config.references))
+    passkey = len(config.passkey_lengths) * config.passkey_trials * (1 + len(config.methods))
+    return perplexity + passkey + len(config.speed_contexts)
+
+
+def _resolve(config: LongCtxConfig, text: str, fraction: float | None, T: int, D: int) -> tuple[Method | None, dict]:
+    """The method for a cell, or None with the row saying why it is not run."""
+    if text == EXACT:
+        return lshattn.Dense(), {"method": EXACT, "role": "exact", "status": "ok"}
+    role = ROLES.get(text.partition(":")[0], "method")
+    row: dict[str, Any] = {"text": text, "role": role, "method": text}
+    reason = excluded(config, text, T)
+    if reason is not None:
+        return None, {**row, "status": "excluded", "reason": reason}
+    try:
+        method = setting(text, fraction, T, D)
+    except ValueError as error:
+        return None, {**row, "status": "unreachable", "reason": str(error)}
+    row.update(method=str(method), status="ok", expected_budget=work_share(method, T, T, D, causal=True))
+    return method, row
+
+
+def _perplexity_row(
+    config: LongCtxConfig, model: Any, ids: Tensor, text: str, fraction: float | None, D: int,
+    reference: Callable[[], Tensor],
+) -> dict:  # fmt: skip
+    T = ids.shape[1]
+    method, row = _resolve(config, text, fraction, T, D)
+    row.update(length=T, budget=fraction, family=text.partition(":")[0])
+    if method is None:
+        return row
+    exact = reference()
+    return {**row, **perplexity_cell(model, ids, method, config.seed, config.decode_tokens, exact, config.chunk)}
+
+
+def _passkey_row(
+    config: LongCtxConfig, model: Any, tokenizer: Any, built: list[tuple[list[int], int]], keys: list[int], text: str,
+    length: int, trial: int, D: int,
+) -> dict:  # fmt: skip
+    fraction = None if text == EXACT else config.passkey_budget
+    method, row = _resolve(config, text, fraction, length, D)
+    row.update(length=length, trial=trial, budget=fraction, depths=list(config.passkey_depths), keys=keys)
+    row["needle_at"] = [at for _, at in built]
+    if method is None:
+        return row
+    lshattn.hf.use(model, method, seed=config.seed)
+    started = time.perf_counter()
+    try:
+        cell = passkey_cell(model, tokenizer, [ids for ids, _ in built], keys, config.passkey_new_tokens)
+    finally:
+        lshattn.hf.use(model, None)
+    return {**row, **cell, "seconds": time.perf_counter() - started}
+
+
+def _speed_rows(config: LongCtxConfig, model: Any, corpus: Tensor, context: int, D: int) -> dict:
+    ids = corpus[None, : context + config.speed_steps + 1]
+    lshattn.hf.use(model, lshattn.Dense())
+    with torch.no_grad():
+        prefill = model.base_model(input_ids=ids[:, :context], use_cache=True).past_key_values
+    lshattn.hf.use(model, None)
+    rows = []
+    for text in (EXACT, *config.methods):
+        method, row = _resolve(config, text, None if text == EXACT else config.speed_budget, context, D)
+        if method is not None:
+            row.update(speed_row(model, ids, prefill, method, config.seed, config.speed_steps))
+        rows.append(row)
+    exact = rows[0]
+    for row in rows:
+        if row["status"] == "ok":
+            row["attention_ratio"] = row["attention_ms"] / exact["attention_ms"]
+            row["step_ratio"] = row["ms_per_step"] / exact["ms_per_step"]
+    return {"context": context, "steps": config.speed_steps, "budget": config.speed_budget, "methods": rows}
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def write(results: dict, out_dir: str | Path) -> Path:
+    """Write ``report.md``, ``report.json`` and the plots into ``out_dir``; returns report.md's path."""
+    from lshattn.eval import longctx_report
+
+    return longctx_report.write(results, out_dir)
