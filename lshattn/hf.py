@@ -707,7 +707,8 @@ def _decode(
         visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     # GQA: K and V are read per key head, never repeated
-    result = decode.step(state.store, method, query, key, value, visible, scale, state.generator(module.training))
+    generator = functools.partial(state.generator, module.training)  # seeded only if a store is built
+    result = decode.step(state.store, method, query, key, value, visible, scale, generator)
     state.store = result.store
     if state.tally is not None:
         state.tally.empty += int((result.out == 0).all(-1).sum())

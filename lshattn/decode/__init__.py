@@ -37,6 +37,7 @@ Shape legend: B batch, H query heads, H_kv key heads (H = G·H_kv, GQA), T new q
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -85,14 +86,15 @@ def decodes(method: Method | None) -> bool:
 
 def step(
     store: Store | None, method: Method, q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Callable[[], torch.Generator] | None,
 ) -> Step:  # fmt: skip
     """``method``'s attention of the T new queries over all S keys, the last T of them new.
 
     Args:
         store: what the previous step returned (None at the first): extended by the new keys when
             it holds exactly the S − T before them, else rebuilt from all of them with projections
-            from ``generator`` (the prefill's, for the same seed).
+            from ``generator`` (the prefill's, for the same seed), or from what it returns when it
+            is a function (called only then).
         q: `(B, H, T, D)`, the queries at the last T positions; k: `(B, H_kv, S, D)`, v:
             `(B, H_kv, S, Dv)`: query head h reads key head ``h // (H / H_kv)`` (GQA: K and V are
             never repeated; each query head hashes with its own projections, as the prefill does

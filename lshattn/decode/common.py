@@ -8,6 +8,7 @@ Shape legend: B batch, H query heads, H_kv key heads (H = G·H_kv, GQA), T new q
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -16,7 +17,17 @@ from torch import Tensor
 
 from lshattn.blocks import compute_dtype
 
-__all__ = ["Step", "appended", "continues", "covered_keys", "flat_rows", "listed", "per_query_head", "softmax_over"]
+__all__ = [
+    "Step",
+    "appended",
+    "continues",
+    "covered_keys",
+    "drawn_from",
+    "flat_rows",
+    "listed",
+    "per_query_head",
+    "softmax_over",
+]
 
 
 class Step(NamedTuple):
@@ -27,6 +38,13 @@ class Step(NamedTuple):
     out: Tensor
     store: Any  # the method's store (lshattn.decode.Store), None for TopK and Local
     scored: int
+
+
+def drawn_from(generator: torch.Generator | Callable[[], torch.Generator] | None) -> torch.Generator | None:
+    """The generator to draw a new store's projections from: ``generator``, or what it returns
+    when it is a function (``lshattn.hf`` passes one: a step that extends its store draws nothing,
+    so it need not seed a generator)."""
+    return generator() if callable(generator) else generator
 
 
 def appended(buffer: Tensor, length: int, new: Tensor, dim: int) -> Tensor:

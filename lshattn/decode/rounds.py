@@ -6,12 +6,21 @@ sort of the whole sequence."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from lshattn.blocks import compute_dtype
-from lshattn.decode.common import Step, appended, continues, covered_keys, per_query_head, softmax_over
+from lshattn.decode.common import (
+    Step,
+    appended,
+    continues,
+    covered_keys,
+    drawn_from,
+    per_query_head,
+    softmax_over,
+)
 from lshattn.hashing import angular_buckets, angular_factors, draw_normal, e2lsh_projection
 from lshattn.methods import SMYRF, Reformer
 
@@ -56,7 +65,7 @@ def _round_values(method: Reformer | SMYRF, planes: Tensor, x: Tensor) -> Tensor
 
 def _rounds_store(
     store: RoundsStore | None, method: Reformer | SMYRF, k: Tensor, new: int, real: Tensor,
-    generator: torch.Generator | None, groups: int,
+    generator: torch.Generator | Callable[[], torch.Generator] | None, groups: int,
 ) -> RoundsStore:  # fmt: skip
     """The store of all S keys of `(B, H_kv, S, D)` ``k``: ``store`` grown by the last ``new``
     when it holds the others, else built afresh from all of them."""
@@ -65,10 +74,12 @@ def _rounds_store(
     if not continues(store, k, new, H):
         if isinstance(method, Reformer):
             planes = draw_normal(
-                (H, D, method.num_hashes, sum(angular_factors(method.num_buckets)) // 2), generator, k.device
+                (H, D, method.num_hashes, sum(angular_factors(method.num_buckets)) // 2),
+                drawn_from(generator),
+                k.device,
             )
         else:
-            planes = draw_normal((H, method.num_hashes, D + 2), generator, k.device)
+            planes = draw_normal((H, method.num_hashes, D + 2), drawn_from(generator), k.device)
         dtype = compute_dtype(k.dtype)
         values_dtype = torch.long if isinstance(method, Reformer) else dtype
         store = RoundsStore(
@@ -89,7 +100,7 @@ def _rounds_store(
 
 def rounds_step(
     store: RoundsStore | None, method: Reformer | SMYRF, q: Tensor, k: Tensor, v: Tensor, visible: Tensor,
-    scale: float, generator: torch.Generator | None,
+    scale: float, generator: torch.Generator | Callable[[], torch.Generator] | None,
 ) -> Step:  # fmt: skip
     """Each round, a new query attends the visible keys of its bucket (Reformer: all of them, not
     a chunk of the sorted sequence) or the ``k_cluster_size`` visible keys nearest to it in the

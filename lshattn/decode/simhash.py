@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lshattn.blocks import compute_dtype
-from lshattn.decode.common import Step, appended, continues, covered_keys, flat_rows, listed, per_query_head
+from lshattn.decode.common import Step, appended, continues, covered_keys, drawn_from, flat_rows, listed, per_query_head
 from lshattn.hashing import simhash_codes
 from lshattn.methods import SimHash
 from lshattn.methods.simhash import inverse_log_probability
@@ -119,14 +120,19 @@ def _simhash_codes(method: SimHash, planes: Tensor, keys: Tensor) -> Tensor:
 
 
 def _simhash_store(
-    store: SimHashStore | None, method: SimHash, keys: Tensor, new: int, generator: torch.Generator | None, groups: int
+    store: SimHashStore | None,
+    method: SimHash,
+    keys: Tensor,
+    new: int,
+    generator: torch.Generator | Callable[[], torch.Generator] | None,
+    groups: int,
 ) -> SimHashStore:
     """The store holding the codes of all S keys of `(B, H_kv, S, D)` ``keys``."""
     H_kv, S, D = keys.shape[1:]
     H = H_kv * groups
     cached = S - new
     if not continues(store, keys, new, H):
-        planes = method.planes(H, D, generator, keys.device)
+        planes = method.planes(H, D, drawn_from(generator), keys.device)
         codes = _simhash_codes(method, planes, per_query_head(keys, groups))
         return SimHashStore(method, planes, codes, S, keys[:, :, -1].clone())
     added = _simhash_codes(method, store.planes, per_query_head(keys[:, :, cached:], groups))
@@ -158,7 +164,7 @@ def _colliding(store: SimHashStore, q_codes: Tensor) -> Tensor:
 
 def simhash_step(
     store: SimHashStore | None, method: SimHash, q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Callable[[], torch.Generator] | None,
 ) -> Step:  # fmt: skip
     """Each query attends the visible keys its codes collide with, as ``SimHash`` does causally in
     the prefill: sparse softmax over them, importance-weighted by 1 / P(collide | θ) in

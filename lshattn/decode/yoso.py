@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lshattn.blocks import compute_dtype
-from lshattn.decode.common import Step, appended, continues, covered_keys, flat_rows, listed, per_query_head
+from lshattn.decode.common import Step, appended, continues, covered_keys, drawn_from, flat_rows, listed, per_query_head
 from lshattn.hashing import draw_normal, simhash_codes
 from lshattn.methods import YOSO
 from lshattn.methods.yoso import angle
@@ -83,7 +84,7 @@ def _add_to_tables(tables: Tensor, codes: Tensor, values: Tensor, real: Tensor, 
 
 
 def _yoso_store(
-    store: YOSOStore | None, method: YOSO, k: Tensor, v: Tensor, new: int, real: Tensor, generator: torch.Generator | None,
+    store: YOSOStore | None, method: YOSO, k: Tensor, v: Tensor, new: int, real: Tensor, generator: torch.Generator | Callable[[], torch.Generator] | None,
     groups: int,
 ) -> YOSOStore:  # fmt: skip
     """The store of the S − new keys before the new ones: ``store`` when it holds them, else built
@@ -92,7 +93,7 @@ def _yoso_store(
         return store
     B, H_kv, S, D = k.shape
     H, cached, Dv = H_kv * groups, S - new, v.shape[-1]
-    planes = draw_normal((H, D, method.num_hashes, method.num_bits), generator, k.device)
+    planes = draw_normal((H, D, method.num_hashes, method.num_bits), drawn_from(generator), k.device)
     codes = _yoso_codes(planes, per_query_head(k[:, :, :cached], groups), method.num_bits)
     tables = None
     if 2**method.num_bits <= max(cached, 1):
@@ -104,7 +105,7 @@ def _yoso_store(
 
 def yoso_step(
     store: YOSOStore | None, method: YOSO, q: Tensor, k: Tensor, v: Tensor, visible: Tensor,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Callable[[], torch.Generator] | None,
 ) -> Step:  # fmt: skip
     """YOSO-m's ``Y_i = (1/m) Σ_h Σ_{j visible, c_h(k_j) = c_h(q_i)} v_j`` for the new queries, as
     the causal prefill computes it: the cached keys from the tables (or by comparing codes), the
