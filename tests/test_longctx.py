@@ -58,7 +58,7 @@ SIMHASH = "simhash:num_hashes=2,mode=sparse,sinks=2,window=8"
 TINY = longctx.LongCtxConfig(
     lengths=(96, 128), budgets=(0.5, 0.25, 0.01),
     methods=(SIMHASH, "smyrf:num_hashes=1,sinks=2,window=8", "topk:sinks=2,window=8", "local:sinks=2"),
-    references=("local:sinks=2,window=8",), decode_tokens=8, exclude=(("topk", 128, "too slow here (a test)"),),
+    references=("local:sinks=2,window=8",), decode_tokens=8, exclude=(("topk", 128, 0.25, "too slow here (a test)"),),
     passkey_lengths=(320,), passkey_depths=(0.0, 0.5, 1.0), passkey_trials=1, passkey_budget=0.5,
     passkey_new_tokens=6, speed_contexts=(96,), speed_steps=2, speed_budget=0.5, chunk=40,
 )  # fmt: skip
@@ -85,6 +85,8 @@ def test_report_files_and_every_cell(tiny_report):
     assert len(results["perplexity"]["rows"]) == len(TINY.lengths) * per_length
     assert len(results["passkey"]["rows"]) == 1 + len(TINY.methods)
     markdown = (out / "report.md").read_text()
+    assert results["model"]["id"] == "LlamaForCausalLM|2x32"
+    assert "| — | `local:sinks=2,window=8` (baseline) |" in markdown  # a fixed reference keeps its string
     assert "## Targets (issue 14)" in markdown and "## 2. Passkey retrieval" in markdown
     assert "### 128 tokens" in markdown and "![perplexity against budget](perplexity.png)" in markdown
 
@@ -120,6 +122,8 @@ def test_unreachable_and_excluded_cells_are_recorded_not_run(tiny_report):
     excluded = rows(results, 128)[(0.25, "topk:sinks=2,window=8")]
     assert excluded["status"] == "excluded" and excluded["reason"] == "too slow here (a test)"
     assert rows(results, 96)[(0.25, "topk:sinks=2,window=8")]["status"] == "ok"  # below the length excluded
+    assert rows(results, 128)[(0.5, "topk:sinks=2,window=8")]["status"] == "excluded"  # and above the budget
+    assert rows(results, 128)[(0.01, "topk:sinks=2,window=8")]["status"] == "unreachable"  # below it
     markdown = (out / "report.md").read_text()
     assert "## Not run" in markdown and "too slow here (a test)" in markdown
 
@@ -150,6 +154,7 @@ def test_speed_rows(tiny_report):
     by_text = {r.get("text", r["method"]): r for r in cell["methods"]}
     exact, simhash = by_text["exact"], by_text[SIMHASH]
     assert exact["attention_ratio"] == 1 and exact["store_bytes"] == 0
+    assert len(exact["passes_ms_per_step"]) == 2 and exact["ms_per_step"] == min(exact["passes_ms_per_step"])
     # the exact KV cache: 2 layers, K and V, 2 key heads of dim 8, context + 3 tokens, float32
     assert exact["cache_bytes"] == 2 * 2 * 2 * (96 + 3) * 8 * 4
     assert simhash["store_bytes"] > 0 and simhash["decode_budget"] < 1
@@ -342,3 +347,14 @@ def test_command_names_the_flags_of_a_known_config():
         "`lshattn longctx --quick --seed 2 --corpus bible --out DIR`"
     )
     assert "LongCtxConfig(**config)" in longctx.command(TINY)
+
+
+def test_exclusions_by_length_and_budget_leave_decoding_speed_alone():
+    config = dataclasses.replace(TINY, exclude=(("simhash", 4096, 0.25, "slow"),))
+    assert longctx.excluded(config, SIMHASH, 4096, 0.25) == "slow"
+    assert longctx.excluded(config, SIMHASH, 8000, 0.5) == "slow"
+    assert longctx.excluded(config, SIMHASH, 2048, 0.25) is None
+    assert longctx.excluded(config, SIMHASH, 8000, 1 / 16) is None
+    assert longctx.excluded(config, "smyrf:num_hashes=1", 8000, 0.5) is None
+    method, row = longctx._resolve(config, SIMHASH, 0.5, 4096, 8, speed=True)
+    assert method is not None and row["status"] == "ok"
