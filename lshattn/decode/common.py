@@ -20,6 +20,7 @@ from lshattn.blocks import compute_dtype
 __all__ = [
     "Step",
     "appended",
+    "code_dtype",
     "continues",
     "covered_keys",
     "drawn_from",
@@ -38,6 +39,12 @@ class Step(NamedTuple):
     out: Tensor
     store: Any  # the method's store (lshattn.decode.Store), None for TopK and Local
     scored: int
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """The smallest signed integer type that holds codes of ``bits`` bits (stores keep one a key
+    per table: int16 for 8-bit codes is a quarter of int64's memory)."""
+    return torch.int16 if bits <= 15 else torch.int32 if bits <= 31 else torch.long
 
 
 def drawn_from(generator: torch.Generator | Callable[[], torch.Generator] | None) -> torch.Generator | None:

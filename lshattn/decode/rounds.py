@@ -15,6 +15,7 @@ from lshattn.blocks import compute_dtype
 from lshattn.decode.common import (
     Step,
     appended,
+    code_dtype,
     continues,
     covered_keys,
     drawn_from,
@@ -81,7 +82,7 @@ def _rounds_store(
         else:
             planes = draw_normal((H, method.num_hashes, D + 2), drawn_from(generator), k.device)
         dtype = compute_dtype(k.dtype)
-        values_dtype = torch.long if isinstance(method, Reformer) else dtype
+        values_dtype = code_dtype(int(method.num_buckets - 1).bit_length()) if isinstance(method, Reformer) else dtype
         store = RoundsStore(
             method, planes, k.new_zeros(B, H, method.num_hashes, 0, dtype=values_dtype), k.new_zeros(B, H, 0, dtype=dtype),
             k.new_zeros(B, H, dtype=dtype), k.new_zeros(B, H, dtype=dtype), 0, k[:, :, 0],

@@ -20,7 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lshattn.blocks import compute_dtype
-from lshattn.decode.common import Step, appended, continues, covered_keys, drawn_from, flat_rows, listed, per_query_head
+from lshattn.decode.common import (
+    Step,
+    appended,
+    code_dtype,
+    continues,
+    covered_keys,
+    drawn_from,
+    flat_rows,
+    listed,
+    per_query_head,
+)
 from lshattn.hashing import simhash_codes
 from lshattn.methods import SimHash
 from lshattn.methods.simhash import inverse_log_probability
@@ -59,8 +69,9 @@ class BucketIndex:
     def build(cls, codes: Tensor, bits: int) -> BucketIndex:
         """The index of `(B, H, R, N)` codes in ``[0, 2^bits)``."""
         ordered, keys = torch.sort(codes, dim=-1, stable=True)
-        every_code = torch.arange(2**bits + 1, device=codes.device).expand(*codes.shape[:-1], -1).contiguous()
-        return cls(keys, torch.searchsorted(ordered, every_code))
+        every_code = torch.arange(2**bits + 1, dtype=codes.dtype, device=codes.device)
+        starts = torch.searchsorted(ordered, every_code.expand(*codes.shape[:-1], -1).contiguous(), out_int32=True)
+        return cls(keys.int(), starts)  # positions and offsets below 2^31: int32, half the memory
 
     def colliding(self, q_codes: Tensor, S: int) -> Tensor:
         """`(B, H, T, S)` bool: the indexed keys that share a code with each query in some table.
@@ -70,7 +81,7 @@ class BucketIndex:
         """
         B, H, R, T = q_codes.shape
         N = self.indexed
-        begin = self.starts.gather(-1, q_codes)  # (B, H, R, T)
+        begin = self.starts.gather(-1, q_codes).long()  # (B, H, R, T)
         lengths = (self.starts.gather(-1, q_codes + 1) - begin).reshape(-1)
         found = torch.zeros(B * H * T * S, dtype=torch.bool, device=q_codes.device)
         total = int(lengths.sum())
@@ -81,7 +92,7 @@ class BucketIndex:
             )
             first = lengths.cumsum(0) - lengths
             at = begin.reshape(-1)[run] + torch.arange(total, device=q_codes.device) - first[run]
-            key = self.keys.reshape(-1)[(run // T) * N + at]  # (b, h, r) row of keys, position in its run
+            key = self.keys.reshape(-1)[(run // T) * N + at].long()  # (b, h, r) row of keys, position in its run
             query_row = (run // (R * T)) * T + run % T  # (b, h, t)
             found[query_row * S + key] = True
         return found.view(B, H, T, S)
@@ -115,8 +126,10 @@ class SimHashStore:
 
 
 def _simhash_codes(method: SimHash, planes: Tensor, keys: Tensor) -> Tensor:
+    """`(B, H, R, L)` table codes of `(B, H, L, D)` keys, in the smallest integer type that holds them."""
     with torch.no_grad():
-        return method.table_codes(simhash_codes(keys, planes))[0]
+        codes, bits = method.table_codes(simhash_codes(keys, planes))
+        return codes.to(code_dtype(bits))
 
 
 def _simhash_store(
