@@ -92,7 +92,8 @@ def _longctx(args: argparse.Namespace) -> int:
 
     config = longctx.LongCtxConfig(seed=args.seed)
     config = config.quick() if args.quick else config
-    changes = {"lengths": args.lengths, "budgets": args.budgets, "methods": args.methods, "corpus": args.corpus}
+    changes = {"lengths": args.lengths, "budgets": args.budgets, "methods": args.methods, "corpus": args.corpus,
+               "passkey_methods": args.methods, "passkey_trials": args.passkey_trials}  # fmt: skip
     config = dataclasses.replace(config, **{key: tuple(v) if isinstance(v, list) else v
                                             for key, v in changes.items() if v is not None})  # fmt: skip
     results = longctx.run(config, args.out, progress=not args.no_progress, resume=not args.fresh)
@@ -185,10 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     longctx_parser.add_argument("--lengths", nargs="+", type=int, help="tokens per text for the perplexity")
     longctx_parser.add_argument("--budgets", nargs="+", type=float, help="shares of exact attention's work")
     longctx_parser.add_argument(
-        "--methods", nargs="+", help="method strings for lshattn.parse (the budget turns each one's knob; the fields "
-        "a string names stay fixed)",
+        "--methods", nargs="+", help="method strings for lshattn.parse, for every section (the budget turns each "
+        "one's knob; the fields a string names stay fixed)",
     )  # fmt: skip
     longctx_parser.add_argument("--corpus", choices=["wikipedia", "bible"], help="the text (default: wikipedia)")
+    longctx_parser.add_argument("--passkey-trials", type=int, help="passkey trials per depth and length (default: 2)")
     longctx_parser.add_argument("--fresh", action="store_true", help="ignore the cells of an earlier run in --out")
     longctx_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     longctx_parser.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -58,6 +58,7 @@ SIMHASH = "simhash:num_hashes=2,mode=sparse,sinks=2,window=8"
 TINY = longctx.LongCtxConfig(
     lengths=(96, 128), budgets=(0.5, 0.25, 0.01),
     methods=(SIMHASH, "smyrf:num_hashes=1,sinks=2,window=8", "topk:sinks=2,window=8", "local:sinks=2"),
+    passkey_methods=(SIMHASH, "local:sinks=2"),
     references=("local:sinks=2,window=8",), decode_tokens=8, exclude=(("topk", 128, 0.25, "too slow here (a test)"),),
     passkey_lengths=(320,), passkey_depths=(0.0, 0.5, 1.0), passkey_trials=1, passkey_budget=0.5,
     passkey_new_tokens=6, speed_contexts=(96,), speed_steps=2, speed_budget=0.5, chunk=40,
@@ -83,11 +84,15 @@ def test_report_files_and_every_cell(tiny_report):
     assert json.loads((out / "report.json").read_text())["perplexity"] == results["perplexity"]
     per_length = 1 + len(TINY.budgets) * len(TINY.methods) + len(TINY.references)
     assert len(results["perplexity"]["rows"]) == len(TINY.lengths) * per_length
-    assert len(results["passkey"]["rows"]) == 1 + len(TINY.methods)
+    assert [r.get("text", r["method"]) for r in results["passkey"]["rows"]] == ["exact", *TINY.passkey_methods]
     markdown = (out / "report.md").read_text()
     assert results["model"]["id"] == "LlamaForCausalLM|2x32"
     assert "| — | `local:sinks=2,window=8` (baseline) |" in markdown  # a fixed reference keeps its string
     assert "## Targets (issue 14)" in markdown and "## 2. Passkey retrieval" in markdown
+    assert (
+        "Left out of the passkey grid to bound the run's time" in markdown
+        and "`topk:sinks=2,window=8` (the" in markdown
+    )
     assert "### 128 tokens" in markdown and "![perplexity against budget](perplexity.png)" in markdown
 
 
@@ -303,10 +308,11 @@ def test_cli_runs_the_report_with_its_flags(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(longctx, "run", tiny_run)
     code = cli.main(["longctx", "--quick", "--out", str(tmp_path), "--lengths", "96", "--budgets", "0.5",
-                     "--methods", SIMHASH, "--seed", "3", "--no-progress", "--fresh"])  # fmt: skip
+                     "--methods", SIMHASH, "--seed", "3", "--passkey-trials", "3", "--no-progress", "--fresh"])  # fmt: skip
     assert code == 0
     config, progress, resume = calls[0]
     assert config.lengths == (96,) and config.budgets == (0.5,) and config.methods == (SIMHASH,) and config.seed == 3
+    assert config.passkey_methods == (SIMHASH,) and config.passkey_trials == 3
     assert config.decode_tokens == 32 and not progress and not resume  # --quick's other settings kept
     printed = capsys.readouterr().out
     assert "not measured: at 4,096 tokens" in printed and f"report: {tmp_path}/report.md" in printed

@@ -249,6 +249,11 @@ def _passkey_section(results: dict, plots: dict[str, str]) -> list[str]:
             f"{accuracy[name][t]:.0%}" if t in accuracy.get(name, {}) else (by_length.get(t) or "—") for t in lengths
         ]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    left_out = [m for m in c["methods"] if m not in c.get("passkey_methods", c["methods"])]
+    if left_out:
+        lines += ["", "Left out of the passkey grid to bound the run's time (`passkey_methods` in `config`): "
+                  + ", ".join(f"`{m}`" for m in left_out) + " (the oracle ranks every pair: about 3 min a forward at "
+                  "4k tokens on 2 cores, and a passkey cell runs one per depth and trial)."]  # fmt: skip
     exact = accuracy.get("exact", {})
     if exact and max(exact.values()) == 0:
         lines += [
