@@ -360,7 +360,6 @@ def _plot_perplexity(plt, rows: list[dict], path: Path) -> None:
                 axis.plot([b for b, _ in points], [p for _, p in points], "s-" if role == "oracle" else "o-",
                           color=COLOURS.get(family), label=family + (f" ({role})" if role != "method" else ""))  # fmt: skip
             axis.set_xscale("log", base=2)
-            axis.set_yscale("log")
             axis.set_title(f"{length:,} tokens: {what}")
             axis.set_xlabel("budget (share of T·S)")
             axis.grid(alpha=0.3)
@@ -392,7 +391,7 @@ def _plot_passkey(plt, rows: list[dict], path: Path) -> None:
                     j, i, text, ha="center", va="center", fontsize=7, color="white" if grid[i, j] < 0.6 else "black"
                 )
         axis.set_xticks(range(len(lengths)), [f"{t:,}" for t in lengths], fontsize=7)
-        axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if axis is axes[0][0] else [], fontsize=7)
         axis.set_title(name.partition(":")[0] if name != "exact" else "exact", fontsize=8)
         axis.set_xlabel("tokens", fontsize=7)
     axes[0][0].set_ylabel("depth of the key")
