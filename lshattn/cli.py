@@ -191,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     longctx_parser.add_argument("--corpus", choices=["wikipedia", "bible"], help="the text (default: wikipedia)")
     longctx_parser.add_argument("--passkey-trials", type=int, help="passkey trials per depth and length (default: 2)")
-    longctx_parser.add_argument("--fresh", action="store_true", help="ignore the cells of an earlier run in --out")
+    longctx_parser.add_argument(
+        "--fresh", action="store_true",
+        help="ignore the cells of an earlier run in --out (after the methods changed: each cell records its commit)",
+    )  # fmt: skip
     longctx_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     longctx_parser.add_argument("--json", action="store_true", help="print the results as JSON")
 

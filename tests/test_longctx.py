@@ -178,6 +178,7 @@ def test_resume_reuses_cells_and_measures_only_new_ones(tiny_report, tmp_path, m
     assert measured == [longctx.setting("smyrf:num_hashes=2,sinks=2,window=8", 0.5, 96, 8)]  # the only new cell
     assert again["reused_cells"] == 3  # exact, SimHash at 1/2, the reference
     assert rows(again, 96)[(0.5, SIMHASH)] == rows(results, 96)[(0.5, SIMHASH)]
+    assert "commit" in rows(again, 96)[(0.5, SIMHASH)]  # each cell says which code measured it
 
 
 def test_a_length_past_the_model_positions_is_refused_before_running(tmp_path):

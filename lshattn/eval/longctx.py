@@ -550,8 +550,8 @@ class _Journal:
         row = self.previous.get(key)
         if row is not None:
             self.reused += 1
-        else:
-            row = {"key": key, **compute()}
+        else:  # the commit it was measured at: a reused cell may predate a change to its method
+            row = {"key": key, **compute(), "commit": self.results["machine"].get("commit")}
         self.results[section]["rows"].append(row)
         self.save()
         return row
