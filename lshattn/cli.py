@@ -93,7 +93,9 @@ def _longctx(args: argparse.Namespace) -> int:
     config = longctx.LongCtxConfig(seed=args.seed)
     config = config.quick() if args.quick else config
     changes = {"lengths": args.lengths, "budgets": args.budgets, "methods": args.methods, "corpus": args.corpus,
-               "passkey_methods": args.methods, "passkey_trials": args.passkey_trials}  # fmt: skip
+               "passkey_methods": args.methods, "passkey_trials": args.passkey_trials,
+               "decode_tokens": args.decode_tokens, "passkey_lengths": args.passkey_lengths,
+               "passkey_depths": args.passkey_depths, "speed_contexts": args.speed_contexts}  # fmt: skip
     config = dataclasses.replace(config, **{key: tuple(v) if isinstance(v, list) else v
                                             for key, v in changes.items() if v is not None})  # fmt: skip
     results = longctx.run(config, args.out, progress=not args.no_progress, resume=not args.fresh)
@@ -191,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     longctx_parser.add_argument("--corpus", choices=["wikipedia", "bible"], help="the text (default: wikipedia)")
     longctx_parser.add_argument("--passkey-trials", type=int, help="passkey trials per depth and length (default: 2)")
+    longctx_parser.add_argument("--decode-tokens", type=int, help="the last tokens decoded through the cache (256)")
+    longctx_parser.add_argument("--passkey-lengths", nargs="+", type=int, help="passkey prompt lengths (1k to 8k)")
+    longctx_parser.add_argument("--passkey-depths", nargs="+", type=float, help="passkey depths, 0 to 1 (5 of them)")
+    longctx_parser.add_argument("--speed-contexts", nargs="*", type=int, help="decoding speed contexts (2k, 4k, 8k)")
     longctx_parser.add_argument(
         "--fresh", action="store_true",
         help="ignore the cells of an earlier run in --out (after the methods changed: each cell records its commit)",
