@@ -700,10 +700,10 @@ def _decode(
     against every cached key, the store extended by the new keys. Returns `(B, T, H, Dv)`."""
     B, H, T = query.shape[:3]
     S = key.shape[2]
-    if attention_mask is None:  # query t is position S − T + t
-        visible = torch.arange(S, device=query.device) <= torch.arange(S - T, S, device=query.device)[:, None]
-        visible = visible.expand(B, 1, T, S)
-    else:
+    # None: transformers saw no padding (query t is position S − T + t), which lets YOSO's step
+    # skip every pass over the S keys
+    visible = None
+    if attention_mask is not None:
         visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     # GQA: K and V are read per key head, never repeated
@@ -713,7 +713,7 @@ def _decode(
     if state.tally is not None:
         state.tally.empty += int((result.out == 0).all(-1).sum())
         state.tally.dot_products += result.scored
-        state.tally.pairs += _real_pairs(B, H, T, S, visible[:, 0, -1, :], None)
+        state.tally.pairs += _real_pairs(B, H, T, S, None if visible is None else visible[:, 0, -1, :], None)
         state.tally.calls += 1
     return result.out.transpose(1, 2).contiguous()
 

@@ -104,6 +104,19 @@ def test_every_code_colliding_decodes_as_exact_attention(mode):
     torch.testing.assert_close(decoded_logits(model, ids, mask, 9), exact[:, 9:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", [name for name in SETTINGS if name.startswith("yoso")] + ["sparse-sinks-window"])
+def test_without_padding_decoding_equals_the_prefill_too(name):
+    """No padding: transformers passes no mask, and YOSO's step takes its path with no pass over
+    the cached keys (the sinks and window from their positions)."""
+    model = tiny_llama()
+    hf.use(model, SETTINGS[name], seed=5)
+    ids, _ = prompt()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(decoded_logits(model, ids, mask, 9), full[:, 9:], atol=1e-5, rtol=1e-5)
+
+
 def test_a_yoso_window_over_everything_decodes_as_yoso_e():
     """YOSO's covered pairs take the exact kernel: a window over every key decodes as YOSO-E, the
     expectation YOSO-m samples (its exact limit)."""
@@ -298,7 +311,8 @@ def test_decoding_step_by_step_equals_the_causal_prefill(case):
                   query_padding_mask=mask, causal=True, generator=torch.Generator().manual_seed(7))  # fmt: skip
     store = None
     for t in range(prompt_length, L):
-        visible = mask[:, None, None, : t + 1]
+        # no padding: the step is told so (None), as lshattn.hf does when transformers passes no mask
+        visible = None if not any(padding) else mask[:, None, None, : t + 1]
         out, store, _ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                     D**-0.5, torch.Generator().manual_seed(7))  # fmt: skip
         real = mask[:, t]

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from lshattn.api import Method
-from lshattn.decode.common import Step
+from lshattn.decode.common import Step, causal_visible
 from lshattn.decode.rounds import RoundsStore, rounds_step
 from lshattn.decode.selection import selection_step
 from lshattn.decode.simhash import SimHashStore, simhash_step
@@ -85,7 +85,7 @@ def decodes(method: Method | None) -> bool:
 
 
 def step(
-    store: Store | None, method: Method, q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float,
+    store: Store | None, method: Method, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float,
     generator: torch.Generator | Callable[[], torch.Generator] | None,
 ) -> Step:  # fmt: skip
     """``method``'s attention of the T new queries over all S keys, the last T of them new.
@@ -100,7 +100,8 @@ def step(
             never repeated; each query head hashes with its own projections, as the prefill does
             on repeated keys).
         visible: `(B, 1 or H, T, S)` bool: the keys each query may see (causality and padding);
-            the last query sees every real key.
+            the last query sees every real key. None: no padding, query t sees the keys up to its
+            position S − T + t.
         scale: the logit scale (SimHash; YOSO's kernel has none).
 
     Raises:
@@ -120,10 +121,12 @@ def step(
             "outputs, while shared-QK attention uses the queries as keys. Generate with use_cache=False (every "
             "step a full forward), or use Reformer(shared_qk=False)"
         )
+    if isinstance(method, YOSO):  # YOSO's tables need no S-long pass when nothing is padded
+        return yoso_step(store, method, q, k, v, visible, generator)
+    if visible is None:
+        visible = causal_visible(q.shape[0], q.shape[2], k.shape[2], q.device)
     if isinstance(method, SimHash):
         return simhash_step(store, method, q, k, v, visible, scale, generator)
-    if isinstance(method, YOSO):
-        return yoso_step(store, method, q, k, v, visible, generator)
     if isinstance(method, (Reformer, SMYRF)):
         return rounds_step(store, method, q, k, v, visible, scale, generator)
     return Step(*selection_step(method, q, k, v, visible, scale))

@@ -8,6 +8,7 @@ Shape legend: B batch, H query heads, H_kv key heads (H = G·H_kv, GQA), T new q
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,12 +21,14 @@ from lshattn.blocks import compute_dtype
 __all__ = [
     "Step",
     "appended",
+    "causal_visible",
     "code_dtype",
     "continues",
     "covered_keys",
     "drawn_from",
     "flat_rows",
     "listed",
+    "local_index",
     "per_query_head",
     "softmax_over",
 ]
@@ -109,6 +112,25 @@ def listed(flags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     index[row, slot] = position
     valid = torch.arange(most, device=flags.device) < count[:, None]
     return index.view(*rows_shape, most), valid.view(*rows_shape, most), count.view(rows_shape)
+
+
+def causal_visible(B: int, T: int, S: int, device: torch.device) -> Tensor:
+    """`(B, 1, T, S)` bool: with no padding, query t (position S − T + t) sees the keys up to it."""
+    return (torch.arange(S, device=device) <= torch.arange(S - T, S, device=device)[:, None]).expand(B, 1, T, S)
+
+
+@functools.lru_cache(maxsize=64)
+def local_index(T: int, S: int, sinks: int, window: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """With no padding (ranks are positions): the keys ``covered_keys`` gives the T new queries,
+    as `(T, C)` positions (clamped into range) and `(T, C)` valid, C = sinks + window + 1,
+    without an S-long pass. Cached: every layer of a step asks for the same."""
+    position = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+    first = torch.arange(sinks, device=device).expand(T, sinks)
+    index, valid = first, first <= position
+    if window is not None:
+        near = position - window + torch.arange(window + 1, device=device)  # (T, window + 1)
+        index, valid = torch.cat([index, near], 1), torch.cat([valid, near >= sinks], 1)  # the sinks once
+    return index.clamp(0, S - 1), valid
 
 
 def covered_keys(visible: Tensor, sinks: int, window: int | None) -> Tensor:

@@ -6,6 +6,7 @@ codes for the sinks and window. The causal prefill sums the same keys, so decodi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -14,7 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lshattn.blocks import compute_dtype
-from lshattn.decode.common import Step, appended, continues, covered_keys, drawn_from, flat_rows, listed, per_query_head
+from lshattn.decode.common import (
+    Step,
+    appended,
+    continues,
+    covered_keys,
+    drawn_from,
+    flat_rows,
+    listed,
+    local_index,
+    per_query_head,
+)
 from lshattn.hashing import draw_normal, simhash_codes
 from lshattn.methods import YOSO
 from lshattn.methods.yoso import angle
@@ -63,17 +74,24 @@ def _yoso_codes(planes: Tensor, x: Tensor, num_bits: int) -> Tensor:
 
 def _table_rows(codes: Tensor, B: int, H: int, num_bits: int) -> Tensor:
     """Rows of the flat tables for `(B, H, L, m)` codes."""
-    m = codes.shape[-1]
-    head_hash = torch.arange(B * H, device=codes.device).view(B, H, 1, 1) * m + torch.arange(m, device=codes.device)
-    return head_hash * 2**num_bits + codes
+    return _table_offsets(B, H, codes.shape[-1], num_bits, codes.device) + codes
 
 
-def _add_to_tables(tables: Tensor, codes: Tensor, values: Tensor, real: Tensor, num_bits: int) -> None:
-    """Add to ``tables`` (in place) the values `(B, H, L, Dv)` of the real (`(B, L)` bool) keys of
-    `(B, H, L, m)` ``codes``, into their buckets; padded keys add nothing (NaN included)."""
+@functools.lru_cache(maxsize=64)
+def _table_offsets(B: int, H: int, m: int, num_bits: int, device: torch.device) -> Tensor:
+    """`(B, H, 1, m)`: the first row of each (sequence, head, hash)'s table (cached: every layer of
+    every step asks for the same)."""
+    head_hash = torch.arange(B * H, device=device).view(B, H, 1, 1) * m + torch.arange(m, device=device)
+    return head_hash * 2**num_bits
+
+
+def _add_to_tables(tables: Tensor, codes: Tensor, values: Tensor, real: Tensor | None, num_bits: int) -> None:
+    """Add to ``tables`` (in place) the values `(B, H, L, Dv)` of the real (`(B, L)` bool, None:
+    all) keys of `(B, H, L, m)` ``codes``, into their buckets; padded keys add nothing (NaN included)."""
     B, H, L, m = codes.shape
     flat = tables.view(-1, tables.shape[-1])
-    values = torch.where(real[:, None, :, None], values, 0.0)
+    if real is not None:
+        values = torch.where(real[:, None, :, None], values, 0.0)
     rows = _table_rows(codes, B, H, num_bits)
     if L * m <= TABLE_ADD_ROWS:  # a decoding step's few keys: one call
         flat.index_add_(0, rows.reshape(-1), values[:, :, :, None].expand(B, H, L, m, -1).reshape(B * H * L * m, -1))
@@ -84,7 +102,8 @@ def _add_to_tables(tables: Tensor, codes: Tensor, values: Tensor, real: Tensor, 
 
 
 def _yoso_store(
-    store: YOSOStore | None, method: YOSO, k: Tensor, v: Tensor, new: int, real: Tensor, generator: torch.Generator | Callable[[], torch.Generator] | None,
+    store: YOSOStore | None, method: YOSO, k: Tensor, v: Tensor, new: int, real: Tensor | None,
+    generator: torch.Generator | Callable[[], torch.Generator] | None,
     groups: int,
 ) -> YOSOStore:  # fmt: skip
     """The store of the S − new keys before the new ones: ``store`` when it holds them, else built
@@ -99,23 +118,26 @@ def _yoso_store(
     if 2**method.num_bits <= max(cached, 1):
         tables = v.new_zeros(B, H * method.num_hashes * 2**method.num_bits, Dv, dtype=compute_dtype(v.dtype))
         values = per_query_head(v[:, :, :cached], groups).to(tables.dtype)
-        _add_to_tables(tables, codes, values, real[:, :cached], method.num_bits)
+        _add_to_tables(tables, codes, values, None if real is None else real[:, :cached], method.num_bits)
     return YOSOStore(method, planes, codes, cached, tables, k[:, :, max(cached - 1, 0)].clone())
 
 
 def yoso_step(
-    store: YOSOStore | None, method: YOSO, q: Tensor, k: Tensor, v: Tensor, visible: Tensor,
+    store: YOSOStore | None, method: YOSO, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None,
     generator: torch.Generator | Callable[[], torch.Generator] | None,
 ) -> Step:  # fmt: skip
     """YOSO-m's ``Y_i = (1/m) Σ_h Σ_{j visible, c_h(k_j) = c_h(q_i)} v_j`` for the new queries, as
     the causal prefill computes it: the cached keys from the tables (or by comparing codes), the
     new keys up to each query by comparing codes, the covered pairs corrected to the exact kernel
-    (``lshattn.methods.yoso``); L2-normalised with ``normalize_output``."""
+    (``lshattn.methods.yoso``); L2-normalised with ``normalize_output``.
+
+    ``visible`` None (no padding) takes a path with no pass over the S keys: a step costs
+    O(m·Dv) plus the sinks' and window's keys, whatever the context."""
     B, H, T = q.shape[:3]
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     groups, m, bits, cached = H // H_kv, method.num_hashes, method.num_bits, S - T
-    real = visible[:, 0, -1, :]  # (B, S): the last query sees every real key
-    if not bool((visible[..., :cached] == real[:, None, None, :cached]).all()):
+    real = None if visible is None else visible[:, 0, -1, :]  # (B, S): the last query sees every real key
+    if visible is not None and not bool((visible[..., :cached] == real[:, None, None, :cached]).all()):
         raise ValueError(
             "YOSO decodes with bucket tables of every cached real key, but the attention mask hides some cached "
             "keys from a new query (a sliding window or a custom 4-D mask); use exact attention in this layer"
@@ -126,35 +148,43 @@ def yoso_step(
     q_codes, new_codes = _yoso_codes(
         store.planes, torch.cat([q, per_query_head(k[:, :, cached:], groups)], 2), bits
     ).split(T, 2)
-    new_values = torch.where(real[:, None, cached:, None], v[:, :, cached:].to(dtype), 0.0)  # (B, H_kv, T, Dv)
+    new_values = v[:, :, cached:].to(dtype)  # (B, H_kv, T, Dv)
+    if real is not None:
+        new_values = torch.where(real[:, None, cached:, None], new_values, 0.0)
 
     if store.tables is not None:  # the cached keys, one table row per hash
         rows = _table_rows(q_codes, B, H, bits).reshape(B * H * T, m)
         summed = F.embedding_bag(rows, store.tables.view(-1, Dv), mode="sum").view(B, H, T, Dv)
     else:  # in how many hashes each query meets each cached key
         hits = (q_codes[:, :, :, None, :] == store.codes[:, :, None, :, :]).sum(-1).to(dtype)  # (B, H, T, cached)
-        cached_values = torch.where(real[:, None, :cached, None], v[:, :, :cached].to(dtype), 0.0)
+        cached_values = v[:, :, :cached].to(dtype)
+        if real is not None:
+            cached_values = torch.where(real[:, None, :cached, None], cached_values, 0.0)
         summed = (hits.view(B, H_kv, groups * T, cached) @ cached_values).view(B, H, T, Dv)
     # the new keys up to each query (teacher forcing may bring several)
     block_hits = (q_codes[:, :, :, None, :] == new_codes[:, :, None, :, :]).sum(-1).to(dtype)  # (B, H, T, T)
-    block_hits = block_hits * visible[..., cached:]
+    block_hits = block_hits.tril() if visible is None else block_hits * visible[..., cached:]
     summed = summed + (block_hits.view(B, H_kv, groups * T, T) @ new_values).view(B, H, T, Dv)
     out = summed / m
 
     if store.tables is not None:  # the new keys into the tables (they were read before, above)
-        _add_to_tables(store.tables, new_codes, per_query_head(new_values, groups), real[:, cached:], bits)
+        new_real = None if real is None else real[:, cached:]
+        _add_to_tables(store.tables, new_codes, per_query_head(new_values, groups), new_real, bits)
     grown = YOSOStore(method, store.planes, appended(store.buffer, cached, new_codes, 2), S, store.tables,
                       k[:, :, -1].clone())  # fmt: skip
 
     scored = 0
     if method.sinks or method.window is not None:
-        covered = covered_keys(visible, method.sinks, method.window)
-        index, valid, count = listed(covered)  # (B, 1 or H, T, C)
+        if visible is None:
+            index, valid = local_index(T, S, method.sinks, method.window, q.device)  # (T, C)
+            index, valid = index.expand(B, 1, T, -1), valid.expand(B, 1, T, -1)
+        else:
+            index, valid, _ = listed(covered_keys(visible, method.sinks, method.window))  # (B, 1 or H, T, C)
         out = out + _yoso_local_correction(
             method, q.to(dtype), k.to(dtype), v, q_codes, grown.buffer, index.expand(B, H, T, -1),
             valid.expand(B, H, T, -1), groups,
         )  # fmt: skip
-        scored = int(count.sum()) * (H // covered.shape[1])
+        scored = int(valid.sum()) * (H // valid.shape[1])
     if method.normalize_output:
         out = out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)
     return Step(out.to(q.dtype), grown, scored)
