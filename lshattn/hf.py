@@ -573,23 +573,14 @@ def _padding_mask(
     return mask[:, kv_offset : kv_offset + kv_length]
 
 
-def _attention(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[Tensor, None]:
-    """Attention function registered as ``"lshattn"``: ``_dispatch``, timed into the ``Tally`` of
-    an active ``count``."""
+def _attention(module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+    """Attention function registered as ``"lshattn"``: ``_dispatch`` (same arguments), timed
+    into the ``Tally`` of an active ``count``."""
     state: _LayerState | None = module.__dict__.get(_STATE)
     if state is None or state.tally is None:
-        return _dispatch(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        return _dispatch(module, *args, **kwargs)
     start = time.perf_counter()
-    out = _dispatch(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    out = _dispatch(module, *args, **kwargs)
     state.tally.seconds += time.perf_counter() - start
     return out
 
