@@ -5,8 +5,8 @@ The prompt (the first ``--tokens`` − ``--decode`` tokens of gensim's Wikipedia
 prefilled with the method, then each of the last ``--decode`` tokens is fed alone through the
 cache, each method through its own decoding step (``lshattn.decode``). Per method: perplexity of
 those tokens in the prefill and decoded, the mean next-token KL(prefill ‖ decoded) — zero up to
-rounding for the strictly causal methods (SimHash, YOSO, TopK, Local), and what Reformer and
-SMYRF lose because their causal prefill depends on the sort of the whole sequence — the share of
+rounding for the strictly causal methods (SimHash, YOSO, TopK, Local, whole-bucket Reformer),
+and what chunked Reformer and SMYRF lose because their causal prefill depends on the sort of the whole sequence — the share of
 the cached keys the decoding steps scored (``lshattn.hf.count``) and the time per step::
 
     python benchmarks/smollm2_decode.py --tokens 1024 --decode 128
@@ -32,6 +32,10 @@ METHODS = {
     "simhash": lshattn.SimHash(num_hashes=32, num_bits=8, mode="sparse", sinks=4, window=64),
     "yoso": lshattn.YOSO(num_hashes=32, num_bits=8, sinks=4, window=64),
     "reformer": lshattn.Reformer(num_hashes=2, bucket_size=64, num_buckets=32, shared_qk=False, sinks=4, window=64),
+    # strictly causal: each round's whole bucket, what a decoding step attends
+    "reformer-whole": lshattn.Reformer(
+        num_hashes=2, num_buckets=32, shared_qk=False, whole_buckets=True, sinks=4, window=64
+    ),
     "smyrf": lshattn.SMYRF(num_hashes=2, q_cluster_size=64, k_cluster_size=64, sinks=4, window=64),
     "topk": lshattn.TopK(fraction=1 / 16, sinks=4, window=64),
     "local": lshattn.Local(sinks=4, window=64),

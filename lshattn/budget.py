@@ -128,7 +128,10 @@ def _knob(cls: type, fraction: float, T: int, S: int, fixed: dict, causal: bool)
         TopK: ("fraction", lambda: _topk_fractions(fraction, T, S, fixed, causal)),
         SMYRF: ("k_cluster_size", lambda: (_clusters(c, T, S) for c in range(S, 0, -1))),
         RandomClusters: ("k_cluster_size", lambda: (_clusters(c, T, S) for c in range(S, 0, -1))),
-        Reformer: ("bucket_size", lambda: (_buckets(b, S, fixed) for b in range(max(T, S), 0, -1))),
+        Reformer: ("bucket_size", lambda: (_buckets(b, S, fixed) for b in range(max(T, S), 0, -1)))
+        if not fixed.get("whole_buckets")
+        # whole buckets have no chunk: more buckets, fewer pairs (powers of two, as factorised)
+        else ("num_buckets", lambda: ({"num_buckets": 2**n} for n in range(1, 25))),
         SimHash: ("num_bits", lambda: ({"num_bits": b} for b in range(63))),
         YOSO: ("num_hashes", lambda: ({"num_hashes": m} for m in range(1, 4097))),
         Local: ("window", lambda: ({"window": w} for w in range(S - 1, -1, -1))),

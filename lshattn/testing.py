@@ -184,10 +184,13 @@ def local_brute_force(method, q, k, v, aux=None, *, key_padding_mask=None, query
     return _zero_padded_queries(out, query_padding_mask)
 
 
-def reformer_rounds(aux, chunks_before: int, chunks_after: int) -> Tensor:
-    """`(B, H, R, T, S)` bool: pairs inside one window of a round, from a ``ReformerAux``."""
+def reformer_rounds(method, aux) -> Tensor:
+    """`(B, H, R, T, S)` bool: pairs inside one window of a round, from a ``ReformerAux``; with
+    ``whole_buckets``, pairs sharing a bucket in a round."""
+    if method.whole_buckets:
+        return aux.buckets[..., :, None] == aux.key_buckets[..., None, :]
     diff = aux.key_chunks[..., None, :] - aux.query_chunks[..., :, None]
-    return (diff >= -chunks_before) & (diff <= chunks_after)
+    return (diff >= -method.chunks_before) & (diff <= method.chunks_after)
 
 
 def smyrf_rounds(aux) -> Tensor:

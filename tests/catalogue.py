@@ -123,18 +123,23 @@ def _shared_qk_dense(q, k, v, **kw):
 def _reformer(**kw) -> Entry:
     method = lshattn.Reformer(**kw)
     shared = method.shared_qk
+    # Whole buckets have no chunk to widen: every key a sink is their exact limit.
+    exact = {"sinks": MAX_EXACT} if method.whole_buckets else {"bucket_size": MAX_EXACT}
     return Entry(
         method=method,
-        exact=dataclasses.replace(method, bucket_size=MAX_EXACT),
+        exact=dataclasses.replace(method, **exact),
         exact_reference=_shared_qk_dense if shared else testing.dense_reference,
         brute_force=_sorted_rounds_reference(
-            pattern=lambda m, aux: testing.reformer_rounds(aux, m.chunks_before, m.chunks_after),
+            pattern=testing.reformer_rounds,
             self_pairs=(lambda causal: "exclude") if shared else (lambda causal: "column" if causal else "none"),
             keys=(lambda q, k: F.normalize(q, dim=-1)) if shared else (lambda q, k: k),
         ),
         shared_qk=shared,
         cross=not shared and method.window is None,
-        strictly_causal=False,
+        strictly_causal=method.whole_buckets,
+        # A query whose buckets hold no visible key sees none (causal: its own key, always).
+        zero_free=not method.whole_buckets,
+        data_dependent_cost=method.whole_buckets,
     )
 
 
@@ -178,6 +183,12 @@ METHODS = {
     "reformer-separate-local": _reformer(
         num_hashes=2, bucket_size=4, num_buckets=8, shared_qk=False, correct_duplicates=True, sinks=2, window=1
     ),
+    # Whole buckets: strictly causal, what decoding reproduces (lshattn.decode).
+    "reformer-whole-buckets": _reformer(num_hashes=2, num_buckets=4, shared_qk=False, whole_buckets=True),
+    "reformer-whole-buckets-local": _reformer(
+        num_hashes=3, num_buckets=8, shared_qk=False, whole_buckets=True, correct_duplicates=True, sinks=2, window=3
+    ),
+    "reformer-whole-buckets-factorised": _reformer(num_hashes=1, num_buckets=128, shared_qk=False, whole_buckets=True),
     "smyrf-huge": dataclasses.replace(
         _smyrf(num_hashes=1, q_cluster_size=4096, k_cluster_size=300), strictly_causal=True
     ),

@@ -1,5 +1,6 @@
-"""Cached decoding through ``lshattn.hf`` (``lshattn.decode``): SimHash's decoding steps hash only
-the new keys, and teacher-forced decoding equals the causal prefill (DESIGN §4, decoding)."""
+"""Cached decoding through ``lshattn.hf`` (``lshattn.decode``): the decoding steps hash only the
+new keys, and teacher-forced decoding equals the causal prefill for every strictly causal method
+(SimHash, YOSO, whole-bucket Reformer, TopK, Local; DESIGN §4, decoding)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ SETTINGS = {
     "topk-tail-sinks-window": lshattn.TopK(fraction=0.2, tail=True, sinks=1, window=2),
     "local": lshattn.Local(sinks=2, window=3),
     "local-tail": lshattn.Local(sinks=1, window=2, tail=True),
+    # Reformer's strictly causal prefill: its whole buckets are what a decoding step attends.
+    "reformer-whole-buckets": lshattn.Reformer(num_hashes=2, num_buckets=4, shared_qk=False, whole_buckets=True),
+    "reformer-whole-buckets-dedup-sinks-window": lshattn.Reformer(
+        num_hashes=3, num_buckets=8, shared_qk=False, whole_buckets=True, correct_duplicates=True, sinks=1, window=2
+    ),
 }
 
 
@@ -282,10 +288,15 @@ def decode_cases(draw):
         num_hashes = draw(st.integers(1, 4))
         num_bits = draw(st.integers(0, 6 if rule == "any" else 6 // num_hashes))
         method = lshattn.SimHash(num_hashes, num_bits, rule, mode, sinks=sinks, window=window)
-    else:  # 2^τ up to 256 buckets: tables (fewer buckets than cached keys) and compared codes
+    elif draw(st.booleans()):  # 2^τ up to 256 buckets: tables (fewer buckets than cached keys) and compared codes
         num_hashes, num_bits = draw(st.integers(1, 6)), draw(st.integers(1, 8))
         normalize = draw(st.booleans())
         method = lshattn.YOSO(num_hashes, num_bits, normalize_output=normalize, sinks=sinks, window=window)
+    else:  # the strictly causal Reformer
+        method = lshattn.Reformer(
+            num_hashes=draw(st.integers(1, 3)), num_buckets=draw(st.sampled_from([2, 4, 8, 128])), shared_qk=False,
+            correct_duplicates=draw(st.booleans()), whole_buckets=True, sinks=sinks, window=window,
+        )  # fmt: skip
     B, H, L, D = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(2, 20)), draw(st.integers(1, 8))
     prompt_length = draw(st.integers(1, L - 1))
     padding = [draw(st.integers(0, L - 1)) for _ in range(B)]  # left padding of each sequence

@@ -133,9 +133,14 @@ def test_dot_products_and_cost_count_the_slots(name):
     if isinstance(local, lshattn.YOSO) and local.expectation:
         assert aux_local.dot_products == aux_plain.dot_products  # YOSO-E computes every pair exactly already
         return
-    overlap = 0  # importance-weighted SimHash leaves the covered pairs out of its collisions
+    # importance-weighted SimHash and whole-bucket Reformer leave the covered pairs out of their collisions
+    overlap = 0
     if isinstance(local, lshattn.SimHash) and local.mode == "importance":
         overlap = int((testing.collisions_from_aux(aux_plain, local.rule) & testing.covered_by(local, q, k)).sum())
+        assert overlap > 0
+    if isinstance(local, lshattn.Reformer) and local.whole_buckets:
+        found = testing.reformer_rounds(local, aux_plain) & testing.covered_by(local, q, k)[:, :, None]
+        overlap = int(found.any(2).sum() if local.correct_duplicates else found.sum())  # a pair once per round
         assert overlap > 0
     assert aux_local.dot_products - aux_plain.dot_products == B * H * T * slots - overlap
     extra = local.cost(B, H, T, T, D, D).dot_products - plain.cost(B, H, T, T, D, D).dot_products

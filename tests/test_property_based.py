@@ -86,7 +86,9 @@ class Setting:
     def strictly_causal(self) -> bool:
         """Whether, when causal, the output at t depends on nothing after t (sort-and-chunk
         methods decide their clusters on the whole sequence: only later values are unseen)."""
-        return not isinstance(self.method, (lshattn.SMYRF, lshattn.Reformer))
+        if isinstance(self.method, lshattn.Reformer):
+            return self.method.whole_buckets
+        return not isinstance(self.method, lshattn.SMYRF)
 
     @property
     def yoso_m(self) -> bool:
@@ -144,6 +146,9 @@ _METHODS = {
         correct_duplicates=st.booleans(),
         sinks=SINKS,
         window=WINDOWS,
+    ).flatmap(
+        # Whole buckets (strictly causal, separate Q and K) as often as chunks.
+        lambda m: st.sampled_from([m, dataclasses.replace(m, shared_qk=False, whole_buckets=True)])
     ),
     "simhash": _simhash(),
     "yoso": st.builds(
@@ -430,7 +435,7 @@ def brute_force(setting: Setting, q, k, v, aux, **kw) -> torch.Tensor:
             correct_duplicates=method.correct_duplicates, covered=covered, **kw,
         )  # fmt: skip
     if isinstance(method, lshattn.Reformer):
-        in_round = testing.reformer_rounds(aux, method.chunks_before, method.chunks_after)
+        in_round = testing.reformer_rounds(method, aux)
         if method.shared_qk:  # keys are the unit queries; a token sees itself only when alone
             return testing.rounds_reference(
                 q, F.normalize(q, dim=-1), v, in_round, self_pairs="exclude",
@@ -596,13 +601,16 @@ def test_brute_force(data):
 
 def one_block(data, method: lshattn.SMYRF | lshattn.Reformer, spec: Spec) -> lshattn.Method:
     """``method`` with clusters (SMYRF: q_cluster_size >= T, k_cluster_size >= S) or buckets
-    (Reformer: bucket_size >= T, S) drawn large enough that one holds the whole sequence."""
+    (Reformer: bucket_size >= T, S) drawn large enough that one holds the whole sequence;
+    whole-bucket Reformer with every key a sink instead."""
     if isinstance(method, lshattn.SMYRF):
         return dataclasses.replace(
             method,
             q_cluster_size=data.draw(st.integers(spec.T, MAX_BLOCK), label="q_cluster_size"),
             k_cluster_size=data.draw(st.integers(spec.S, MAX_BLOCK), label="k_cluster_size"),
         )
+    if method.whole_buckets:  # no chunk to widen: every key a sink
+        return dataclasses.replace(method, sinks=data.draw(st.integers(spec.S, MAX_BLOCK), label="sinks"))
     bucket_size = data.draw(st.integers(max(spec.T, spec.S), MAX_BLOCK), label="bucket_size")
     return dataclasses.replace(method, bucket_size=bucket_size)
 
@@ -693,7 +701,9 @@ def _never_zeroes(setting: Setting) -> bool:
     method = setting.method
     if isinstance(method, lshattn.SimHash):
         return method.mode == "faithful"
-    return isinstance(method, (lshattn.Dense, lshattn.SMYRF, lshattn.Reformer, lshattn.TopK))
+    if isinstance(method, lshattn.Reformer):  # whole buckets: a bucket may hold no visible key
+        return not method.whole_buckets
+    return isinstance(method, (lshattn.Dense, lshattn.SMYRF, lshattn.TopK))
 
 
 @only("dense", "smyrf", "random", "reformer", "simhash", "topk")
@@ -701,7 +711,8 @@ def _never_zeroes(setting: Setting) -> bool:
 @given(data=st.data())
 def test_no_real_query_zeroed(data):
     """A real query that may see a real key never outputs all zeros (Dense, SMYRF and its random
-    control, Reformer, faithful SimHash, TopK; when causal, for SMYRF and Reformer only if its own key is real)."""
+    control, chunked Reformer, faithful SimHash, TopK; when causal, for SMYRF and Reformer only if
+    its own key is real)."""
     kinds = ("dense", "smyrf", "random", "reformer", "simhash", "topk")
     setting = data.draw(settings_of(*kinds, where=_never_zeroes), label="setting")
     spec = data.draw(specs(setting, masks=("key", "both")), label="spec")
@@ -909,8 +920,9 @@ def test_clusters_larger_than_the_sequence(data):
     """SMYRF clusters or Reformer buckets larger than the sequence cost no more than ones of the
     sequence's size: the input is not padded up to the cluster size."""
     setting = data.draw(settings_of("smyrf", "reformer"), label="setting")
-    spec = data.draw(specs(setting, cross=False), label="spec")
     method = setting.method
+    assume(not getattr(method, "whole_buckets", False))  # no chunks: bucket_size is unused
+    spec = data.draw(specs(setting, cross=False), label="spec")
     big = one_block(data, method, spec)
     if isinstance(method, lshattn.SMYRF):
         fitted = dataclasses.replace(method, q_cluster_size=spec.T, k_cluster_size=spec.S)

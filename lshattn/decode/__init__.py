@@ -23,8 +23,9 @@ store in place. What each method keeps (one module each):
   reproduces it.
 * ``Reformer``, ``SMYRF`` (``rounds.py``): each cached key's bucket, or projection, per round; a
   new query attends its bucket, or its ``k_cluster_size`` nearest keys in projection, in each
-  round. Their causal prefill cuts buckets into chunks, and draws clusters, by the sort of the
-  whole sequence, which a decoding step cannot know: decoding is not the prefill.
+  round. That is ``Reformer(whole_buckets=True)``'s causal prefill, which decoding reproduces;
+  the chunked Reformer's prefill cuts buckets into chunks, and SMYRF's draws clusters, by the
+  sort of the whole sequence, which a decoding step cannot know: decoding is not their prefill.
 * ``TopK``, ``Local`` (``selection.py``): no store; the oracle scores every key to choose, the
   baseline attends its sinks and window, as their causal prefill.
 

@@ -1,7 +1,8 @@
 """Reformer's and SMYRF's decoding step: per round, a new query attends the cached keys of its
 bucket (Reformer) or the ``k_cluster_size`` nearest it in projection (SMYRF); the store keeps the
-cached keys' buckets or projections. Not the causal prefill, whose chunks and clusters follow the
-sort of the whole sequence."""
+cached keys' buckets or projections. Reformer's step is ``Reformer(whole_buckets=True)``'s causal
+prefill, one query at a time; not the chunked Reformer's nor SMYRF's, whose chunks and clusters
+follow the sort of the whole sequence."""
 
 from __future__ import annotations
 
@@ -110,9 +111,10 @@ def rounds_step(
     The rounds merge as the prefill merges them: a key found by n rounds enters the softmax n
     times (once with ``correct_duplicates``).
 
-    This is not the causal prefill: there a query's bucket is cut into chunks, and its cluster
-    drawn, by the sort of the whole sequence, later tokens included, which a decoding step
-    cannot know. ``docs/longctx.md`` measures how far the two are apart."""
+    For Reformer this is the causal prefill of ``whole_buckets=True``. It is not the chunked
+    Reformer's nor SMYRF's: there a query's bucket is cut into chunks, and its cluster drawn, by
+    the sort of the whole sequence, later tokens included, which a decoding step cannot know.
+    ``docs/longctx.md`` measures how far the two are apart."""
     H, T = q.shape[1:3]
     S = k.shape[2]
     groups, cached, R = H // k.shape[1], S - T, method.num_hashes

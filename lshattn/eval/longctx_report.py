@@ -8,7 +8,7 @@ from pathlib import Path
 
 __all__ = ["targets", "write"]
 
-COLOURS = {"simhash": "tab:green", "yoso": "tab:red", "reformer": "tab:orange", "smyrf": "tab:blue", "topk": "black",
+COLOURS = {"simhash": "tab:green", "yoso": "tab:red", "reformer": "tab:orange", "reformer whole buckets": "tab:brown", "smyrf": "tab:blue", "topk": "black",
            "local": "tab:purple"}  # fmt: skip
 TARGET_LENGTH = 4096  # issue 14: decode perplexity within 5 % of exact at 4k tokens and 1/16
 TARGET_BUDGET = 1 / 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -20,6 +21,7 @@ from lshattn.blocks import (
     padded_valid,
     pair_entries,
     query_key_blocks,
+    softmax_with_lse,
     sorted_block_attention,
 )
 from lshattn.cost import Cost, sorted_blocks_cost
@@ -31,7 +33,8 @@ from lshattn.hashing import (
     inverse_order,
     sort_order,
 )
-from lshattn.local import local_pairs, merge_counted, with_local_cost
+from lshattn.local import cover_rule, local_pairs, merge_counted, with_local_cost
+from lshattn.methods.simhash import PAIR_BUDGET, CollisionSoftmax, build_collisions
 
 __all__ = ["Reformer", "ReformerAux"]
 
@@ -105,6 +108,16 @@ class Reformer(SparseMethod):
     ``shared_qk`` the own position stays out of them too; a token attends to itself only when
     no other key, covered or found, is visible.
 
+    ``whole_buckets=True`` (with ``shared_qk=False``) drops the sort and the chunks: in each
+    round a query attends every visible key of its bucket, the pattern the chunks approximate
+    (computed pair by pair on colliding pairs, as ``SimHash``, never a T×S matrix;
+    ``bucket_size``, ``chunks_before`` and ``chunks_after`` are unused). It is strictly causal:
+    what query t attends depends on the tokens up to t only, so decoding through a cache
+    (``lshattn.decode``) reproduces this prefill exactly, where the chunked prefill's chunks
+    follow the sort of the whole sequence and decoding departs from it. The work then depends
+    on the data: about ``R·T·S / num_buckets`` scores for random directions (half when causal),
+    more where real keys crowd into a few buckets (``return_aux`` counts them). No dropout.
+
     Cost per round: ``T·(chunks_before + 1 + chunks_after)·bucket_size`` scores (see ``cost``).
     """
 
@@ -116,9 +129,25 @@ class Reformer(SparseMethod):
     chunks_after: int = 0
     shared_qk: bool = True
     correct_duplicates: bool = False
+    whole_buckets: bool = False
+
+    @property
+    def cost_depends_on_data(self) -> bool:  # type: ignore[override]
+        """Whole buckets score the pairs that collide, which depends on the data."""
+        return self.whole_buckets
+
+    @property
+    def supports_dropout(self) -> bool:  # type: ignore[override]
+        """Whole buckets run the collision kernel, which has no dropout."""
+        return not self.whole_buckets
 
     def _check_fields(self) -> None:
         """Ranges; ``Method.__post_init__`` has checked the types and calls this."""
+        if self.whole_buckets and self.shared_qk:
+            raise ValueError(
+                "Reformer(whole_buckets=True) needs shared_qk=False: it attends every key of the query's "
+                "bucket, while shared QK hides the own key unless nothing else is visible; pass shared_qk=False"
+            )
         for field in ("num_hashes", "bucket_size"):
             if getattr(self, field) < 1:
                 raise ValueError(f"Reformer {field} must be >= 1, got {getattr(self, field)}")
@@ -145,6 +174,12 @@ class Reformer(SparseMethod):
 
     def _check_inputs(self, inputs: Inputs) -> None:
         T, S = inputs.q.shape[2], inputs.k.shape[2]
+        if self.whole_buckets and inputs.dropout_p > 0:
+            raise ValueError(
+                f"Reformer(whole_buckets=True) does not implement attention dropout, got "
+                f"dropout_p={inputs.dropout_p}; pass dropout_p=0 (e.g. evaluate the model in eval mode), "
+                f"or use the chunked Reformer (whole_buckets=False)"
+            )
         if self.shared_qk and inputs.k is not inputs.q and not torch.equal(inputs.k, inputs.q):
             raise ValueError(
                 f"Reformer(shared_qk=True) uses the normalised queries as keys, so k must be q (got "
@@ -153,6 +188,8 @@ class Reformer(SparseMethod):
             )
 
     def _attend(self, inputs: Inputs) -> tuple[Tensor, ReformerAux]:
+        if self.whole_buckets:
+            return self._attend_whole_buckets(inputs)
         q, k, v = inputs.q, inputs.k, inputs.v
         B, H, T, D = q.shape
         S = k.shape[2]
@@ -221,6 +258,44 @@ class Reformer(SparseMethod):
         )
         return out, aux
 
+    def _attend_whole_buckets(self, inputs: Inputs) -> tuple[Tensor, ReformerAux]:
+        """Every visible key of the query's bucket, each round; rounds counted as the chunks count
+        them. Causal: the own key apart, once per round, as the chunked prefill's own column."""
+        q, k, v = inputs.q, inputs.k, inputs.v
+        B, H, T, D = q.shape
+        dtype = compute_dtype(q.dtype)
+        factors = angular_factors(self.num_buckets)
+        rotations = draw_normal((H, D, self.num_hashes, sum(factors) // 2), inputs.generator, q.device)
+        with torch.no_grad():
+            q_buckets, k_buckets = angular_buckets(q, rotations, factors), angular_buckets(k, rotations, factors)
+            collisions = build_collisions(
+                q_buckets, k_buckets, inputs.query_padding_mask, inputs.key_padding_mask,
+                int(self.num_buckets - 1).bit_length(), causal=inputs.causal, dedup=self.correct_duplicates,
+                covered=cover_rule(inputs, self.sinks, self.window), exclude_own=inputs.causal,
+            )  # fmt: skip
+        q, k, v = (x.to(dtype) for x in (q, k, v))
+        out, lse, count = CollisionSoftmax.apply(q, k, v, collisions, inputs.scale, False)
+        dot_products = int(count)
+        counted = 1 if self.correct_duplicates else self.num_hashes
+        if inputs.causal:
+            out, lse = _with_own_key(out, lse, q, k, v, inputs.key_padding_mask, counted, inputs.scale)
+            dot_products += B * H * T
+        pairs = local_pairs(inputs, self.sinks, self.window, own_key=not inputs.causal)
+        if pairs is not None:  # left out of the collisions: nothing found to take out
+            out, lse = merge_counted(pairs, out, lse, q, k, v, 0, counted, inputs.scale)
+            dot_products += B * H * T * pairs.slots
+        out = finish_output(out, T, inputs.query_padding_mask, inputs.q.dtype)
+
+        def real(buckets: Tensor, mask: Tensor | None) -> Tensor:
+            return buckets if mask is None else buckets.masked_fill(~mask[:, None, None, :], self.num_buckets)
+
+        zeros = torch.zeros_like
+        aux = ReformerAux(
+            buckets=real(q_buckets, inputs.query_padding_mask), key_buckets=real(k_buckets, inputs.key_padding_mask),
+            query_chunks=zeros(q_buckets), key_chunks=zeros(k_buckets), dot_products=dot_products,
+        )  # fmt: skip
+        return out, aux
+
     def cost(
         self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4
     ) -> Cost:
@@ -230,7 +305,15 @@ class Reformer(SparseMethod):
         (before and after clamped to the other key chunks), and hashing
         ``2·B·H·R·(Tp + n·Sp)·D·Σfactors/2`` flops with n = 0 (shared QK) or 1.
         An own-key column is added when causal with separate Q and K; and the slots of ``sinks``
-        and ``window`` (``lshattn.local.local_cost``)."""
+        and ``window`` (``lshattn.local.local_cost``).
+
+        ``whole_buckets``: the expected cost for random directions, whose buckets are about
+        equally likely: each round scores ``1/num_buckets`` of the ``n = B·H·T·S`` pairs
+        (``B·H·T·(T − 1)/2`` when causal, plus ``B·H·T`` own keys), the union of the rounds with
+        ``correct_duplicates``; flops ``2·scores·(D + Dv)`` plus the hashing; memory one chunk of
+        scores (``lshattn.methods.simhash.PAIR_BUDGET``) or the per-query accumulators."""
+        if self.whole_buckets:
+            return self._whole_buckets_cost(B, H, T, S, D, Dv, causal=causal, itemsize=itemsize)
         layout = block_layout(T, S, self.bucket_size, self.bucket_size)
         before, after = (min(n, layout.k_blocks - 1) for n in (self.chunks_before, self.chunks_after))
         rotations = sum(angular_factors(self.num_buckets)) // 2
@@ -242,6 +325,34 @@ class Reformer(SparseMethod):
             hashing_flops=2 * B * H * self.num_hashes * hashed * D * rotations, itemsize=itemsize,
         )  # fmt: skip
         return with_local_cost(cost, self, B, H, T, S, D, Dv, causal=causal, itemsize=itemsize)
+
+
+    def _whole_buckets_cost(
+        self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool, itemsize: int
+    ) -> Cost:  # fmt: skip
+        pairs = B * H * T * (T - 1) // 2 if causal else B * H * T * S
+        share = 1 / self.num_buckets
+        found = 1 - (1 - share) ** self.num_hashes if self.correct_duplicates else self.num_hashes * share
+        dots = round(found * pairs) + (B * H * T if causal else 0)
+        rotations = sum(angular_factors(self.num_buckets)) // 2
+        hashing = 2 * B * H * self.num_hashes * (T + S) * D * rotations
+        memory = max(min(PAIR_BUDGET, B * H * T * S), B * H * T * (Dv + 2)) * itemsize
+        flops = 2 * dots * (D + Dv) + hashing
+        cost = Cost(flops=flops, dot_products=dots, memory_bytes=memory, budget=dots / (B * H * T * S))
+        return with_local_cost(cost, self, B, H, T, S, D, Dv, causal=causal, itemsize=itemsize)
+
+
+def _with_own_key(
+    out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, counted: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Merge each query's own key (T == S), counted ``counted`` times, into `(B, H, T, Dv)` ``out``
+    of log-sum-exp `(B, H, T)` ``lse``; a padded own key is no key."""
+    own = (q * k).sum(-1) * scale + math.log(counted)
+    if key_padding_mask is not None:
+        own = own.masked_fill(~key_padding_mask[:, None, :], float("-inf"))
+    weights, lse = softmax_with_lse(torch.stack([lse, own], dim=-1))
+    return torch.addcmul(out * weights[..., :1], v, weights[..., 1:]), lse
 
 
 def _same_mask(a: Tensor | None, b: Tensor | None) -> bool:

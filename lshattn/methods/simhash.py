@@ -446,7 +446,7 @@ def plan_collisions(
 
 def collision_chunks(
     plan: CollisionPlan, *, causal: bool, T: int, S: int, earlier: tuple[Tensor, Tensor] | None = None,
-    covered: CoveredRanks | None = None,
+    covered: CoveredRanks | None = None, exclude_own: bool = False,
 ) -> Iterator[CollisionChunk]:  # fmt: skip
     """The chunks of a plan, each with its mask of counted pairs.
 
@@ -457,14 +457,20 @@ def collision_chunks(
         earlier: flat codes `(B·H·T + 1, t)` and `(B·H·S + 1, t)` of the earlier tables; a pair
             that collides in one of them is not counted here, so with several tables every
             pair counts once.
+        covered: pairs left out (the caller attends them). exclude_own: leave out the pairs of a
+            query and the key at its own position (T == S).
     """
     for lo, hi in zip(plan.bounds[:-1], plan.bounds[1:]):
         rows, cols = plan.rows[lo:hi], plan.cols[lo:hi]
         first, last = int(rows[0]), int(rows[-1])
         q_index, k_index = plan.q_index.index_select(0, rows), plan.k_index.index_select(0, cols)
         mask = plan.q_codes.index_select(0, rows)[:, :, None] == plan.k_codes.index_select(0, cols)[:, None, :]
-        if causal:
-            mask &= (q_index % T)[:, :, None] >= (k_index % S)[:, None, :]
+        if causal or exclude_own:
+            q_pos, k_pos = (q_index % T)[:, :, None], (k_index % S)[:, None, :]
+            if causal:
+                mask &= q_pos > k_pos if exclude_own else q_pos >= k_pos
+            else:
+                mask &= q_pos != k_pos
         if earlier is not None:
             q_earlier, k_earlier = earlier[0][q_index], earlier[1][k_index]  # (P, c, t)
             for table in range(q_earlier.shape[-1]):  # one (P, c, c) mask at a time, not (P, c, c, t)
@@ -510,6 +516,8 @@ class Collisions(NamedTuple):
         scores_computed: query–key products the plans evaluate, colliding or not.
         q_codes: `(B, H, R, T)` the codes. k_codes: `(B, H, R, S)`. num_bits: their length.
         covered: pairs left out of every chunk (the caller attends them), or None.
+        exclude_own: the pair of a query and the key at its own position is left out (T == S;
+            whole-bucket Reformer attends it apart, counted once per round).
     """
 
     plans: list[list[CollisionPlan]]
@@ -523,6 +531,7 @@ class Collisions(NamedTuple):
     k_codes: Tensor
     num_bits: int
     covered: CoveredRanks | None = None
+    exclude_own: bool = False
 
     @property
     def tables(self) -> int:
@@ -537,19 +546,21 @@ class Collisions(NamedTuple):
         """The chunks of one part of a table's plan, with their masks (see ``collision_chunks``)."""
         _, _, T, S = self.shape
         return collision_chunks(
-            plan, causal=self.causal, T=T, S=S, earlier=self.earlier[table], covered=self.covered
-        )
+            plan, causal=self.causal, T=T, S=S, earlier=self.earlier[table], covered=self.covered,
+            exclude_own=self.exclude_own,
+        )  # fmt: skip
 
 
 def build_collisions(
     q_codes: Tensor, k_codes: Tensor, query_padding_mask: Tensor | None, key_padding_mask: Tensor | None,
-    num_bits: int, *, causal: bool, dedup: bool, covered: CoverRule | None = None,
+    num_bits: int, *, causal: bool, dedup: bool, covered: CoverRule | None = None, exclude_own: bool = False,
 ) -> Collisions:  # fmt: skip
     """Plans for every table of `(B, H, R, T)` and `(B, H, R, S)` codes in ``[0, 2^num_bits)``.
 
     ``dedup=True`` counts a pair in the first table where it collides only (the union over
     tables); ``dedup=False`` counts it in every table where it collides. ``covered``: pairs
-    counted in no table (the caller attends them itself).
+    counted in no table (the caller attends them itself); ``exclude_own`` likewise for each
+    query's own position (T == S).
     """
     B, H, R, T = q_codes.shape
     S = k_codes.shape[-1]
@@ -570,8 +581,9 @@ def build_collisions(
     computed = sum(p.rows.numel() * p.q_index.shape[1] ** 2 for parts in plans for p in parts)
     ranks = None if covered is None else CoveredRanks.of(covered, H)
     return Collisions(
-        plans, earlier, q_valid, k_valid, (B, H, T, S), causal, computed, q_codes, k_codes, num_bits, ranks
-    )
+        plans, earlier, q_valid, k_valid, (B, H, T, S), causal, computed, q_codes, k_codes, num_bits, ranks,
+        exclude_own,
+    )  # fmt: skip
 
 
 def _table_plans(
@@ -714,7 +726,7 @@ class CollisionSoftmax(torch.autograd.Function):
         q_flat, k_flat, v_flat = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, Dv)
         # One table: the colliding pairs counted from bucket sums (they are all of its pairs
         # unless some are left out as covered).
-        single = col.tables == 1 and col.covered is None
+        single = col.tables == 1 and col.covered is None and not col.exclude_own
         hit_count, hit_values = (None, None) if not single else _bucket_hits(v, col)
         if not single and faithful:
             hit_count, hit_values = q.new_zeros(rows), q.new_zeros(rows, Dv)
