@@ -205,9 +205,10 @@ def simhash_codes(x: Tensor, planes: Tensor, *, tables_last: bool = False, dtype
     probability (1 − θ/π)^num_bits, whatever their norms. The projections are float32 whatever
     the dtype of ``x``, so a float64 or half input hashes exactly like its float32 copy.
 
-    The projections are computed in cache-sized chunks of tokens, and each chunk's sign bits are
-    packed while it is in cache: by the native kernel on the CPU (``lshattn.kernels``), else in
-    torch operations (``_pack_signs``).
+    On the CPU the native kernel projects and packs (``lshattn.kernels.project_signs``), each
+    projection summed in the same order whatever else is hashed: a token hashed alone (a
+    decoding step) gets its codes in a whole prompt bit for bit. Elsewhere the projections are
+    matrix products over cache-sized chunks of tokens, packed in torch operations (``_pack_signs``).
 
     Args:
         x: `(B, H, L, D)`.
@@ -228,13 +229,11 @@ def simhash_codes(x: Tensor, planes: Tensor, *, tables_last: bool = False, dtype
     if num_bits == 0:
         codes = torch.zeros(B, H, R, L, dtype=dtype, device=x.device)
         return codes.transpose(2, 3) if tables_last else codes
-    chunks = _projection_chunks(x, planes)
     codes = torch.empty(B * H, L, R, dtype=dtype, device=x.device)
     if x.device.type == "cpu" and kernels.available():
-        for lo, proj in chunks:
-            kernels.sign_codes(proj, codes, lo)
+        kernels.project_signs(x.reshape(B * H, L, D).float(), planes, codes)
     else:
-        _pack_signs(chunks, codes, num_bits)
+        _pack_signs(_projection_chunks(x, planes), codes, num_bits)
     codes = codes.view(B, H, L, R)
     return codes if tables_last else codes.transpose(2, 3).contiguous()
 

@@ -225,10 +225,85 @@ def test_native_exact_collision_grads_count_each_pair_once(causal, dtype, rows):
 
 
 @needs_compiler
-def test_sign_codes_refuses_what_it_cannot_pack():
+def test_project_signs_refuses_what_it_cannot_pack_and_packs_signs():
     codes = torch.zeros(1, 4, 2, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="float32 projections.*got torch.float64 projections"):
-        kernels.sign_codes(torch.zeros(1, 4, 6, dtype=torch.float64), codes, 0)
-    proj = torch.tensor([[[1.0, -1.0, 0.0, -0.0, -2.0, 3.0]]])  # 2 tables of 3 bits
-    kernels.sign_codes(proj, codes, 1)
-    assert codes[0, 1].tolist() == [0b101, 0b100] and codes[0, 0].tolist() == [0, 0]
+    planes = torch.eye(3).repeat(1, 2).view(1, 3, 2, 3)  # 2 tables of 3 bits, each bit one coordinate
+    with pytest.raises(RuntimeError, match="float32 inputs.*got torch.float64 inputs"):
+        kernels.project_signs(torch.zeros(1, 4, 3, dtype=torch.float64), planes, codes)
+    x = torch.tensor([[[1.0, -1.0, 0.0], [-0.0, -2.0, 3.0], [0.0, 0.0, 0.0], [-1.0, -1.0, -1.0]]])
+    kernels.project_signs(x, planes, codes)
+    # a projection of exactly zero (a sum from +0, even of -0 terms) counts as positive
+    assert codes[0].tolist() == [[0b101, 0b101], [0b101, 0b101], [0b111, 0b111], [0, 0]]
+
+
+@needs_compiler
+@pytest.mark.parametrize("L", [1, 3, 4, 9])
+def test_a_token_hashed_alone_gets_its_codes_in_a_whole_prompt(L):
+    """Every projection is summed in one order, so hashing one token (a decoding step) gives the
+    codes it has when the whole sequence is hashed at once, bit for bit (the matrix product of
+    the torch path does not promise this)."""
+    g = torch.Generator().manual_seed(L)
+    x, planes = torch.randn(2, 3, 40, 64, generator=g), torch.randn(3, 64, 16, 9, generator=g)
+    whole = lshattn.hashing.simhash_codes(x, planes)
+    alone = torch.cat([lshattn.hashing.simhash_codes(x[:, :, i : i + L], planes) for i in range(0, 40, L)], -1)
+    assert torch.equal(whole, alone)
+
+
+# --- SimHash's decoding step ------------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@st.composite
+def simhash_decode_cases(draw):
+    mode = draw(st.sampled_from(["sparse", "importance"]))
+    method = lshattn.SimHash(
+        num_hashes=draw(st.integers(1, 6)), num_bits=draw(st.integers(0, 6)), mode=mode,
+        sinks=draw(st.integers(0, 3)), window=draw(st.one_of(st.none(), st.integers(0, 5))),
+    )  # fmt: skip
+    B, H_kv, groups = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    S, T, D = draw(st.integers(2, 40)), draw(st.integers(1, 3)), draw(st.integers(1, 9))
+    T = min(T, S - 1)
+    padding = [draw(st.integers(0, S - 1)) for _ in range(B)] if draw(st.booleans()) else None
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    return method, (B, H_kv, groups, S, T, D), padding, dtype, draw(st.integers(0, 2**16))
+
+
+@needs_compiler
+@hypothesis.given(simhash_decode_cases())
+def test_native_simhash_decoding_equals_its_torch_path(case):
+    """The native decoding step gives the torch step's output and count, over random settings,
+    GQA groups, several new queries, left padding (or none: positions) and both dtypes."""
+    from unittest import mock
+
+    from lshattn import decode
+
+    method, (B, H_kv, groups, S, T, D), padding, dtype, seed = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H_kv * groups, T, D, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, H_kv, S, D, generator=g, dtype=dtype) for _ in "kv")
+    visible = None
+    if padding is not None:
+        real = torch.arange(S)[None, :] >= torch.tensor(padding)[:, None]
+        causal = torch.arange(S) <= torch.arange(S - T, S)[:, None]  # (T, S)
+        visible = (real[:, None, :] & causal)[:, None]  # (B, 1, T, S)
+    cached = S - T
+    prompt = None if visible is None else visible[:, :, -1:, :cached]
+    store = decode.step(None, method, q[:, :, -1:], k[:, :, :cached], v[:, :, :cached], prompt, 0.3,
+                        torch.Generator().manual_seed(seed)).store  # fmt: skip
+    native = decode.step(copy_store(store), method, q, k, v, visible, 0.3, None)
+    assert kernels.decodes_natively(q, k, v, visible) and method.mode != "faithful"  # so the native step ran
+    with mock.patch.object(kernels, "decodes_natively", lambda *a: False):
+        reference = decode.step(copy_store(store), method, q, k, v, visible, 0.3, None)
+    tolerance = {} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(native.out, reference.out, **tolerance)
+    assert native.scored == reference.scored
+    torch.testing.assert_close(native.store.codes, reference.store.codes)  # the new keys hashed alike
+
+
+def copy_store(store):
+    """A store whose buffers a step may grow in place without touching ``store``'s."""
+    import copy
+
+    return copy.deepcopy(store)

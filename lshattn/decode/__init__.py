@@ -124,10 +124,10 @@ def step(
         )
     if isinstance(method, YOSO):  # YOSO's tables need no S-long pass when nothing is padded
         return yoso_step(store, method, q, k, v, visible, generator)
+    if isinstance(method, SimHash):  # SimHash's native step reads positions when nothing is padded
+        return simhash_step(store, method, q, k, v, visible, scale, generator)
     if visible is None:
         visible = causal_visible(q.shape[0], q.shape[2], k.shape[2], q.device)
-    if isinstance(method, SimHash):
-        return simhash_step(store, method, q, k, v, visible, scale, generator)
     if isinstance(method, (Reformer, SMYRF)):
         return rounds_step(store, method, q, k, v, visible, scale, generator)
     return Step(*selection_step(method, q, k, v, visible, scale))

@@ -31,6 +31,7 @@ __all__ = [
     "local_index",
     "per_query_head",
     "softmax_over",
+    "with_room",
 ]
 
 
@@ -57,17 +58,24 @@ def drawn_from(generator: torch.Generator | Callable[[], torch.Generator] | None
     return generator() if callable(generator) else generator
 
 
+def with_room(buffer: Tensor, length: int, need: int, dim: int = -1) -> Tensor:
+    """``buffer`` with room for ``need`` slots along ``dim``, its first ``length`` kept: itself when
+    it has them, else a buffer twice as long (amortised O(1) a slot, where growing by the slots
+    needed would copy the whole cache every step)."""
+    if need <= buffer.shape[dim]:
+        return buffer
+    shape = list(buffer.shape)
+    shape[dim] = max(need, 2 * buffer.shape[dim])
+    grown = buffer.new_empty(shape)
+    grown.narrow(dim, 0, length).copy_(buffer.narrow(dim, 0, length))
+    return grown
+
+
 def appended(buffer: Tensor, length: int, new: Tensor, dim: int) -> Tensor:
     """``buffer`` holding ``new`` after its first ``length`` slots along ``dim``, written in place
-    when there is room, else in a buffer twice as long: O(new) a step, amortised, where
-    ``torch.cat`` would copy the whole cache every step."""
-    need = length + new.shape[dim]
-    if need > buffer.shape[dim]:
-        shape = list(buffer.shape)
-        shape[dim] = max(need, 2 * buffer.shape[dim])
-        grown = buffer.new_empty(shape)
-        grown.narrow(dim, 0, length).copy_(buffer.narrow(dim, 0, length))
-        buffer = grown
+    when there is room (``with_room``): O(new) a step, amortised, where ``torch.cat`` would copy
+    the whole cache every step."""
+    buffer = with_room(buffer, length, length + new.shape[dim], dim)
     buffer.narrow(dim, length, new.shape[dim]).copy_(new)
     return buffer
 

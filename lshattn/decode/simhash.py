@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lshattn import kernels
 from lshattn.blocks import compute_dtype
 from lshattn.decode.common import (
     Step,
     appended,
+    causal_visible,
     code_dtype,
     continues,
     covered_keys,
@@ -30,6 +32,7 @@ from lshattn.decode.common import (
     flat_rows,
     listed,
     per_query_head,
+    with_room,
 )
 from lshattn.hashing import simhash_codes
 from lshattn.methods import SimHash
@@ -132,25 +135,29 @@ def _simhash_codes(method: SimHash, planes: Tensor, keys: Tensor) -> Tensor:
         return codes.to(code_dtype(bits))
 
 
-def _simhash_store(
+def _hashed(
     store: SimHashStore | None,
     method: SimHash,
+    queries: Tensor,
     keys: Tensor,
-    new: int,
     generator: torch.Generator | Callable[[], torch.Generator] | None,
     groups: int,
-) -> SimHashStore:
-    """The store holding the codes of all S keys of `(B, H_kv, S, D)` ``keys``."""
+) -> tuple[SimHashStore, Tensor]:
+    """The store holding the codes of all S keys of `(B, H_kv, S, D)` ``keys``, the last T of them
+    new, and the table codes `(B, H, R, T)` of the T new `(B, H, T, D)` ``queries``: hashed in
+    one call with the new keys when the store continues (a decoding step's few tokens)."""
+    T = queries.shape[2]
     H_kv, S, D = keys.shape[1:]
     H = H_kv * groups
-    cached = S - new
-    if not continues(store, keys, new, H):
+    cached = S - T
+    if not continues(store, keys, T, H):
         planes = method.planes(H, D, drawn_from(generator), keys.device)
         codes = _simhash_codes(method, planes, per_query_head(keys, groups))
-        return SimHashStore(method, planes, codes, S, keys[:, :, -1].clone())
-    added = _simhash_codes(method, store.planes, per_query_head(keys[:, :, cached:], groups))
+        return SimHashStore(method, planes, codes, S, keys[:, :, -1].clone()), _simhash_codes(method, planes, queries)
+    tokens = torch.cat([queries, per_query_head(keys[:, :, cached:], groups).to(queries.dtype)], 2)
+    q_codes, added = _simhash_codes(method, store.planes, tokens).split(T, -1)
     buffer = appended(store.buffer, cached, added, -1)
-    return SimHashStore(method, store.planes, buffer, S, keys[:, :, -1].clone(), store.index)
+    return SimHashStore(method, store.planes, buffer, S, keys[:, :, -1].clone(), store.index), q_codes
 
 
 def _indexed(store: SimHashStore, bits: int) -> SimHashStore:
@@ -175,21 +182,58 @@ def _colliding(store: SimHashStore, q_codes: Tensor) -> Tensor:
     return found
 
 
+def _native_step(
+    store: SimHashStore | None, method: SimHash, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None,
+    scale: float, generator: torch.Generator | Callable[[], torch.Generator] | None, groups: int,
+) -> Step:  # fmt: skip
+    """``simhash_step`` in one native call (``lshattn.kernels.simhash_decode``): the index of the
+    cached keys kept up to date here, the new keys hashed into the store and the step done there."""
+    _, H, T, D = q.shape
+    S = k.shape[2]
+    cached = S - T
+    if continues(store, k, T, H):
+        store.buffer = with_room(store.buffer, cached, S)
+    else:
+        planes = method.planes(H, D, drawn_from(generator), k.device)
+        codes = _simhash_codes(method, planes, per_query_head(k[:, :, :cached], groups))
+        store = SimHashStore(method, planes, with_room(codes, cached, S), cached, k[:, :, cached - 1])
+    store.length = cached
+    store = _indexed(store, method.num_bits)
+    out, scored = kernels.simhash_decode(
+        q, k, v, store.planes, store.buffer, store.index.keys, store.index.starts, visible, bits=method.num_bits,
+        sinks=method.sinks, window=method.window, importance=method.mode == "importance", scale=scale,
+    )  # fmt: skip
+    store.length, store.last_key = S, k[:, :, -1].clone()
+    return Step(out, store, int(scored.sum()))
+
+
 def simhash_step(
-    store: SimHashStore | None, method: SimHash, q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float,
+    store: SimHashStore | None, method: SimHash, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float,
     generator: torch.Generator | Callable[[], torch.Generator] | None,
 ) -> Step:  # fmt: skip
     """Each query attends the visible keys its codes collide with, as ``SimHash`` does causally in
     the prefill: sparse softmax over them, importance-weighted by 1 / P(collide | θ) in
     ``mode="importance"``, or, in faithful mode, every other visible key at logit 0. The keys
-    ``sinks`` and ``window`` cover are attended with their own score, once."""
+    ``sinks`` and ``window`` cover are attended with their own score, once. ``visible`` None: no
+    padding (query t sees the keys up to position S − T + t).
+
+    Sparse and importance modes with a bucket index run natively on the CPU (``_native_step``:
+    hashing and attending in one call, no tensor of S entries per query); otherwise, and where
+    the kernels do not run, in torch operations."""
     B, H, T, D = q.shape
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     groups = H // H_kv
-    store = _simhash_store(store, method, k, T, generator, groups)
+    bits = method.num_bits if method.rule == "any" else method.num_bits * method.num_hashes  # of a table's codes
+    differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    native = method.mode != "faithful" and method.rule == "any" and bits <= MAX_INDEX_BITS and S > T
+    if native and not differentiable and kernels.decodes_natively(q, k, v, visible):
+        return _native_step(store, method, q, k, v, visible, scale, generator, groups)
+    store, q_codes = _hashed(store, method, q, k, generator, groups)
+    q_codes = q_codes.long()
+    store = _indexed(store, bits)
+    if visible is None:
+        visible = causal_visible(B, T, S, q.device)
     with torch.no_grad():
-        q_codes, bits = method.table_codes(simhash_codes(q, store.planes))
-        store = _indexed(store, bits)
         collide = _colliding(store, q_codes) & visible  # (B, H, T, S)
     covered = covered_keys(visible, method.sinks, method.window)
     entries = collide | covered  # colliding or covered, each once

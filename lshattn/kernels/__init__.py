@@ -27,8 +27,18 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils import flop_counter
 
-__all__ = ["available", "bucket_sums", "collision_grads", "sign_codes", "load", "NativeKernelWarning"]
+__all__ = [
+    "NativeKernelWarning",
+    "available",
+    "bucket_sums",
+    "collision_grads",
+    "decodes_natively",
+    "load",
+    "project_signs",
+    "simhash_decode",
+]
 
 SOURCE_DIR = Path(__file__).parent
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler rejects -march=native
@@ -41,6 +51,14 @@ BASE_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 # miss the cache: at τ = 12, T = 4096 (m = 32, 8 heads) a 64 MiB budget made YOSO-m's forward
 # 124 ms, 4 MiB 45 ms; at τ = 8 all 32 tables fit either way.
 UNIT_TABLE_BUDGET = 1 << 20
+
+# A SimHash decoding step runs on several threads from this many (query, cached key) slots on
+# (one sequence's 9 heads at 8k: 72k, one thread). Measured at 8k: one step 0.4 ms on one thread.
+THREADED_DECODE_KEYS = 1 << 21
+# project_signs: rows projected together (PROJECT_ROWS in cpu.cpp), and the multiply-adds from
+# which a call runs on several threads (a decoding step's few tokens stay on one).
+PROJECT_ROWS = 4
+THREADED_PROJECTIONS = 1 << 22
 
 
 class NativeKernelWarning(UserWarning):
@@ -97,8 +115,10 @@ SIGNATURES = {
     "lshattn_bucket_sums_f64": [_PTR] * 4 + [_I64] * 10 + [_INT] * 2,
     "lshattn_collision_grads_f32": [_PTR] * 8 + [_I64] * 10 + [_INT, _I64, ctypes.c_double],
     "lshattn_collision_grads_f64": [_PTR] * 8 + [_I64] * 10 + [_INT, _I64, ctypes.c_double],
-    "lshattn_sign_codes_i32": [_PTR] * 2 + [_I64] * 7,
-    "lshattn_sign_codes_i64": [_PTR] * 2 + [_I64] * 7,
+    "lshattn_simhash_decode_f32": [_PTR] * 10 + [_I64] * 12 + [_INT, ctypes.c_double, _I64, _I64],
+    "lshattn_simhash_decode_f64": [_PTR] * 10 + [_I64] * 12 + [_INT, ctypes.c_double, _I64, _I64],
+    "lshattn_project_signs_i32": [_PTR] * 3 + [_I64] * 7,
+    "lshattn_project_signs_i64": [_PTR] * 3 + [_I64] * 7,
 }
 
 
@@ -270,24 +290,95 @@ def _run_units(kernel, N: int, ranges: int, tensors, sizes, flags) -> None:
     _run([(kernel, *head, units * s // spans, units * (s + 1) // spans, *flags) for s in range(spans)])
 
 
-def sign_codes(proj: Tensor, codes: Tensor, offset: int) -> None:
-    """Pack the sign bits of a chunk of projections into ``codes``, natively (call it where
-    ``available()`` and the tensors are on the CPU).
-
-    Bit k of table r is 1 when ``proj[n, t, r·bits + k]`` has its sign bit clear (+0 counts as
-    positive, -0 as negative, as ``torch.copysign`` has it); the code is ``Σ_k bit_k · 2^k``.
+def simhash_decode(
+    q: Tensor, k: Tensor, v: Tensor, planes: Tensor, buffer: Tensor, index_keys: Tensor, starts: Tensor,
+    visible: Tensor | None, *, bits: int, sinks: int, window: int | None, importance: bool, scale: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """SimHash's decoding step (``lshattn.decode.simhash``, sparse and importance modes, codes of
+    at most 15 bits), natively: hashes the T new keys into ``buffer`` and the T new queries (as
+    ``project_signs``: the prefill's codes), then gives each query the softmax over the visible
+    keys it collides with in some table and those ``sinks`` and ``window`` cover, each once (see
+    cpu.cpp). Call it where ``decodes_natively`` says so.
 
     Args:
-        proj: `(N, n, R·bits)` float32, contiguous: the projections of positions
-            ``offset .. offset + n`` of each of N rows.
-        codes: `(N, L, R)` int32 or int64, contiguous; positions ``offset .. offset + n`` are written.
+        q: `(B, H, T, D)`; k: `(B, H_kv, S, D)`; v: `(B, H_kv, S, Dv)` (GQA: read per key head), of
+            one dtype, float32 or float64.
+        planes: `(H, D, R, bits)` the projections.
+        buffer: `(B, H, R, capacity)` int16, contiguous, capacity >= S: the cached keys' codes in
+            the first S − T slots; the new keys' are written after them.
+        index_keys: `(B, H, R, N)` int32, the first N keys sorted by code; starts: `(B, H, R,
+            2^bits + 1)` int32, where each code's run begins (``decode.simhash.BucketIndex``); the
+            keys after the first N are compared one by one.
+        visible: `(B, 1, T, S)` bool, or None: query t sees the keys up to position S − T + t.
+
+    Returns:
+        out `(B, H, T, Dv)` and scored `(B, H, T)` int64 (the keys each query attended).
     """
-    kernel = _kernel("sign_codes", codes)
-    if kernel is None or proj.dtype != torch.float32 or proj.device.type != "cpu":
+    kernel = _kernel("simhash_decode", q)
+    B, H, T, D = q.shape
+    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    R, N = index_keys.shape[2], index_keys.shape[3]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    planes = planes.to(torch.float32).reshape(H, D, -1).contiguous()
+    seen = None if visible is None else visible.reshape(B, T, S).contiguous().view(torch.uint8)
+    out, scored = q.new_empty(B, H, T, Dv), torch.empty(B, H, T, dtype=torch.long)
+    tensors = (q, k, v, planes, buffer, index_keys.contiguous(), starts.contiguous(), seen, out, scored)
+    pointers = [None if x is None else x.data_ptr() for x in tensors]
+    sizes = (H, H_kv, T, S, D, Dv, R, N, bits, buffer.shape[-1], sinks, -1 if window is None else window)
+    units = B * H
+    # a decoding step of one sequence lists a few thousand keys: less work than handing it to threads
+    spans = min(units, torch.get_num_threads()) if units * T * S >= THREADED_DECODE_KEYS else 1
+    _run([
+        (kernel, *pointers, *sizes, int(importance), scale, units * s // spans, units * (s + 1) // spans)
+        for s in range(spans)
+    ])  # fmt: skip
+    return out, scored
+
+
+def decodes_natively(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None) -> bool:
+    """Whether ``simhash_decode`` runs on these inputs: compiled kernels, CPU tensors of one dtype
+    (float32 or float64), a mask shared by the heads."""
+    return (
+        _kernel("simhash_decode", q) is not None
+        and k.dtype == v.dtype == q.dtype
+        and k.device.type == v.device.type == "cpu"
+        and (visible is None or visible.shape[1] == 1)
+    )
+
+
+def project_signs(x: Tensor, planes: Tensor, codes: Tensor) -> None:
+    """SimHash codes natively: ``codes[n, l, r] = Σ_b [x[n, l]·planes[n % H, :, r, b] ≥ 0]·2^b``
+    (a projection's sign bit clear; a projection of exactly zero counts as positive). Each
+    projection is summed over d in order by the same instructions whatever else is hashed, so a
+    token alone (a decoding step) gets the codes it gets in a whole prompt. A torch operator
+    (``torch.ops.lshattn.project_signs``), so that ``lshattn.cost.count_flops`` counts its
+    ``2·N·L·D·R·bits`` FLOPs as those of the matrix product it replaces.
+
+    Args:
+        x: `(N, L, D)` float32 on the CPU; row n is of head n % H.
+        planes: `(H, D, R, bits)` float32.
+        codes: `(N, L, R)` int32 or int64, written.
+    """
+    if _kernel("project_signs", codes) is None or x.dtype != torch.float32 or x.device.type != "cpu":
         raise RuntimeError(
-            f"lshattn.kernels.sign_codes needs the native kernels and float32 projections and int32/int64 "
-            f"codes on the CPU, got {proj.dtype} projections and {codes.dtype} codes on {proj.device}"
+            f"lshattn.kernels.project_signs needs the native kernels, float32 inputs and int32/int64 codes on the "
+            f"CPU, got {x.dtype} inputs and {codes.dtype} codes on {x.device}"
         )
-    N, n, K = proj.shape
-    L, R = codes.shape[1], codes.shape[2]
-    kernel(proj.data_ptr(), codes.data_ptr(), n, R, K // R, L * R, offset, 0, N * n)
+    torch.ops.lshattn.project_signs(x.contiguous(), planes.to(torch.float32).contiguous(), codes)
+
+
+@torch.library.custom_op("lshattn::project_signs", mutates_args=("codes",), device_types="cpu")
+def _project_signs(x: Tensor, planes: Tensor, codes: Tensor) -> None:
+    N, L, D = x.shape
+    H, R, bits = planes.shape[0], planes.shape[2], planes.shape[3]
+    units = N * -(-L // PROJECT_ROWS)
+    spans = min(units, torch.get_num_threads()) if units * PROJECT_ROWS * D * R * bits >= THREADED_PROJECTIONS else 1
+    head = (x.data_ptr(), planes.data_ptr(), codes.data_ptr(), H, L, D, R, bits)
+    _run([(_kernel("project_signs", codes), *head, units * s // spans, units * (s + 1) // spans) for s in range(spans)])
+
+
+@flop_counter.register_flop_formula(torch.ops.lshattn.project_signs)
+def _project_signs_flops(x_shape, planes_shape, codes_shape, *args, **kwargs) -> int:
+    """The matrix product's: 2·N·L·D·R·bits."""
+    N, L, D = x_shape
+    return 2 * N * L * D * planes_shape[2] * planes_shape[3]

@@ -18,11 +18,13 @@
 // Sums run in a fixed order (writers by position, then hashes by index), so a unit's result is
 // deterministic.
 //
-// ## Sign codes (SimHash): pack the sign bits of projections into one integer per table
+// ## Sign codes (SimHash, YOSO): project onto the planes, pack the sign bits per table
 //
-//   codes[row, r] = Σ_k [proj[row, r·bits + k] has its sign bit clear] · 2^k
+//   proj[row, k] = Σ_d x[row, d] · planes[d, k],  codes[row, r] = Σ_b [proj[row, r·bits + b] has its sign bit clear] · 2^b
 //
-// (+0 counts as positive and -0 as negative, as torch.copysign does.)
+// (+0 counts as positive and -0 as negative, as torch.copysign does.) Each projection sums over d
+// in order by the same instructions for every row, so a token gets the same codes whether it is
+// hashed with a whole prompt or alone in a decoding step.
 //
 // ## Collision gradients (YOSO-m's backward): per hash, over the pairs that collide
 //
@@ -41,11 +43,23 @@
 // sums. All of it is small register-blocked matrix products on packed copies of a bucket's rows,
 // except buckets of at most FEW_PAIRS pairs (most of them when 2^τ is near T), which go pair by
 // pair where the rows are, since packing pads each side to 16 rows.
+//
+// ## SimHash decoding (lshattn.decode.simhash): a few new queries against the cached keys
+//
+// A unit is one batch-head: it hashes its T new keys into the codes buffer (as the sign codes
+// above: the prefill's codes) and its T new queries, then for each query lists its keys: the visible keys the sinks and window cover
+// (ranked among the real keys, as lshattn.local), then the indexed keys of the query's bucket in
+// each table (index_keys[starts[c] .. starts[c + 1]]), then the keys appended after the index,
+// compared one by one; each key once (a byte per key marks the listed ones). Softmax over them of
+// scale·q·k (importance mode: plus −log P(collide | θ) for the keys not covered), then the
+// weighted sum of their values. Visibility from `visible` (B, T, S) bytes, or by position when
+// null (no padding: query t sees the keys up to S − T + t). A unit with no key writes zeros.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -153,24 +167,82 @@ inline uint64_t sign_word(const float* x, int64_t n) {
     return ~negative & (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
 }
 
-// Rows [row_begin, row_end) of proj (rows, tables·bits) into codes[row_offset(row) + r], where a
-// row is (block b, position t) with t < positions and the codes of block b start at b·stride.
+// The codes of one row of projections (tables·bits of them) into out[0 .. tables).
 template <typename code_t>
-void sign_codes(const float* proj, code_t* codes, int64_t positions, int64_t tables, int64_t bits,
-                int64_t stride, int64_t offset, int64_t row_begin, int64_t row_end) {
+void pack_codes(const float* proj, code_t* out, int64_t tables, int64_t bits, std::vector<uint64_t>& words) {
     const int64_t K = tables * bits;
-    std::vector<uint64_t> words(static_cast<size_t>(K / 64 + 2), 0);
     const uint64_t mask = bits == 64 ? ~uint64_t(0) : (uint64_t(1) << bits) - 1;
-    for (int64_t row = row_begin; row < row_end; ++row) {
-        for (int64_t w = 0; w * 64 < K; ++w)
-            words[w] = sign_word(proj + row * K + w * 64, std::min<int64_t>(64, K - w * 64));
-        code_t* out = codes + (row / positions) * stride + (offset + row % positions) * tables;
-        for (int64_t r = 0; r < tables; ++r) {
-            const int64_t bit = r * bits, w = bit / 64, shift = bit % 64;
-            uint64_t field = words[w] >> shift;
-            if (shift != 0 && shift + bits > 64) field |= words[w + 1] << (64 - shift);
-            out[r] = static_cast<code_t>(field & mask);
+    words.assign(static_cast<size_t>(K / 64 + 2), 0);
+    for (int64_t w = 0; w * 64 < K; ++w) words[w] = sign_word(proj + w * 64, std::min<int64_t>(64, K - w * 64));
+    for (int64_t r = 0; r < tables; ++r) {
+        const int64_t bit = r * bits, w = bit / 64, shift = bit % 64;
+        uint64_t field = words[w] >> shift;
+        if (shift != 0 && shift + bits > 64) field |= words[w + 1] << (64 - shift);
+        out[r] = static_cast<code_t>(field & mask);
+    }
+}
+
+// Rows projected together: each plane's weights are read once for all of them.
+constexpr int64_t PROJECT_ROWS = 4;
+
+// proj[i, :] = x_i · planes for the PROJECT_ROWS rows x_i (D floats each; pass a row of zeros for
+// a missing one), planes (D × K) row-major. Every projection is a sum over d in order, by the same
+// instructions whatever the rows: a token's codes do not depend on what it is hashed with (the
+// decoding step hashes one token and gets the prefill's codes bit for bit).
+// One compiled body (never inlined), so that every caller's rows are rounded by the same
+// instructions: the prefill's and a decoding step's.
+#define LSHATTN_SAME_ROUNDING __attribute__((noinline))
+LSHATTN_SAME_ROUNDING void project_rows(const float* const* x, const float* __restrict planes, int64_t D, int64_t K,
+                                        float* __restrict proj) {
+    constexpr int64_t W = 16;  // projections a pass keeps in registers for every row
+    const float* __restrict x0 = x[0];
+    const float* __restrict x1 = x[1];
+    const float* __restrict x2 = x[2];
+    const float* __restrict x3 = x[3];
+    for (int64_t j0 = 0; j0 < K; j0 += W) {
+        const int64_t width = std::min(W, K - j0);
+        float acc[PROJECT_ROWS][W] = {};
+        if (width == W) {
+            for (int64_t d = 0; d < D; ++d) {
+                const float* __restrict w = planes + d * K + j0;
+                for (int64_t j = 0; j < W; ++j) {
+                    acc[0][j] += x0[d] * w[j];
+                    acc[1][j] += x1[d] * w[j];
+                    acc[2][j] += x2[d] * w[j];
+                    acc[3][j] += x3[d] * w[j];
+                }
+            }
+        } else {
+            for (int64_t d = 0; d < D; ++d) {
+                const float* __restrict w = planes + d * K + j0;
+                for (int64_t j = 0; j < width; ++j) {
+                    acc[0][j] += x0[d] * w[j];
+                    acc[1][j] += x1[d] * w[j];
+                    acc[2][j] += x2[d] * w[j];
+                    acc[3][j] += x3[d] * w[j];
+                }
+            }
         }
+        for (int64_t i = 0; i < PROJECT_ROWS; ++i)
+            for (int64_t j = 0; j < width; ++j) proj[i * K + j0 + j] = acc[i][j];
+    }
+}
+
+// Units [unit_begin, unit_end) of (row n, block of PROJECT_ROWS positions): x (N, L, D) float32,
+// planes (H, D, tables·bits) (row n uses head n % H), codes (N, L, tables).
+template <typename code_t>
+void project_signs(const float* x, const float* planes, code_t* codes, int64_t H, int64_t L, int64_t D,
+                   int64_t tables, int64_t bits, int64_t unit_begin, int64_t unit_end) {
+    const int64_t K = tables * bits, blocks = (L + PROJECT_ROWS - 1) / PROJECT_ROWS;
+    std::vector<float> proj(PROJECT_ROWS * K), zeros(D, 0.0f);
+    std::vector<uint64_t> words;
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t n = unit / blocks, first = unit % blocks * PROJECT_ROWS;
+        const int64_t rows = std::min(PROJECT_ROWS, L - first);
+        const float* row[PROJECT_ROWS];
+        for (int64_t i = 0; i < PROJECT_ROWS; ++i) row[i] = i < rows ? x + (n * L + first + i) * D : zeros.data();
+        project_rows(row, planes + (n % H) * D * K, D, K, proj.data());
+        for (int64_t i = 0; i < rows; ++i) pack_codes(proj.data() + i * K, codes + (n * L + first + i) * tables, tables, bits, words);
     }
 }
 
@@ -475,6 +547,156 @@ void collision_grads_units(const scalar_t* q, const scalar_t* k, const scalar_t*
     }
 }
 
+// Σ_d a[d]·b[d] in eight interleaved partial sums, which the compiler keeps in vector lanes (one
+// running sum would be a chain of dependent adds: several times slower at D = 64).
+template <typename scalar_t>
+scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+    scalar_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        for (int l = 0; l < 8; ++l) part[l] += a[d + l] * b[d + l];
+    for (; d < n; ++d) part[0] += a[d] * b[d];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// −log P(a pair at cosine `cosine` collides in some of `tables` tables of `bits` bits), at most −log tiny.
+template <typename scalar_t>
+scalar_t inverse_log_probability(scalar_t cosine, int64_t bits, int64_t tables) {
+    const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+    const scalar_t pi = scalar_t(3.14159265358979323846);
+    cosine = std::min(std::max(cosine, scalar_t(-1)), scalar_t(1));
+    const scalar_t per_table = std::pow(1 - std::acos(cosine) / pi, scalar_t(bits));
+    const scalar_t collide = -std::expm1(scalar_t(tables) * std::log1p(-per_table));
+    return -std::log(std::max(collide, tiny));
+}
+
+// The table codes (int16) of up to PROJECT_ROWS rows x[i] (D values each, converted to float32 as
+// the prefill hashes them), table r of row i into dest[i][r·table_stride[i]].
+template <typename scalar_t>
+void hash_rows(const scalar_t* const* x, int64_t rows, const float* planes, int64_t D, int64_t tables, int64_t bits,
+               int16_t* const* dest, const int64_t* table_stride, std::vector<float>& scratch, std::vector<float>& proj,
+               std::vector<uint64_t>& words) {
+    const int64_t K = tables * bits;
+    scratch.assign(PROJECT_ROWS * D, 0.0f);
+    const float* row[PROJECT_ROWS];
+    for (int64_t i = 0; i < PROJECT_ROWS; ++i) {
+        for (int64_t d = 0; i < rows && d < D; ++d) scratch[i * D + d] = float(x[i][d]);
+        row[i] = scratch.data() + i * D;
+    }
+    proj.resize(PROJECT_ROWS * K);
+    project_rows(row, planes, D, K, proj.data());
+    std::vector<int64_t> packed(tables);
+    for (int64_t i = 0; i < rows; ++i) {
+        pack_codes(proj.data() + i * K, packed.data(), tables, bits, words);
+        for (int64_t r = 0; r < tables; ++r) dest[i][r * table_stride[i]] = int16_t(packed[r]);
+    }
+}
+
+template <typename scalar_t>
+void simhash_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes,
+                          int16_t* buffer, const int32_t* index_keys, const int32_t* starts, const uint8_t* visible,
+                          scalar_t* out, int64_t* scored, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D,
+                          int64_t Dv, int64_t R, int64_t indexed, int64_t bits, int64_t capacity, int64_t sinks,
+                          int64_t window, int importance, double scale, int64_t unit_begin, int64_t unit_end) {
+    std::vector<uint8_t> listed(S, 0);
+    std::vector<int32_t> keys;
+    std::vector<uint8_t> covered;
+    std::vector<scalar_t> logits;
+    std::vector<int16_t> q_codes(T * R);
+    std::vector<float> scratch, proj;
+    std::vector<uint64_t> words;
+    const int64_t groups = H / H_kv, codes_per_table = (int64_t(1) << bits) + 1, K = R * bits;
+    for (int64_t bh = unit_begin; bh < unit_end; ++bh) {
+        const int64_t b = bh / H, h = bh % H, kv = b * H_kv + h / groups;
+        const float* head_planes = planes + h * D * K;
+        const scalar_t* kb = k + kv * S * D;
+        const scalar_t* vb = v + kv * S * Dv;
+        int16_t* head_codes = buffer + bh * R * capacity;
+        // the T new keys into the buffer and the T queries, PROJECT_ROWS of the 2·T rows at a time
+        for (int64_t first = 0; first < 2 * T; first += PROJECT_ROWS) {
+            const int64_t rows = std::min(PROJECT_ROWS, 2 * T - first);
+            const scalar_t* row[PROJECT_ROWS];
+            int16_t* dest[PROJECT_ROWS];
+            int64_t table_stride[PROJECT_ROWS];
+            for (int64_t i = 0, n = first; i < rows; ++i, ++n) {
+                const bool is_key = n < T;
+                row[i] = is_key ? kb + (S - T + n) * D : q + (bh * T + n - T) * D;
+                dest[i] = is_key ? head_codes + S - T + n : q_codes.data() + (n - T) * R;
+                table_stride[i] = is_key ? capacity : 1;
+            }
+            hash_rows(row, rows, head_planes, D, R, bits, dest, table_stride, scratch, proj, words);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t unit = bh * T + t, position = S - T + t;
+            const uint8_t* sees = visible ? visible + (b * T + t) * S : nullptr;
+            const uint8_t* real = visible ? visible + (b * T + T - 1) * S : nullptr;  // the last query sees every real key
+            keys.clear();
+            covered.clear();
+            auto add = [&](int64_t j, uint8_t is_covered) {
+                if (listed[j] || (sees ? !sees[j] : j > position)) return;
+                listed[j] = 1;
+                keys.push_back(int32_t(j));
+                covered.push_back(is_covered);
+            };
+            if (!sees) {  // ranks are positions
+                for (int64_t j = 0; j < std::min(sinks, S); ++j) add(j, 1);
+                if (window >= 0)
+                    for (int64_t j = std::max<int64_t>(0, position - window); j <= position; ++j) add(j, 1);
+            } else if (sinks > 0 || window >= 0) {
+                int64_t query_rank = -1, real_keys = 0;  // visible keys up to the query, less one
+                for (int64_t j = 0; j < S; ++j) query_rank += sees[j], real_keys += real[j];
+                for (int64_t j = 0, rank = 0; j < S && rank < sinks; ++j)
+                    if (real[j]) add(j, 1), ++rank;
+                if (window >= 0)  // key rank (real keys up to it, less one) from the last key down
+                    for (int64_t j = S - 1, upto = real_keys; j >= 0 && upto - 1 >= query_rank - window; --j) {
+                        add(j, 1);
+                        upto -= real[j];
+                    }
+            }
+            for (int64_t r = 0; r < R; ++r) {
+                const int64_t table = bh * R + r, code = q_codes[t * R + r];
+                const int32_t* run = index_keys + table * indexed;
+                const int32_t* start = starts + table * codes_per_table + code;
+                for (int32_t a = start[0]; a < start[1]; ++a) add(run[a], 0);
+                const int16_t* codes = head_codes + r * capacity;  // the keys appended since the index was built
+                for (int64_t j = indexed; j < S; ++j)
+                    if (codes[j] == code) add(j, 0);
+            }
+
+            const int64_t n = int64_t(keys.size());
+            scalar_t* o = out + unit * Dv;
+            std::fill(o, o + Dv, scalar_t(0));
+            scored[unit] = n;
+            if (n == 0) continue;
+            const scalar_t* qv = q + unit * D;
+            const scalar_t q_norm = importance ? std::sqrt(dot(qv, qv, D)) : scalar_t(0);
+            logits.resize(n);
+            scalar_t top = -std::numeric_limits<scalar_t>::infinity();
+            for (int64_t i = 0; i < n; ++i) {
+                const scalar_t* kj = kb + int64_t(keys[i]) * D;
+                const scalar_t product = dot(qv, kj, D);
+                scalar_t logit = product * scalar_t(scale);
+                if (importance && !covered[i]) {
+                    const scalar_t norms =
+                        std::max(q_norm * std::sqrt(dot(kj, kj, D)), std::numeric_limits<scalar_t>::min());
+                    logit += inverse_log_probability<scalar_t>(product / norms, bits, R);
+                }
+                logits[i] = logit;
+                top = std::max(top, logit);
+            }
+            scalar_t total = 0;
+            for (int64_t i = 0; i < n; ++i) {
+                const scalar_t weight = std::exp(logits[i] - top);
+                total += weight;
+                const scalar_t* vj = vb + int64_t(keys[i]) * Dv;
+                for (int64_t d = 0; d < Dv; ++d) o[d] += weight * vj[d];
+            }
+            for (int64_t d = 0; d < Dv; ++d) o[d] /= total;
+            for (int32_t j : keys) listed[j] = 0;
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -493,16 +715,16 @@ void lshattn_bucket_sums_f64(const double* values, const int32_t* write, const i
                       reverse);
 }
 
-// proj: (blocks·positions, tables·bits) float32; codes: (blocks, stride / tables, tables) with
-// the block's rows written at position `offset` onwards.
-void lshattn_sign_codes_i32(const float* proj, int32_t* codes, int64_t positions, int64_t tables, int64_t bits,
-                            int64_t stride, int64_t offset, int64_t row_begin, int64_t row_end) {
-    sign_codes<int32_t>(proj, codes, positions, tables, bits, stride, offset, row_begin, row_end);
+// x (N, L, D) float32, planes (H, D, tables·bits) float32, codes (N, L, tables); units are
+// (row n, block of 4 positions).
+void lshattn_project_signs_i32(const float* x, const float* planes, int32_t* codes, int64_t H, int64_t L, int64_t D,
+                               int64_t tables, int64_t bits, int64_t unit_begin, int64_t unit_end) {
+    project_signs<int32_t>(x, planes, codes, H, L, D, tables, bits, unit_begin, unit_end);
 }
 
-void lshattn_sign_codes_i64(const float* proj, int64_t* codes, int64_t positions, int64_t tables, int64_t bits,
-                            int64_t stride, int64_t offset, int64_t row_begin, int64_t row_end) {
-    sign_codes<int64_t>(proj, codes, positions, tables, bits, stride, offset, row_begin, row_end);
+void lshattn_project_signs_i64(const float* x, const float* planes, int64_t* codes, int64_t H, int64_t L, int64_t D,
+                               int64_t tables, int64_t bits, int64_t unit_begin, int64_t unit_end) {
+    project_signs<int64_t>(x, planes, codes, H, L, D, tables, bits, unit_begin, unit_end);
 }
 
 // q (N, T, D), k (N, S, D), v (N, S, Dv), g (N, T, Dv); codes (N, T, m) and (N, S, m) in
@@ -524,5 +746,23 @@ void lshattn_collision_grads_f64(const double* q, const double* k, const double*
     collision_grads_units<double>(q, k, v, g, q_codes, k_codes, grad_q, grad_k, N, T, S, m, D, Dv, rows, ranges,
                                   unit_begin, unit_end, causal, exact_bits, clamp);
 }
+
+// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H, D, R·bits) float32; buffer
+// (B·H, R, capacity) int16 codes, the new keys' written at S − T .. S; index_keys (B·H, R, indexed)
+// and starts (B·H, R, 2^bits + 1); visible (B, T, S) or null; out (B·H, T, Dv); scored (B·H·T).
+// Units are batch-heads.
+#define LSHATTN_SIMHASH_DECODE(suffix, scalar_t)                                                                  \
+    void lshattn_simhash_decode_##suffix(                                                                         \
+        const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int16_t* buffer,            \
+        const int32_t* index_keys, const int32_t* starts, const uint8_t* visible, scalar_t* out, int64_t* scored,   \
+        int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t R, int64_t indexed,           \
+        int64_t bits, int64_t capacity, int64_t sinks, int64_t window, int importance, double scale,               \
+        int64_t unit_begin, int64_t unit_end) {                                                                   \
+        simhash_decode_units<scalar_t>(q, k, v, planes, buffer, index_keys, starts, visible, out, scored, H, H_kv, \
+                                       T, S, D, Dv, R, indexed, bits, capacity, sinks, window, importance, scale,  \
+                                       unit_begin, unit_end);                                                     \
+    }
+LSHATTN_SIMHASH_DECODE(f32, float)
+LSHATTN_SIMHASH_DECODE(f64, double)
 
 }  // extern "C"
