@@ -10,6 +10,7 @@ __all__ = ["targets", "write"]
 
 COLOURS = {"simhash": "tab:green", "yoso": "tab:red", "reformer": "tab:orange", "reformer whole buckets": "tab:brown", "smyrf": "tab:blue", "topk": "black",
            "local": "tab:purple"}  # fmt: skip
+PLOT_CEILING = 2.0  # the perplexity plot's axis ends at this many times exact's perplexity
 TARGET_LENGTH = 4096  # issue 14: decode perplexity within 5 % of exact at 4k tokens and 1/16
 TARGET_BUDGET = 1 / 16
 SPEED_CONTEXT = 8000  # attention per decoding step ≥ 4× lower than exact at 8k, with YOSO or SimHash
@@ -342,7 +343,8 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
 
 def _plot_perplexity(plt, rows: list[dict], path: Path) -> None:
     """Perplexity against budget: a column per length, prefill above, decode below; exact and the
-    locality alone as horizontal lines, the oracle in black."""
+    locality alone as horizontal lines, the oracle in black; the axis stops at ``PLOT_CEILING``
+    times exact's perplexity, a point above it drawn on the ceiling with its value."""
     lengths = sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(2, len(lengths), figsize=(4.6 * len(lengths), 7), squeeze=False)
     for column, length in enumerate(lengths):
@@ -354,11 +356,20 @@ def _plot_perplexity(plt, rows: list[dict], path: Path) -> None:
                     axis.axhline(r[key], linestyle="--", color="black", label="exact")
                 elif r.get("budget") is None:
                     axis.axhline(r[key], linestyle=":", color="gray", label=f"{r['method']} (alone)")
+            exact = next((r[key] for r in mine if r["role"] == "exact"), None)
+            top = PLOT_CEILING * exact if exact else float("inf")
             for family in dict.fromkeys(r["family"] for r in mine if r.get("budget") is not None):
                 points = sorted((r["budget"], r[key]) for r in mine if r["family"] == family and r.get("budget"))
                 role = _role(family)
-                axis.plot([b for b, _ in points], [p for _, p in points], "s-" if role == "oracle" else "o-",
+                # a method far off (YOSO zero-shot: 10^5) sits on the ceiling, its value written there
+                axis.plot([b for b, _ in points], [min(p, top) for _, p in points], "s-" if role == "oracle" else "o-",
                           color=COLOURS.get(family), label=family + (f" ({role})" if role != "method" else ""))  # fmt: skip
+                for budget, value in points:
+                    if value > top:
+                        axis.annotate(f"{value:.3g}", (budget, top), textcoords="offset points", xytext=(0, -10),
+                                      ha="center", fontsize=6, color=COLOURS.get(family))  # fmt: skip
+            if exact:
+                axis.set_ylim(0.9 * exact, 1.05 * top)
             axis.set_xscale("log", base=2)
             axis.set_title(f"{length:,} tokens: {what}")
             axis.set_xlabel("budget (share of T·S)")

@@ -202,7 +202,7 @@ LSHATTN_SAME_ROUNDING void project_rows(const float* const* x, const float* __re
     for (int64_t j0 = 0; j0 < K; j0 += W) {
         const int64_t width = std::min(W, K - j0);
         float acc[PROJECT_ROWS][W] = {};
-        if (width == W) {
+        if (width == W) {  // a constant trip count, which the compiler unrolls into registers
             for (int64_t d = 0; d < D; ++d) {
                 const float* __restrict w = planes + d * K + j0;
                 for (int64_t j = 0; j < W; ++j) {
