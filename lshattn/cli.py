@@ -93,6 +93,7 @@ def _longctx(args: argparse.Namespace) -> int:
     config = longctx.LongCtxConfig(seed=args.seed)
     config = config.quick() if args.quick else config
     changes = {"lengths": args.lengths, "budgets": args.budgets, "methods": args.methods, "corpus": args.corpus,
+               "references": args.references,
                "passkey_methods": args.methods, "passkey_trials": args.passkey_trials,
                "decode_tokens": args.decode_tokens, "passkey_lengths": args.passkey_lengths,
                "passkey_depths": args.passkey_depths, "speed_contexts": args.speed_contexts}  # fmt: skip
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     longctx_parser.add_argument(
         "--methods", nargs="+", help="method strings for lshattn.parse, for every section (the budget turns each "
         "one's knob; the fields a string names stay fixed)",
+    )  # fmt: skip
+    longctx_parser.add_argument(
+        "--references", nargs="+", help="method strings run as they are, once per length, no budget (default: "
+        "the 4 sinks and 64-token window the methods include, alone)",
     )  # fmt: skip
     longctx_parser.add_argument("--corpus", choices=["wikipedia", "bible"], help="the text (default: wikipedia)")
     longctx_parser.add_argument("--passkey-trials", type=int, help="passkey trials per depth and length (default: 2)")

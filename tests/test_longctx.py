@@ -309,10 +309,12 @@ def test_cli_runs_the_report_with_its_flags(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(longctx, "run", tiny_run)
     code = cli.main(["longctx", "--quick", "--out", str(tmp_path), "--lengths", "96", "--budgets", "0.5",
-                     "--methods", SIMHASH, "--seed", "3", "--passkey-trials", "3", "--no-progress", "--fresh"])  # fmt: skip
+                     "--methods", SIMHASH, "--seed", "3", "--passkey-trials", "3", "--no-progress", "--fresh",
+                     "--references", "local:sinks=4,window=8"])  # fmt: skip
     assert code == 0
     config, progress, resume = calls[0]
     assert config.lengths == (96,) and config.budgets == (0.5,) and config.methods == (SIMHASH,) and config.seed == 3
+    assert config.references == ("local:sinks=4,window=8",)
     assert config.passkey_methods == (SIMHASH,) and config.passkey_trials == 3
     assert config.decode_tokens == 32 and not progress and not resume  # --quick's other settings kept
     printed = capsys.readouterr().out
