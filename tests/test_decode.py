@@ -499,3 +499,40 @@ def test_a_long_decode_rebuilds_the_index_and_still_equals_the_prefill():
         real = mask[:, t]
         torch.testing.assert_close(out[real, :, 0], full[real, :, t], atol=2e-5, rtol=2e-5)
     assert len(indexed) >= 2 and max(indexed) > 9 + index_slack(9)  # rebuilt at least once
+
+
+def test_decoding_past_the_models_positions_works_with_rotary_positions():
+    """A context longer than ``max_position_embeddings`` (64 here): a rotary model decodes on
+    through every method's step as exact attention does (RoPE has no table to run out of)."""
+    model = tiny_llama()
+    ids = torch.randint(3, VOCAB, (1, 60), generator=torch.Generator().manual_seed(2))
+    for method in (lshattn.SimHash(num_hashes=2, num_bits=3, mode="sparse", sinks=1, window=4), lshattn.YOSO(4, 3)):
+        hf.use(model, method)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert out.shape == (1, 72) and model.config.max_position_embeddings == 64
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_a_reordered_store_reorders_its_bucket_index(native):
+    """Beam search reorders the stores with the cache (``decode.reordered``): SimHash's bucket index
+    too, so after a reordering each sequence's step finds its own keys, as a store built from the
+    reordered cache does."""
+    from unittest import mock
+
+    from lshattn import decode, kernels
+
+    method = lshattn.SimHash(num_hashes=3, num_bits=2, mode="sparse", sinks=1)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 4, 1, 8, generator=g)
+    k, v = (torch.randn(3, 2, 30, 8, generator=g) for _ in "kv")  # three different sequences
+    switch = mock.patch.object(kernels, "decodes_natively", kernels.decodes_natively if native else lambda *a: False)
+    with switch:
+        store = decode.step(None, method, q, k[:, :, :29], v[:, :, :29], None, 0.3, torch.Generator().manual_seed(1)).store
+        assert store.index is not None
+        order = torch.tensor([2, 0, 1])
+        moved = decode.reordered(store, order)
+        got = decode.step(moved, method, q, k[order], v[order], None, 0.3, None)
+        assert got.store.planes is moved.planes and got.store.index.keys is moved.index.keys  # extended, not rebuilt
+        fresh = decode.step(None, method, q, k[order], v[order], None, 0.3, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got.out, fresh.out)

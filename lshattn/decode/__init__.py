@@ -68,12 +68,15 @@ Store = SimHashStore | YOSOStore | RoundsStore
 
 def reordered(store: Store, beam_idx: Tensor) -> Store:
     """``store`` with its sequences in the order `(B,)` ``beam_idx`` gives (beam search reorders
-    the cache so; ``lshattn.hf`` reorders every layer's store with it)."""
-    changes = {
-        field.name: value.index_select(0, beam_idx.to(value.device))
-        for field in dataclasses.fields(store)
-        if field.name != "planes" and isinstance(value := getattr(store, field.name), Tensor)
-    }
+    the cache so; ``lshattn.hf`` reorders every layer's store with it): every tensor with a batch
+    dim, in nested stores too (SimHash's bucket index); the projections (per head) stay."""
+    changes = {}
+    for field in dataclasses.fields(store):
+        value = getattr(store, field.name)
+        if isinstance(value, Tensor) and field.name != "planes":
+            changes[field.name] = value.index_select(0, beam_idx.to(value.device))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, Method):
+            changes[field.name] = reordered(value, beam_idx)
     return dataclasses.replace(store, **changes)
 
 

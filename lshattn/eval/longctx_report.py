@@ -166,9 +166,10 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
             "(`lshattn.hf.count`): in the prefill over T·S, in decoding over the cached keys of each step. The references: "
             "the **oracle** `topk` (exact softmax over each query's top keys besides the same sinks and window: the "
             "ceiling of any selection of that budget; it scores every pair to choose, so its *scored* is 100 %), the "
-            "**baseline** `local` (4 sinks and a window alone, the window turned to the same budget), and `local:"
-            "sinks=4,window=64`, the locality every method includes, alone. A decoding step of a method without a "
-            "native decoder runs exact attention over the cache (scored 100 % while decoding)."
+            "**baseline** `local` (4 sinks and a window alone, the window turned to the same budget), and, run as "
+            f"they are (no budget), {', '.join(f'`{t}`' for t in c.get('references', ())) or 'nothing else'}. A "
+            "decoding step of a method without a native decoder runs exact attention over the cache (scored 100 % "
+            "while decoding)."
         ),
         "",
         "## Targets (issue 14)",
