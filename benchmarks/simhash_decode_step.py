@@ -1,0 +1,66 @@
+"""One SimHash decoding step at the method level (``lshattn.decode.step``): the native step
+(``lshattn.kernels.simhash_decode``) against the torch step it replaces and exact attention
+(SDPA over the cache, GQA), on one thread, SmolLM2's shapes (9 query heads, 3 KV heads, dim 64).
+
+Random vectors collide far more than a model's queries and keys do (about 7 % of the keys at
+32 × 9 bits here against SmolLM2's 2 %), so this is a pessimistic load for the hashing methods;
+the cache is warm (one layer's tensors fit in cache), where a model's 30 layers are not::
+
+    python benchmarks/simhash_decode_step.py --context 2048 8000
+
+Results are in docs/longctx.md with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import lshattn
+from lshattn import decode, kernels
+
+
+def timed(step, repeats: int) -> float:
+    """Median milliseconds of ``step()``."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, nargs="+", default=[2048, 8000])
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    method = lshattn.SimHash(num_hashes=32, num_bits=9, mode="sparse", sinks=4, window=64)
+    print("| context | exact (SDPA) ms | SimHash torch step ms | SimHash native step ms | keys scored |\n|---|---|---|---|---|")
+    for S in args.context:
+        g = torch.Generator().manual_seed(S)
+        q = torch.randn(1, 9, 1, 64, generator=g)
+        k, v = (torch.randn(1, 3, S, 64, generator=g) for _ in "kv")
+        prompt = decode.step(None, method, q, k[:, :, :-1], v[:, :, :-1], None, 0.125, torch.Generator().manual_seed(0))
+
+        def replay(store=prompt.store):
+            # the same step again: the store forgets the last key it took
+            store.length, store.last_key = S - 1, k[:, :, S - 2].clone()
+            return decode.step(store, method, q, k, v, None, 0.125, None)
+
+        native = timed(replay, args.repeats)
+        scored = replay().scored
+        with mock.patch.object(kernels, "decodes_natively", lambda *a: False):
+            torch_step = timed(replay, args.repeats)
+        exact = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), args.repeats)
+        print(f"| {S:,} | {exact:.2f} | {torch_step:.2f} | {native:.2f} | {scored / 9:.0f} a head |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
