@@ -35,6 +35,28 @@ def timed(step, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def measure(method: lshattn.SimHash, S: int, repeats: int) -> tuple[float, float, float, int]:
+    """(SDPA, torch step, native step) ms and the keys the step scored, at S cached keys."""
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(1, 9, 1, 64, generator=g)
+    k, v = (torch.randn(1, 3, S, 64, generator=g) for _ in "kv")
+    store = decode.step(
+        None, method, q, k[:, :, :-1], v[:, :, :-1], None, 0.125, torch.Generator().manual_seed(0)
+    ).store
+
+    def replay():
+        # the same step again: the store forgets the last key it took
+        store.length, store.last_key = S - 1, k[:, :, S - 2].clone()
+        return decode.step(store, method, q, k, v, None, 0.125, None)
+
+    native = timed(replay, repeats)
+    scored = replay().scored
+    with mock.patch.object(kernels, "decodes_natively", lambda *a: False):
+        torch_step = timed(replay, repeats)
+    exact = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeats)
+    return exact, torch_step, native, scored
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, nargs="+", default=[2048, 8000])
@@ -42,23 +64,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     method = lshattn.SimHash(num_hashes=32, num_bits=9, mode="sparse", sinks=4, window=64)
-    print("| context | exact (SDPA) ms | SimHash torch step ms | SimHash native step ms | keys scored |\n|---|---|---|---|---|")
+    print(
+        "| context | exact (SDPA) ms | SimHash torch step ms | SimHash native step ms | keys scored |\n|---|---|---|---|---|"
+    )
     for S in args.context:
-        g = torch.Generator().manual_seed(S)
-        q = torch.randn(1, 9, 1, 64, generator=g)
-        k, v = (torch.randn(1, 3, S, 64, generator=g) for _ in "kv")
-        prompt = decode.step(None, method, q, k[:, :, :-1], v[:, :, :-1], None, 0.125, torch.Generator().manual_seed(0))
-
-        def replay(store=prompt.store):
-            # the same step again: the store forgets the last key it took
-            store.length, store.last_key = S - 1, k[:, :, S - 2].clone()
-            return decode.step(store, method, q, k, v, None, 0.125, None)
-
-        native = timed(replay, args.repeats)
-        scored = replay().scored
-        with mock.patch.object(kernels, "decodes_natively", lambda *a: False):
-            torch_step = timed(replay, args.repeats)
-        exact = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), args.repeats)
+        exact, torch_step, native, scored = measure(method, S, args.repeats)
         print(f"| {S:,} | {exact:.2f} | {torch_step:.2f} | {native:.2f} | {scored / 9:.0f} a head |", flush=True)
 
 
