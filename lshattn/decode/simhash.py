@@ -192,7 +192,7 @@ def _native_step(
     S = k.shape[2]
     cached = S - T
     if continues(store, k, T, H):
-        store.buffer = with_room(store.buffer, cached, S)
+        store.buffer = with_room(store.buffer, cached, S).contiguous()  # the kernel writes the new codes in it
     else:
         planes = method.planes(H, D, drawn_from(generator), k.device)
         codes = _simhash_codes(method, planes, per_query_head(k[:, :, :cached], groups))
