@@ -181,6 +181,22 @@ def test_resume_reuses_cells_and_measures_only_new_ones(tiny_report, tmp_path, m
     assert "commit" in rows(again, 96)[(0.5, SIMHASH)]  # each cell says which code measured it
 
 
+def test_a_run_over_part_of_the_grid_keeps_the_other_cells_for_the_next(tiny_report, tmp_path, monkeypatch):
+    """A run that stops early, or covers less, keeps the earlier cells it did not reach (under
+    ``unvisited``, out of the report): the whole grid run after it measures nothing again."""
+    results, out = tiny_report
+    (tmp_path / "report.json").write_text((out / "report.json").read_text())
+    part = dataclasses.replace(TINY, lengths=(96,), passkey_lengths=(), speed_contexts=())
+    longctx.run(part, tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(), progress=False)
+    kept = json.loads((tmp_path / "report.json").read_text())
+    assert not kept["passkey"]["rows"] and not kept["speed"]["rows"] and kept["unvisited"]
+    for name in ("perplexity_cell", "_passkey_row", "_speed_rows"):
+        monkeypatch.setattr(longctx, name, lambda *a, name=name, **k: pytest.fail(f"{name} measured again"))
+    again = longctx.run(TINY, tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(), progress=False)
+    assert again["passkey"]["rows"] == results["passkey"]["rows"] and again["speed"]["rows"] == results["speed"]["rows"]
+    assert not again["unvisited"]
+
+
 def test_a_length_past_the_model_positions_is_refused_before_running(tmp_path):
     config = dataclasses.replace(TINY, lengths=(600,))
     with pytest.raises(ValueError, match="has 512 positions, the run asks for 600 tokens"):

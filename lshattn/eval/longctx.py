@@ -546,10 +546,12 @@ def _budget_key(fraction: float | None) -> str:
 
 class _Journal:
     """The results, written to ``report.json`` after every cell; cells of an earlier run with
-    the same key are reused."""
+    the same key are reused. The earlier cells this run has not reached (yet) are kept under
+    ``"unvisited"`` (not in the report), so a run that stops early loses none of them."""
 
     def __init__(self, out: Path, results: dict, previous: dict[str, dict]) -> None:
         self.out, self.results, self.previous, self.reused = out, results, previous, 0
+        self.visited: set[str] = set()
 
     def cell(self, section: str, key: str, compute: Callable[[], dict]) -> dict:
         row = self.previous.get(key)
@@ -558,10 +560,12 @@ class _Journal:
         else:  # the commit it was measured at: a reused cell may predate a change to its method
             row = {"key": key, **compute(), "commit": self.results["machine"].get("commit")}
         self.results[section]["rows"].append(row)
+        self.visited.add(key)
         self.save()
         return row
 
     def save(self) -> None:
+        self.results["unvisited"] = [row for key, row in self.previous.items() if key not in self.visited]
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / "report.json.tmp"
         tmp.write_text(json.dumps(self.results, indent=1))
@@ -573,12 +577,8 @@ def _previous_cells(out: Path) -> dict[str, dict]:
         old = json.loads((out / "report.json").read_text())
     except (OSError, ValueError):
         return {}
-    return {
-        row["key"]: row
-        for section in ("perplexity", "passkey", "speed")
-        for row in old.get(section, {}).get("rows", [])
-        if "key" in row and row.get("status") != "failed"
-    }
+    rows = [row for section in ("perplexity", "passkey", "speed") for row in old.get(section, {}).get("rows", [])]
+    return {row["key"]: row for row in rows + old.get("unvisited", []) if "key" in row and row.get("status") != "failed"}
 
 
 def run(

@@ -156,7 +156,11 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
         f"corpus: {c['corpus']}, seed {c['seed']}. Measured {results['date']} on {m['cpu']} ({m['threads']} threads"
         f"{', GPU ' + m['gpu'] if m['gpu'] else ''}), torch {m['torch']}, lshattn {m['lshattn']}"
         + (f" @ {m['commit']}" if m.get("commit") else "")
-        + f"; the run took {results.get('seconds', 0) / 60:.1f} min"
+        + (
+            f"; the run took {results['seconds'] / 60:.1f} min"
+            if "seconds" in results
+            else "; the run stopped before its end (its cells kept, each naming the commit it was measured at)"
+        )
         + (f", {reused} cells reused from an earlier run in this folder" if reused else "")
         + ". Every number is in `report.json`.",
         "",
