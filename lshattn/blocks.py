@@ -41,6 +41,7 @@ __all__ = [
     "softmax_with_lse",
     "block_softmax",
     "merge_softmax",
+    "merge_entry",
     "merge_rounds",
     "finish_output",
 ]
@@ -247,9 +248,7 @@ def sorted_block_attention(
         if correct_duplicates:
             self_score = self_score - math.log(R)
         self_score = self_score.masked_fill(~key_is_valid(k_valid, own).view(rows, q_block), float("-inf"))
-        # Two parts: weigh them elementwise (merge_softmax would stack both outputs first).
-        weights, lse = softmax_with_lse(torch.stack([lse, self_score], dim=-1))
-        out = torch.addcmul(out * weights[..., :1], v_self, weights[..., 1:])
+        out, lse = merge_entry(out, lse, self_score, v_self)
         dot_products += rows * q_block
 
     inverse = inverse_order(q_order)
@@ -483,6 +482,14 @@ def merge_softmax(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """
     weights, merged_lse = softmax_with_lse(lse)
     return torch.einsum("...p,...pv->...v", weights, out), merged_lse
+
+
+def merge_entry(out: Tensor, lse: Tensor, logit: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge one more softmax entry into each row: a softmax part ``out`` `(..., Dv)` of
+    log-sum-exp ``lse`` `(...)` and an entry of ``logit`` `(...)` (-inf: none) and ``value``
+    `(..., Dv)`. Two parts, weighed elementwise (``merge_softmax`` would stack both outputs)."""
+    weights, lse = softmax_with_lse(torch.stack([lse, logit], dim=-1))
+    return torch.addcmul(out * weights[..., :1], value, weights[..., 1:]), lse
 
 
 def merge_rounds(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:

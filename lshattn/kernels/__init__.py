@@ -284,10 +284,14 @@ def _hash_ranges(N: int, m: int) -> int:
 def _run_units(kernel, N: int, ranges: int, tensors, sizes, flags) -> None:
     """Run ``kernel(*pointers, *sizes, ranges, unit_begin, unit_end, *flags)`` over the N·ranges
     units (row, range of hashes), in one contiguous span of units per thread."""
-    units = N * ranges
-    spans = min(units, torch.get_num_threads())
     head = (*(t.data_ptr() for t in tensors), *sizes, ranges)
-    _run([(kernel, *head, units * s // spans, units * (s + 1) // spans, *flags) for s in range(spans)])
+    _run_spans(kernel, head, N * ranges, min(N * ranges, torch.get_num_threads()), flags)
+
+
+def _run_spans(kernel, head: tuple, units: int, spans: int, tail: tuple = ()) -> None:
+    """Run ``kernel(*head, unit_begin, unit_end, *tail)`` over ``units`` units of work, in
+    ``spans`` contiguous spans, one a thread."""
+    _run([(kernel, *head, units * s // spans, units * (s + 1) // spans, *tail) for s in range(spans)])
 
 
 def simhash_decode(
@@ -328,10 +332,7 @@ def simhash_decode(
     units = B * H
     # a decoding step of one sequence lists a few thousand keys: less work than handing it to threads
     spans = min(units, torch.get_num_threads()) if units * T * S >= THREADED_DECODE_KEYS else 1
-    _run([
-        (kernel, *pointers, *sizes, int(importance), scale, units * s // spans, units * (s + 1) // spans)
-        for s in range(spans)
-    ])  # fmt: skip
+    _run_spans(kernel, (*pointers, *sizes, int(importance), scale), units, spans)
     return out, scored
 
 
@@ -374,7 +375,7 @@ def _project_signs(x: Tensor, planes: Tensor, codes: Tensor) -> None:
     units = N * -(-L // PROJECT_ROWS)
     spans = min(units, torch.get_num_threads()) if units * PROJECT_ROWS * D * R * bits >= THREADED_PROJECTIONS else 1
     head = (x.data_ptr(), planes.data_ptr(), codes.data_ptr(), H, L, D, R, bits)
-    _run([(_kernel("project_signs", codes), *head, units * s // spans, units * (s + 1) // spans) for s in range(spans)])
+    _run_spans(_kernel("project_signs", codes), head, units, spans)
 
 
 @flop_counter.register_flop_formula(torch.ops.lshattn.project_signs)

@@ -192,37 +192,29 @@ constexpr int64_t PROJECT_ROWS = 4;
 // One compiled body (never inlined), so that every caller's rows are rounded by the same
 // instructions: the prefill's and a decoding step's.
 #define LSHATTN_SAME_ROUNDING __attribute__((noinline))
+// acc[i][j] += Σ_d x_i[d]·planes[d, j0 + j] for j < width (WIDTH > 0: a constant width, which the
+// compiler unrolls into registers; 0: the runtime `width` of the last, narrower pass).
+template <int64_t WIDTH>
+inline void accumulate(const float* const* x, const float* __restrict planes, int64_t D, int64_t K, int64_t j0,
+                       int64_t width, float (&acc)[PROJECT_ROWS][16]) {
+    const int64_t n = WIDTH > 0 ? WIDTH : width;
+    for (int64_t d = 0; d < D; ++d) {
+        const float* __restrict w = planes + d * K + j0;
+        for (int64_t j = 0; j < n; ++j)
+            for (int64_t i = 0; i < PROJECT_ROWS; ++i) acc[i][j] += x[i][d] * w[j];
+    }
+}
+
 LSHATTN_SAME_ROUNDING void project_rows(const float* const* x, const float* __restrict planes, int64_t D, int64_t K,
                                         float* __restrict proj) {
     constexpr int64_t W = 16;  // projections a pass keeps in registers for every row
-    const float* __restrict x0 = x[0];
-    const float* __restrict x1 = x[1];
-    const float* __restrict x2 = x[2];
-    const float* __restrict x3 = x[3];
     for (int64_t j0 = 0; j0 < K; j0 += W) {
         const int64_t width = std::min(W, K - j0);
         float acc[PROJECT_ROWS][W] = {};
-        if (width == W) {  // a constant trip count, which the compiler unrolls into registers
-            for (int64_t d = 0; d < D; ++d) {
-                const float* __restrict w = planes + d * K + j0;
-                for (int64_t j = 0; j < W; ++j) {
-                    acc[0][j] += x0[d] * w[j];
-                    acc[1][j] += x1[d] * w[j];
-                    acc[2][j] += x2[d] * w[j];
-                    acc[3][j] += x3[d] * w[j];
-                }
-            }
-        } else {
-            for (int64_t d = 0; d < D; ++d) {
-                const float* __restrict w = planes + d * K + j0;
-                for (int64_t j = 0; j < width; ++j) {
-                    acc[0][j] += x0[d] * w[j];
-                    acc[1][j] += x1[d] * w[j];
-                    acc[2][j] += x2[d] * w[j];
-                    acc[3][j] += x3[d] * w[j];
-                }
-            }
-        }
+        if (width == W)
+            accumulate<W>(x, planes, D, K, j0, width, acc);
+        else
+            accumulate<0>(x, planes, D, K, j0, width, acc);
         for (int64_t i = 0; i < PROJECT_ROWS; ++i)
             for (int64_t j = 0; j < width; ++j) proj[i * K + j0 + j] = acc[i][j];
     }

@@ -16,12 +16,12 @@ from lshattn.blocks import (
     compute_dtype,
     finish_output,
     matched_key_blocks,
+    merge_entry,
     merge_rounds,
     pad_tokens,
     padded_valid,
     pair_entries,
     query_key_blocks,
-    softmax_with_lse,
     sorted_block_attention,
 )
 from lshattn.cost import Cost, sorted_blocks_cost
@@ -351,8 +351,7 @@ def _with_own_key(
     own = (q * k).sum(-1) * scale + math.log(counted)
     if key_padding_mask is not None:
         own = own.masked_fill(~key_padding_mask[:, None, :], float("-inf"))
-    weights, lse = softmax_with_lse(torch.stack([lse, own], dim=-1))
-    return torch.addcmul(out * weights[..., :1], v, weights[..., 1:]), lse
+    return merge_entry(out, lse, own, v)
 
 
 def _same_mask(a: Tensor | None, b: Tensor | None) -> bool:
