@@ -92,6 +92,7 @@ def _longctx(args: argparse.Namespace) -> int:
 
     config = longctx.LongCtxConfig(seed=args.seed)
     config = config.quick() if args.quick else config
+    config = config.exact_prefill() if args.prefill == "exact" else config
     changes = {"lengths": args.lengths, "budgets": args.budgets, "methods": args.methods, "corpus": args.corpus,
                "references": args.references,
                "passkey_methods": args.methods, "passkey_trials": args.passkey_trials,
@@ -202,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     longctx_parser.add_argument("--passkey-lengths", nargs="+", type=int, help="passkey prompt lengths (1k to 8k)")
     longctx_parser.add_argument("--passkey-depths", nargs="+", type=float, help="passkey depths, 0 to 1 (5 of them)")
     longctx_parser.add_argument("--speed-contexts", nargs="*", type=int, help="decoding speed contexts (2k, 4k, 8k)")
+    longctx_parser.add_argument(
+        "--prefill", choices=["method", "exact"], default="method",
+        help="exact: prompts run exact attention and the methods only the cached decoding steps (MagicPIG's "
+        "setting; nothing excluded, the oracle joins the passkey)",
+    )  # fmt: skip
     longctx_parser.add_argument(
         "--fresh", action="store_true",
         help="ignore the cells of an earlier run in --out (after the methods changed: each cell records its commit)",

@@ -41,7 +41,9 @@ Decisions a user should know:
   round: their causal prefill depends on the sort of the whole sequence, which decoding cannot
   know, so the two differ (measured in docs/longctx.md). ``Reformer(shared_qk=True)`` cannot
   decode through a cache (it holds keys, not queries): generate with ``use_cache=False``.
-  ``Dense`` runs transformers' sdpa over the cache with its own mask.
+  ``Dense`` runs transformers' sdpa over the cache with its own mask. ``use(...,
+  prefill="exact")`` keeps whole-sequence forwards exact and runs the method in the decoding
+  steps alone (the dense prefill of LLM decoding systems: MagicPIG, Quest, vAttention).
 * **Reproducible by default**: hash projections come from a ``torch.Generator`` seeded by
   ``(seed, layer index)``. In eval every forward draws the same projections, so two forwards
   give identical outputs, in this process or after ``save_pretrained`` and re-applying.
@@ -121,6 +123,7 @@ __all__ = [
 ]  # fmt: skip
 
 NAME = "lshattn"
+PREFILLS = ("method", "exact")  # what use(..., prefill=) takes
 """The name registered in transformers' AttentionInterface and AttentionMaskInterface."""
 
 _STATE = "_lshattn_state"  # attribute of an attention module holding its _LayerState
@@ -209,6 +212,7 @@ class _LayerState:
     seed: int
     redraw_in_training: bool
     steps: _StepCounter
+    exact_prefill: bool = False  # use(..., prefill="exact"): the method in cached decoding steps only
     tally: Tally | None = None
     store: Any = None  # lshattn.decode's store of cached key codes, for cached decoding steps
 
@@ -242,6 +246,7 @@ def use(
     seed: int = 0,
     redraw_in_training: bool = True,
     allow_shared_qk: bool = False,
+    prefill: str = "method",
 ) -> PreTrainedModel:
     """Run ``method`` as the attention of ``model`` (in place), or restore exact attention.
 
@@ -275,11 +280,13 @@ def use(
     Raises:
         ValueError: a model whose attention cannot be routed (the message says why), an index
             out of range, ``layers=`` on ALBERT with shared layers, or
-            ``Reformer(shared_qk=True)`` without ``allow_shared_qk``, or a mapping given with
-            ``layers=``.
+            ``Reformer(shared_qk=True)`` without ``allow_shared_qk``, a mapping given with
+            ``layers=``, or a ``prefill`` other than ``"method"`` or ``"exact"``.
         TypeError: ``model`` is not a transformers ``PreTrainedModel`` or ``method`` is not a
             method spec.
     """
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
     per_layer_given = isinstance(method, Mapping)
     if per_layer_given:
         if layers is not None:
@@ -323,7 +330,9 @@ def use(
             layer_method = given.get(layer.index)
         else:
             layer_method = method if layer.index in chosen else None
-        state = _LayerState(layer_method, layer.index, int(seed), bool(redraw_in_training), steps)
+        state = _LayerState(
+            layer_method, layer.index, int(seed), bool(redraw_in_training), steps, exact_prefill=prefill == "exact"
+        )
         setattr(layer.module, _STATE, state)
     if per_layer_given:  # JSON keys are strings
         record_method: Any = {str(i): None if m is None else str(m) for i, m in sorted(given.items())}
@@ -339,6 +348,7 @@ def use(
             "seed": int(seed),
             "redraw_in_training": bool(redraw_in_training),
             "allow_shared_qk": bool(allow_shared_qk),
+            "prefill": prefill,
         },
     )
     model.set_attn_implementation(NAME)
@@ -370,6 +380,7 @@ def use_saved(model: PreTrainedModel) -> PreTrainedModel:
         seed=record.get("seed", 0),
         redraw_in_training=record.get("redraw_in_training", True),
         allow_shared_qk=record.get("allow_shared_qk", False),
+        prefill=record.get("prefill", "method"),
     )
 
 
@@ -624,6 +635,8 @@ def _dispatch(
     T, S = query.shape[2], key.shape[2]
 
     decoding = is_causal and T < S
+    if state is not None and state.exact_prefill and not decoding:
+        method = None  # use(..., prefill="exact"): whole sequences run exact attention
     if decoding or (attention_mask is not None and attention_mask.dim() != 2):
         if method is not None and not decoding:
             raise ValueError(

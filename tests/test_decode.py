@@ -17,11 +17,11 @@ from lshattn import hf
 VOCAB = 64
 
 
-def tiny_llama() -> transformers.LlamaForCausalLM:
+def tiny_llama(layers: int = 2) -> transformers.LlamaForCausalLM:
     """4 query heads sharing 2 key/value heads (GQA), 2 layers."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=64,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config).eval()
@@ -536,3 +536,49 @@ def test_a_reordered_store_reorders_its_bucket_index(native):
         assert got.store.planes is moved.planes and got.store.index.keys is moved.index.keys  # extended, not rebuilt
         fresh = decode.step(None, method, q, k[order], v[order], None, 0.3, torch.Generator().manual_seed(1))
     torch.testing.assert_close(got.out, fresh.out)
+
+
+@pytest.mark.parametrize("name", ["sparse-sinks-window", "yoso-tables", "topk", "reformer-whole-buckets"])
+def test_an_exact_prefill_leaves_the_method_to_the_decoding_steps(name):
+    """``use(..., prefill="exact")``: the prompt runs exact attention (logits equal the model's own),
+    and each decoding step runs the method. With one layer the cache holds the same K and V after
+    either prefill, so the decoded logits are the method's causal prefill at those positions."""
+    model = one_layer_llama()
+    ids, mask = prompt()
+    with torch.no_grad():
+        exact = model(input_ids=ids, attention_mask=mask).logits
+    hf.use(model, SETTINGS[name], seed=5)
+    with torch.no_grad():
+        method_prefill = model(input_ids=ids, attention_mask=mask).logits
+    hf.use(model, SETTINGS[name], seed=5, prefill="exact")
+    with torch.no_grad():
+        prompt_logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(prompt_logits, exact, atol=0, rtol=0)
+    start = 9
+    torch.testing.assert_close(decoded_logits(model, ids, mask, start), method_prefill[:, start:], atol=1e-5, rtol=1e-5)
+    assert (exact[:, start:] - method_prefill[:, start:]).abs().max() > 1e-4  # the method is not exact here
+
+
+def test_an_exact_prefill_is_counted_recorded_and_checked(tmp_path):
+    """``generate`` with ``prefill="exact"``: the prompt scores every pair, the decoding steps fewer;
+    the setting is saved with the model and comes back with ``use_saved``; a bad value is refused."""
+    model = tiny_llama()
+    ids, mask = prompt()
+    method = lshattn.SimHash(num_hashes=1, num_bits=3, mode="sparse")
+    hf.use(model, method, prefill="exact")
+    with torch.no_grad(), hf.count(model) as whole:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), hf.count(model) as prompt_only:
+        model(input_ids=ids, attention_mask=mask)
+    assert out.shape == (2, 19)
+    assert prompt_only.dot_products == 2 * 4 * 14 * 14 * 2  # exact: every pair of the padded batch, 2 layers
+    decoding = whole.dot_products - prompt_only.dot_products
+    assert 0 < decoding < 0.8 * (whole.pairs - prompt_only.pairs)
+    model.save_pretrained(tmp_path)
+    loaded = hf.use_saved(transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval())
+    assert loaded.config.lshattn["prefill"] == "exact"
+    with torch.no_grad():
+        again = loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        hf.use(model, method, prefill="dense")

@@ -471,6 +471,7 @@ def test_string_methods_and_layer_listing():
         "seed": 0,
         "redraw_in_training": True,
         "allow_shared_qk": False,
+        "prefill": "method",
     }
 
 

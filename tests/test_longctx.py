@@ -383,3 +383,44 @@ def test_exclusions_by_length_and_budget_leave_decoding_speed_alone():
     assert longctx.excluded(config, "smyrf:num_hashes=1", 8000, 0.5) is None
     method, row = longctx._resolve(config, SIMHASH, 0.5, 4096, 8, speed=True)
     assert method is not None and row["status"] == "ok"
+
+
+def test_an_exact_prefill_run_leaves_the_methods_to_decoding(tiny_report, tmp_path):
+    """``prefill="exact"`` (``--prefill exact``): every prefill is exact attention's, so each
+    method's prefill perplexity is exact's while its decoding is its own; none of the cells of a run
+    with the methods' prefill is reused but decoding speed's; nothing is excluded and the oracle joins the passkey."""
+    results, out = tiny_report
+    (tmp_path / "report.json").write_text((out / "report.json").read_text())
+    config = dataclasses.replace(TINY, lengths=(96,), budgets=(0.25,)).exact_prefill()
+    assert config.exclude == () and "topk:sinks=2,window=8" in config.passkey_methods
+    dense = longctx.run(
+        config, tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(), progress=False
+    )
+    assert dense["reused_cells"] == 1  # the speed cell alone: decoding speed always prefills exactly
+    by = rows(dense, 96)
+    exact = by[(None, "exact")]
+    for text in (SIMHASH, "topk:sinks=2,window=8"):
+        assert by[(0.25, text)]["prefill_ppl"] == pytest.approx(exact["prefill_ppl"], rel=1e-6)
+        assert by[(0.25, text)]["decode_ppl"] != pytest.approx(exact["decode_ppl"], rel=1e-6)
+        assert by[(0.25, text)]["prefill_budget"] >= 1.0  # exact scores every pair
+    assert by[(0.25, SIMHASH)]["decode_budget"] < 1.0  # (the oracle scores every pair to choose)
+    # the decoding budget counts the decoding steps alone: 2 sinks + 8 window of ~90 keys a step,
+    # where an exact prefill counted with them would take it near 1
+    assert by[(None, "local:sinks=2,window=8")]["decode_budget"] == pytest.approx(10 / 91.5, rel=0.1)
+    assert by[(0.25, SIMHASH)]["decode_ppl"] != rows(results, 96)[(0.25, SIMHASH)]["decode_ppl"]
+    assert {r["text"] for r in dense["passkey"]["rows"] if "text" in r} == set(config.passkey_methods)
+    # exact attention generating on from the shared exact cache answers as it does from the prompt
+    exact_answers = [r["answers"] for run in (dense, results) for r in run["passkey"]["rows"] if r["method"] == "exact"]
+    assert exact_answers[0] == exact_answers[1]
+    assert "**Exact prefill**" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        longctx.run(dataclasses.replace(config, prefill="dense"), tmp_path, model=tiny_llama(),
+                    tokenizer=CharTokenizer(), corpus=corpus(), progress=False)  # fmt: skip
+
+
+def test_cli_prefill_flag(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(longctx, "run", lambda config, out, **kw: calls.append(config) or {"seconds": 0.0})
+    monkeypatch.setattr(longctx_report, "targets", lambda results: [])
+    assert cli.main(["longctx", "--prefill", "exact", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert calls[0] == longctx.LongCtxConfig().exact_prefill()

@@ -113,6 +113,10 @@ class LongCtxConfig:
         speed_contexts, speed_steps, speed_budget: decoding speed: context lengths, steps timed
             after the first (which may hash the whole cache), the methods' budget.
         chunk: positions per chunk of logits when scoring (memory: ``chunk`` × vocabulary).
+        prefill: ``"method"``: each method runs in the prefill and in decoding. ``"exact"``: the
+            prompts (and the prefill of the decoded texts) run exact attention, the methods only
+            the cached decoding steps (``hf.use(..., prefill="exact")``: the dense prefill of LLM
+            decoding systems such as MagicPIG); the prefill columns are then exact's.
     """
 
     seed: int = 0
@@ -133,6 +137,14 @@ class LongCtxConfig:
     speed_steps: int = 8
     speed_budget: float = 1 / 16
     chunk: int = 512
+    prefill: str = "method"
+
+    def exact_prefill(self) -> LongCtxConfig:
+        """The methods in the cached decoding steps only, every prefill exact (``prefill``). What
+        left cells out of the grid was the prefill's cost (the oracle's and SimHash's at 8k, the
+        baseline's wide windows), so nothing is excluded; the oracle joins the passkey methods (a
+        decoding step scores one query against the cache)."""
+        return dataclasses.replace(self, prefill="exact", exclude=(), passkey_methods=self.methods)
 
     def quick(self) -> LongCtxConfig:
         """A first look in under 5 minutes on 2 CPU cores (4 min measured): 1,024 tokens at 1/4,
@@ -237,13 +249,18 @@ def _hidden(model: Any, ids: Tensor) -> Tensor:
         return model.base_model(input_ids=ids).last_hidden_state[0]
 
 
-def _decoded_hidden(model: Any, ids: Tensor, n: int) -> Tensor:
-    """`(n, d)` the last hidden states predicting the last ``n`` tokens of `(1, T)` ``ids``: all
-    but the last ``n + 1`` tokens prefilled, then one token a step through the cache."""
-    T = ids.shape[1]
+def _prefilled(model: Any, ids: Tensor, n: int) -> Any:
+    """The cache of all but the last ``n + 1`` tokens of `(1, T)` ``ids``, filled by a forward
+    with the model's attention as it is set."""
     with torch.no_grad():
-        out = model.base_model(input_ids=ids[:, : T - n - 1], use_cache=True)
-        cache, steps = out.past_key_values, []
+        return model.base_model(input_ids=ids[:, : ids.shape[1] - n - 1], use_cache=True).past_key_values
+
+
+def _decoded_hidden(model: Any, ids: Tensor, n: int, cache: Any) -> Tensor:
+    """`(n, d)` the last hidden states predicting the last ``n`` tokens of `(1, T)` ``ids``, one
+    token a step through ``cache`` (which holds all but the last ``n + 1`` tokens)."""
+    T, steps = ids.shape[1], []
+    with torch.no_grad():
         for t in range(T - n - 1, T - 1):
             out = model.base_model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
             cache = out.past_key_values
@@ -252,30 +269,44 @@ def _decoded_hidden(model: Any, ids: Tensor, n: int) -> Tensor:
 
 
 def perplexity_cell(
-    model: Any, ids: Tensor, method: Method, seed: int, decode_tokens: int, exact: Tensor | None, chunk: int
-) -> dict:
+    model: Any, ids: Tensor, method: Method, seed: int, decode_tokens: int, exact: Tensor | None, chunk: int,
+    exact_prefill: Callable[[], Any] | None = None,
+) -> dict:  # fmt: skip
     """Perplexity, KL to exact and the budget spent, in the prefill and in decoding, of one method.
 
     Args:
         ids: `(1, T)` the text.
         exact: `(T, d)` exact attention's last hidden states over ``ids`` (the reference for the
             KL), or None to leave the KL out.
-        decode_tokens: N, the last tokens decoded one at a time.
+        decode_tokens: N, the last tokens decoded one at a time; the decoding budget and seconds
+            are those of these N steps alone (not of the prefill before them).
+        exact_prefill: None: the method prefills (all tokens for the prefill's numbers, all but
+            the last N + 1 before decoding). Otherwise a function returning a fresh copy of exact
+            attention's cache of all but the last N + 1 tokens: the method only decodes from it
+            (``hf.use(..., prefill="exact")``), and the prefill's numbers are exact's (``exact``).
     """
     from lshattn import hf
 
     head, T, N = _head(model), ids.shape[1], decode_tokens
     targets = ids[0, 1:]
-    hf.use(model, method, seed=seed)
+    if exact_prefill is not None and exact is None:
+        raise ValueError("an exact prefill takes its prefill numbers from exact: pass exact's hidden states")
+    started = time.perf_counter()
+    shared = None if exact_prefill is None else exact_prefill()  # before use(): it sets exact attention
+    hf.use(model, method, seed=seed, prefill="method" if exact_prefill is None else "exact")
     try:
-        started = time.perf_counter()
-        with hf.count(model) as prefill_tally:
-            hidden = _hidden(model, ids)
+        if exact_prefill is None:
+            with hf.count(model) as prefill_tally:
+                hidden = _hidden(model, ids)
+            prefill_budget = prefill_tally.budget
+            cache = _prefilled(model, ids, N)
+        else:  # the prefill is exact attention's, shared by every method of this text
+            hidden, prefill_budget, cache = exact, 1.0, shared
         prefill_seconds = time.perf_counter() - started
         losses, kl = token_scores(head, hidden[:-1], targets, None if exact is None else exact[:-1], chunk)
         started = time.perf_counter()
         with hf.count(model) as decode_tally:
-            decoded = _decoded_hidden(model, ids, N)
+            decoded = _decoded_hidden(model, ids, N, cache)
         decode_seconds = time.perf_counter() - started
     finally:
         hf.use(model, None)
@@ -288,7 +319,7 @@ def perplexity_cell(
         "prefill_kl": None if kl is None else float(kl.mean()),
         "prefill_kl_last": None if kl is None else float(kl[last].mean()),
         "decode_kl": None if decode_kl is None else float(decode_kl.mean()),
-        "prefill_budget": prefill_tally.budget,
+        "prefill_budget": prefill_budget,
         "decode_budget": decode_tally.budget,
         "prefill_seconds": prefill_seconds,
         "decode_seconds": decode_seconds,
@@ -388,8 +419,16 @@ def _filler(corpus: Tensor, seed: int, length: int, trial: int) -> list[int]:
     return corpus[start : start + length].tolist()
 
 
-def passkey_cell(model: Any, tokenizer: Any, prompts: list[list[int]], keys: list[int], new_tokens: int) -> dict:
-    """Greedy answers to a batch of prompts of one length, and whether each gives its key."""
+def passkey_cell(
+    model: Any, tokenizer: Any, prompts: list[list[int]], keys: list[int], new_tokens: int, cache: Any = None,
+) -> dict:  # fmt: skip
+    """Greedy answers to a batch of prompts of one length, and whether each gives its key.
+
+    ``cache``: None: the model's attention as set processes the prompts, and ``scored`` counts
+    the prompt and the answer. Otherwise a cache of every prompt token but the last (exact
+    attention's, ``prefill="exact"``; it is extended): generation goes on from it (the last
+    prompt token is the first decoding step), and ``scored`` counts the decoding steps alone.
+    """
     from lshattn import hf
 
     ids = torch.tensor(prompts)
@@ -397,7 +436,7 @@ def passkey_cell(model: Any, tokenizer: Any, prompts: list[list[int]], keys: lis
     with torch.no_grad(), hf.count(model) as tally:
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=pad,
+            pad_token_id=pad, cache=cache,
         )  # fmt: skip
     answers = [tokenizer.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=True) for row in out]
     return {
@@ -607,6 +646,8 @@ def run(
     from lshattn.eval.demo import machine
 
     started = time.perf_counter()
+    if config.prefill not in lshattn.hf.PREFILLS:
+        raise ValueError(f"prefill must be one of {lshattn.hf.PREFILLS}, got {config.prefill!r}")
     for text in (*config.methods, *config.references, *config.passkey_methods):
         parse(text)  # a bad string fails before the model loads
     if model is None:
@@ -634,13 +675,15 @@ def run(
     # 1. Perplexity: exact first at each length (the KL's reference), then each method and budget.
     for length in config.lengths:
         ids = corpus[None, :length]
-        base = f"perplexity|{model_id}|{config.corpus}|seed={seed}|T={length}|N={config.decode_tokens}"
+        base = f"perplexity|{model_id}|{config.corpus}|seed={seed}|T={length}|N={config.decode_tokens}{_prefill_key(config)}"
         reference = _exact_reference(model, ids)
+        shared = _exact_prefill(model, ids, config.decode_tokens) if config.prefill == "exact" else None
         jobs = [(EXACT, None)] + [(t, f) for f in config.budgets for t in config.methods]
         jobs += [(t, None) for t in config.references]
         for text, fraction in jobs:
             key = f"{base}|budget={_budget_key(fraction)}|{text}"
-            journal.cell("perplexity", key, partial(_perplexity_row, config, model, ids, text, fraction, D, reference))
+            row = partial(_perplexity_row, config, model, ids, text, fraction, D, reference, shared)
+            journal.cell("perplexity", key, row)
             tick(f"perplexity {length}: {text}")
     # 2. Passkey: each method at the passkey budget; a batch of every depth per trial.
     for length in config.passkey_lengths:
@@ -650,10 +693,13 @@ def run(
             built = [passkey_prompt(tokenizer, filler, length, d, k) for d, k in zip(config.passkey_depths, keys)]
             base = f"passkey|{model_id}|{config.corpus}|seed={seed}|T={length}|trial={trial}"
             base += f"|depths={','.join(map(str, config.passkey_depths))}|new={config.passkey_new_tokens}"
+            base += _prefill_key(config)
+            prompts = torch.tensor([ids for ids, _ in built])
+            shared = _exact_prefill(model, prompts, 0) if config.prefill == "exact" else None
             for text in (EXACT, *config.passkey_methods):
                 fraction = None if text == EXACT else config.passkey_budget
                 key = f"{base}|budget={_budget_key(fraction)}|{text}"
-                row = partial(_passkey_row, config, model, tokenizer, built, keys, text, length, trial, D)
+                row = partial(_passkey_row, config, model, tokenizer, built, keys, text, length, trial, D, shared)
                 journal.cell("passkey", key, row)
                 tick(f"passkey {length}: {text}")
     # 3. Speed: every method in one run per context, from one exact prefill.
@@ -697,6 +743,29 @@ def _exact_reference(model: Any, ids: Tensor) -> Callable[[], Tensor]:
     return reference
 
 
+def _exact_prefill(model: Any, ids: Tensor, n: int) -> Callable[[], Any]:
+    """A function giving a fresh copy of exact attention's cache of all but the last ``n + 1``
+    tokens of `(B, T)` ``ids``: one prefill shared by every method's decoding of those texts,
+    computed on the first call only."""
+    cached: list[Any] = []
+
+    def prefilled() -> Any:
+        if not cached:
+            lshattn.hf.use(model, lshattn.Dense())
+            try:
+                cached.append(_prefilled(model, ids, n))
+            finally:
+                lshattn.hf.use(model, None)
+        return copy.deepcopy(cached[0])
+
+    return prefilled
+
+
+def _prefill_key(config: LongCtxConfig) -> str:
+    """The prefill's part of a cell's key: none for the methods' own (the keys of earlier reports)."""
+    return "" if config.prefill == "method" else f"|prefill={config.prefill}"
+
+
 def _cell_count(config: LongCtxConfig) -> int:
     perplexity = len(config.lengths) * (1 + len(config.budgets) * len(config.methods) + len(config.references))
     passkey = len(config.passkey_lengths) * config.passkey_trials * (1 + len(config.passkey_methods))
@@ -733,7 +802,7 @@ def _family(text: str) -> str:
 
 def _perplexity_row(
     config: LongCtxConfig, model: Any, ids: Tensor, text: str, fraction: float | None, D: int,
-    reference: Callable[[], Tensor],
+    reference: Callable[[], Tensor], exact_prefill: Callable[[], Any] | None,
 ) -> dict:  # fmt: skip
     T = ids.shape[1]
     method, row = _resolve(config, text, fraction, T, D)
@@ -741,12 +810,13 @@ def _perplexity_row(
     if method is None:
         return row
     exact = reference()
-    return {**row, **perplexity_cell(model, ids, method, config.seed, config.decode_tokens, exact, config.chunk)}
+    cell = perplexity_cell(model, ids, method, config.seed, config.decode_tokens, exact, config.chunk, exact_prefill)
+    return {**row, **cell}
 
 
 def _passkey_row(
     config: LongCtxConfig, model: Any, tokenizer: Any, built: list[tuple[list[int], int]], keys: list[int], text: str,
-    length: int, trial: int, D: int,
+    length: int, trial: int, D: int, exact_prefill: Callable[[], Any] | None,
 ) -> dict:  # fmt: skip
     fraction = None if text == EXACT else config.passkey_budget
     method, row = _resolve(config, text, fraction, length, D)
@@ -754,10 +824,12 @@ def _passkey_row(
     row["needle_at"] = [at for _, at in built]
     if method is None:
         return row
-    lshattn.hf.use(model, method, seed=config.seed)
     started = time.perf_counter()
+    cache = None if exact_prefill is None else exact_prefill()  # before use(): it sets exact attention
+    lshattn.hf.use(model, method, seed=config.seed, prefill=config.prefill)
     try:
-        cell = passkey_cell(model, tokenizer, [ids for ids, _ in built], keys, config.passkey_new_tokens)
+        prompts = [ids for ids, _ in built]
+        cell = passkey_cell(model, tokenizer, prompts, keys, config.passkey_new_tokens, cache)
     finally:
         lshattn.hf.use(model, None)
     return {**row, **cell, "seconds": time.perf_counter() - started}

@@ -127,6 +127,11 @@ def _same(a: float | None, b: float) -> bool:
     return a is not None and abs(a - b) <= 1e-9 * b
 
 
+def _prefiller(config: dict) -> str:
+    """What prefilled the prompts: the method, or exact attention (``prefill="exact"``)."""
+    return "exact attention" if config.get("prefill", "method") == "exact" else "the method"
+
+
 def _role(text: str) -> str:
     return {"topk": "oracle", "local": "baseline", "exact": "exact"}.get(text.partition(":")[0], "method")
 
@@ -176,6 +181,18 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
             "while decoding)."
         ),
         "",
+        *(
+            [
+                (
+                    '**Exact prefill** (`prefill="exact"`): every prompt ran exact attention; the methods ran in '
+                    "the cached decoding steps alone (the dense prefill of MagicPIG, Quest, vAttention). The prefill "
+                    "columns are therefore exact attention's."
+                ),
+                "",
+            ]
+            if c.get("prefill", "method") == "exact"
+            else []
+        ),
         "## Targets (issue 14)",
         "",
         "| target | measured | met |",
@@ -199,7 +216,7 @@ def _perplexity_section(results: dict, plots: dict[str, str]) -> list[str]:
         "", "## 1. Perplexity", "",
         (f"Each text is the first T tokens of the corpus, teacher-forced. *Prefill*: one forward over all T tokens "
         f"(perplexity over all of them, and over the last {c['decode_tokens']} alone, the tokens decoding scores). "
-        f"*Decode*: all but the last {c['decode_tokens']} + 1 tokens prefilled with the method, then one token a step "
+        f"*Decode*: all but the last {c['decode_tokens']} + 1 tokens prefilled with {_prefiller(c)}, then one token a step "
         f"through the cache, each step predicting the next; the last {c['decode_tokens']} tokens scored. *KL*: the mean "
         f"next-token KL(exact ‖ method), nats, over the same predictions. In brackets: the ratio to exact."),
     ]  # fmt: skip
@@ -243,7 +260,8 @@ def _passkey_section(results: dict, plots: dict[str, str]) -> list[str]:
         f"trial), asked for through the model's chat template, the answer's start (\"The pass key is\") given; "
         f"greedy generation of {c['passkey_new_tokens']} tokens; correct when the number is in the answer. "
         f"{c['passkey_trials']} trial(s) per depth and length (each with its own number and filler, the same for "
-         f"every method); methods at budget {_fraction(c['passkey_budget'])}. Accuracy over depths and trials:"), "",
+         f"every method); methods at budget {_fraction(c['passkey_budget'])}, the prompt prefilled with {_prefiller(c)}. "
+         f"Accuracy over depths and trials:"), "",
         "| method | " + " | ".join(f"{t:,}" for t in lengths) + " |", "|---" * (len(lengths) + 1) + "|",
     ]  # fmt: skip
     settings: dict[str, dict[int, str]] = {}
