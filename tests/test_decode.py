@@ -18,7 +18,7 @@ VOCAB = 64
 
 
 def tiny_llama(layers: int = 2) -> transformers.LlamaForCausalLM:
-    """4 query heads sharing 2 key/value heads (GQA), 2 layers."""
+    """4 query heads sharing 2 key/value heads (GQA), 2 layers by default."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
@@ -543,7 +543,7 @@ def test_an_exact_prefill_leaves_the_method_to_the_decoding_steps(name):
     """``use(..., prefill="exact")``: the prompt runs exact attention (logits equal the model's own),
     and each decoding step runs the method. With one layer the cache holds the same K and V after
     either prefill, so the decoded logits are the method's causal prefill at those positions."""
-    model = one_layer_llama()
+    model = tiny_llama(layers=1)  # its cached K and V come from the embeddings alone
     ids, mask = prompt()
     with torch.no_grad():
         exact = model(input_ids=ids, attention_mask=mask).logits
