@@ -371,6 +371,8 @@ def test_command_names_the_flags_of_a_known_config():
     assert longctx.command(dataclasses.replace(config, corpus="bible").quick()) == (
         "`lshattn longctx --quick --seed 2 --corpus bible --out DIR`"
     )
+    assert longctx.command(config.exact_prefill()) == "`lshattn longctx --prefill exact --seed 2 --out DIR`"
+    assert longctx.command(config.quick().exact_prefill()).startswith("`lshattn longctx --quick --prefill exact")
     assert "LongCtxConfig(**config)" in longctx.command(TINY)
 
 

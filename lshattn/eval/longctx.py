@@ -721,6 +721,8 @@ def command(config: LongCtxConfig) -> str:
     default = LongCtxConfig(seed=config.seed, corpus=config.corpus)
     corpus = "" if config.corpus == "wikipedia" else f" --corpus {config.corpus}"
     for flags, known in (("", default), (" --quick", default.quick())):
+        if config == known.exact_prefill():
+            return f"`lshattn longctx{flags} --prefill exact --seed {config.seed}{corpus} --out DIR`"
         if config == known:
             return f"`lshattn longctx{flags} --seed {config.seed}{corpus} --out DIR`"
     return "`lshattn.eval.longctx.run(LongCtxConfig(**config), DIR)`"
