@@ -49,6 +49,7 @@ from torch import Tensor
 import lshattn
 from lshattn.api import Method, parse
 from lshattn.budget import work_share
+from lshattn.eval.longctx_report import family
 
 __all__ = [
     "LongCtxConfig", "kl_divergence", "passkey_correct", "passkey_prompt", "run", "setting", "state_bytes",
@@ -796,19 +797,13 @@ def _resolve(
     return method, row
 
 
-def _family(text: str) -> str:
-    """The curve a method string's cells draw: its name, whole-bucket Reformer apart."""
-    name = text.partition(":")[0]
-    return f"{name} whole buckets" if name == "reformer" and getattr(parse(text), "whole_buckets", False) else name
-
-
 def _perplexity_row(
     config: LongCtxConfig, model: Any, ids: Tensor, text: str, fraction: float | None, D: int,
     reference: Callable[[], Tensor], exact_prefill: Callable[[], Any] | None,
 ) -> dict:  # fmt: skip
     T = ids.shape[1]
     method, row = _resolve(config, text, fraction, T, D)
-    row.update(length=T, budget=fraction, family=_family(text))
+    row.update(length=T, budget=fraction, family=family(text))
     if method is None:
         return row
     exact = reference()

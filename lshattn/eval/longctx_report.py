@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-__all__ = ["targets", "write"]
+from lshattn.api import parse
+
+__all__ = ["family", "targets", "write"]
 
 COLOURS = {"simhash": "tab:green", "yoso": "tab:red", "reformer": "tab:orange", "reformer whole buckets": "tab:brown", "smyrf": "tab:blue", "topk": "black",
            "local": "tab:purple"}  # fmt: skip
@@ -134,6 +136,13 @@ def _prefiller(config: dict) -> str:
 
 def _role(text: str) -> str:
     return {"topk": "oracle", "local": "baseline", "exact": "exact"}.get(text.partition(":")[0], "method")
+
+
+def family(text: str) -> str:
+    """The curve (and passkey panel) of a method string's cells: its name, whole-bucket Reformer
+    apart."""
+    name = text.partition(":")[0]
+    return f"{name} whole buckets" if name == "reformer" and getattr(parse(text), "whole_buckets", False) else name
 
 
 def _passkey_accuracy(rows: list[dict], by_depth: bool = False) -> dict[str, dict]:
@@ -355,7 +364,12 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
     made = {}
     rows = results.get("perplexity", {}).get("rows", [])
     if _ok(rows):
-        _plot_perplexity(plt, rows, out / "perplexity.png")
+        # with an exact prefill the prefill panels would be exact's line alone: decoding only
+        exact_prefill = results["config"].get("prefill", "method") == "exact"
+        panels = (
+            (("decode_ppl", "decode"),) if exact_prefill else (("prefill_ppl", "prefill"), ("decode_ppl", "decode"))
+        )
+        _plot_perplexity(plt, rows, out / "perplexity.png", panels)
         made["perplexity"] = "perplexity.png"
     passkey = results.get("passkey", {}).get("rows", [])
     if _ok(passkey):
@@ -364,15 +378,18 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
     return made
 
 
-def _plot_perplexity(plt, rows: list[dict], path: Path) -> None:
-    """Perplexity against budget: a column per length, prefill above, decode below; exact and the
+def _plot_perplexity(plt, rows: list[dict], path: Path, panels: tuple[tuple[str, str], ...]) -> None:
+    """Perplexity against budget: a column per length, a row per panel (the row's key and title:
+    prefill above, decode below); exact and the
     locality alone as horizontal lines, the oracle in black; the axis stops at ``PLOT_CEILING``
     times exact's perplexity, a point above it drawn on the ceiling with its value."""
     lengths = sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(2, len(lengths), figsize=(4.6 * len(lengths), 7), squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), len(lengths), figsize=(4.6 * len(lengths), max(5.0, 3.5 * len(panels))), squeeze=False
+    )
     for column, length in enumerate(lengths):
         mine = _ok([r for r in rows if r["length"] == length])
-        for row_index, (key, what) in enumerate((("prefill_ppl", "prefill"), ("decode_ppl", "decode"))):
+        for row_index, (key, what) in enumerate(panels):
             axis = axes[row_index][column]
             for r in mine:
                 if r["role"] == "exact":
@@ -398,8 +415,8 @@ def _plot_perplexity(plt, rows: list[dict], path: Path) -> None:
             axis.set_xlabel("budget (share of T·S)")
             axis.grid(alpha=0.3)
         axes[0][column].legend(fontsize=6)
-    axes[0][0].set_ylabel("perplexity (lower is better)")
-    axes[1][0].set_ylabel("perplexity (lower is better)")
+    for panel_row in axes:
+        panel_row[0].set_ylabel("perplexity (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -426,7 +443,7 @@ def _plot_passkey(plt, rows: list[dict], path: Path) -> None:
                 )
         axis.set_xticks(range(len(lengths)), [f"{t:,}" for t in lengths], fontsize=7)
         axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if axis is axes[0][0] else [], fontsize=7)
-        axis.set_title(name.partition(":")[0] if name != "exact" else "exact", fontsize=8)
+        axis.set_title(family(name), fontsize=8)
         axis.set_xlabel("tokens", fontsize=7)
     axes[0][0].set_ylabel("depth of the key")
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02)
