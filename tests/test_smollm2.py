@@ -65,3 +65,48 @@ def test_smollm2_loads_from_its_package_answers_and_is_cached():
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
     again, _ = data.load_smollm2()  # from the cache
     assert again.encode("The capital of France") == tokenizer.encode("The capital of France")
+
+
+@pytest.mark.slow
+def test_every_method_generates_on_smollm2_with_its_prefill_or_an_exact_one():
+    """``generate`` through every method's decoding step on the real GQA model, with the method's
+    prefill and with ``prefill="exact"``; with an exact prefill the first new token is exact
+    attention's (its logits come from the prompt's forward), and each step scores fewer keys."""
+    torch = pytest.importorskip("torch")
+    import lshattn
+    from lshattn import hf
+
+    try:
+        tokenizer, model = data.load_smollm2()
+    except data.MissingPackageError as err:
+        pytest.skip(str(err))
+    text = "The history of the printing press begins in the fifteenth century, when " * 12
+    ids = torch.tensor([tokenizer.encode(text)[:160]])
+
+    def generate() -> torch.Tensor:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        return out[0, ids.shape[1] :]
+
+    exact = generate()
+    window = {"sinks": 4, "window": 16}
+    methods = [
+        lshattn.SimHash(num_hashes=8, num_bits=6, mode="sparse", **window),
+        lshattn.SimHash(num_hashes=8, num_bits=6, mode="importance", **window),
+        lshattn.YOSO(num_hashes=8, num_bits=6, **window),
+        lshattn.Reformer(num_hashes=2, num_buckets=8, shared_qk=False, **window),
+        lshattn.Reformer(num_hashes=2, num_buckets=8, shared_qk=False, whole_buckets=True, **window),
+        lshattn.SMYRF(num_hashes=2, q_cluster_size=16, k_cluster_size=16, **window),
+        lshattn.TopK(fraction=0.1, **window),
+        lshattn.Local(**window),
+    ]
+    for method in methods:
+        for prefill in hf.PREFILLS:
+            hf.use(model, method, prefill=prefill)
+            with hf.count(model) as tally:
+                new = generate()
+            assert new.shape == (6,), (method, prefill)
+            if prefill == "exact":
+                assert new[0] == exact[0], method
+            assert tally.calls == 30 * 6 and tally.empty == 0, (method, prefill)
+    hf.use(model, None)
