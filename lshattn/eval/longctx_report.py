@@ -366,9 +366,10 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
     if _ok(rows):
         # with an exact prefill the prefill panels would be exact's line alone: decoding only
         exact_prefill = results["config"].get("prefill", "method") == "exact"
-        panels = (
-            (("decode_ppl", "decode"),) if exact_prefill else (("prefill_ppl", "prefill"), ("decode_ppl", "decode"))
-        )
+        # (perplexity, title, x): after an exact prefill, what the decoding steps scored is the
+        # spend to compare at (the settings were sized for the prefill's T·S; the steps spend less)
+        decode = ("decode_ppl", "decode", "decode_budget" if exact_prefill else "budget")
+        panels = (decode,) if exact_prefill else (("prefill_ppl", "prefill", "budget"), decode)
         _plot_perplexity(plt, rows, out / "perplexity.png", panels)
         made["perplexity"] = "perplexity.png"
     passkey = results.get("passkey", {}).get("rows", [])
@@ -378,9 +379,10 @@ def _plots(results: dict, out: Path) -> dict[str, str]:
     return made
 
 
-def _plot_perplexity(plt, rows: list[dict], path: Path, panels: tuple[tuple[str, str], ...]) -> None:
-    """Perplexity against budget: a column per length, a row per panel (the row's key and title:
-    prefill above, decode below); exact and the
+def _plot_perplexity(plt, rows: list[dict], path: Path, panels: tuple[tuple[str, str, str], ...]) -> None:
+    """Perplexity against spend: a column per length, a row per panel (its perplexity key, title
+    and x key: the nominal ``budget``, or ``decode_budget``, the share the decoding steps scored,
+    where the oracle, which scores every key to choose, stays at its budget); exact and the
     locality alone as horizontal lines, the oracle in black; the axis stops at ``PLOT_CEILING``
     times exact's perplexity, a point above it drawn on the ceiling with its value."""
     lengths = sorted({r["length"] for r in rows})
@@ -389,7 +391,7 @@ def _plot_perplexity(plt, rows: list[dict], path: Path, panels: tuple[tuple[str,
     )
     for column, length in enumerate(lengths):
         mine = _ok([r for r in rows if r["length"] == length])
-        for row_index, (key, what) in enumerate(panels):
+        for row_index, (key, what, x_key) in enumerate(panels):
             axis = axes[row_index][column]
             for r in mine:
                 if r["role"] == "exact":
@@ -399,8 +401,9 @@ def _plot_perplexity(plt, rows: list[dict], path: Path, panels: tuple[tuple[str,
             exact = next((r[key] for r in mine if r["role"] == "exact"), None)
             top = PLOT_CEILING * exact if exact else float("inf")
             for family in dict.fromkeys(r["family"] for r in mine if r.get("budget") is not None):
-                points = sorted((r["budget"], r[key]) for r in mine if r["family"] == family and r.get("budget"))
                 role = _role(family)
+                x = "budget" if role == "oracle" else x_key
+                points = sorted((r[x], r[key]) for r in mine if r["family"] == family and r.get("budget"))
                 # a method far off (YOSO zero-shot: 10^5) sits on the ceiling, its value written there
                 axis.plot([b for b, _ in points], [min(p, top) for _, p in points], "s-" if role == "oracle" else "o-",
                           color=COLOURS.get(family), label=family + (f" ({role})" if role != "method" else ""))  # fmt: skip
@@ -412,7 +415,9 @@ def _plot_perplexity(plt, rows: list[dict], path: Path, panels: tuple[tuple[str,
                 axis.set_ylim(0.9 * exact, 1.05 * top)
             axis.set_xscale("log", base=2)
             axis.set_title(f"{length:,} tokens: {what}")
-            axis.set_xlabel("budget (share of T·S)")
+            axis.set_xlabel(
+                "budget (share of T·S)" if x_key == "budget" else "share of the cached keys scored (oracle: budget)"
+            )
             axis.grid(alpha=0.3)
         axes[0][column].legend(fontsize=6)
     for panel_row in axes:
