@@ -118,13 +118,13 @@ except ImportError as _err:  # pragma: no cover - depends on the environment
     raise ImportError("lshattn.hf needs transformers >= 5: pip install 'lshattn[hf]'") from _err
 
 __all__ = [
-    "NAME", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer", "mean_pool", "count", "Tally",
-    "eval_generator",
+    "NAME", "PREFILLS", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer", "mean_pool", "count",
+    "Tally", "eval_generator",
 ]  # fmt: skip
 
 NAME = "lshattn"
-PREFILLS = ("method", "exact")  # what use(..., prefill=) takes
 """The name registered in transformers' AttentionInterface and AttentionMaskInterface."""
+PREFILLS = ("method", "exact")  # what use(..., prefill=) takes
 
 _STATE = "_lshattn_state"  # attribute of an attention module holding its _LayerState
 _ORIGINAL = "_lshattn_original_attn_implementation"  # attribute of the model: what `None` restores

@@ -729,39 +729,38 @@ def command(config: LongCtxConfig) -> str:
     return "`lshattn.eval.longctx.run(LongCtxConfig(**config), DIR)`"
 
 
-def _exact_reference(model: Any, ids: Tensor) -> Callable[[], Tensor]:
-    """A function giving exact attention's `(T, d)` last hidden states over `(1, T)` ``ids``,
-    computed on the first call only: a length whose cells are all reused needs none."""
-    cached: list[Tensor] = []
+def _exactly(model: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()`` with exact attention in every layer, the model's setting cleared after."""
+    lshattn.hf.use(model, lshattn.Dense())
+    try:
+        return compute()
+    finally:
+        lshattn.hf.use(model, None)
 
-    def reference() -> Tensor:
+
+def _exact_once(model: Any, compute: Callable[[], Any]) -> Callable[[], Any]:
+    """A function giving ``compute()``'s result under exact attention, computed on the first call
+    only: a length whose cells are all reused computes nothing."""
+    cached: list[Any] = []
+
+    def result() -> Any:
         if not cached:
-            lshattn.hf.use(model, lshattn.Dense())
-            try:
-                cached.append(_hidden(model, ids))
-            finally:
-                lshattn.hf.use(model, None)
+            cached.append(_exactly(model, compute))
         return cached[0]
 
-    return reference
+    return result
+
+
+def _exact_reference(model: Any, ids: Tensor) -> Callable[[], Tensor]:
+    """A function giving exact attention's `(T, d)` last hidden states over `(1, T)` ``ids``."""
+    return _exact_once(model, partial(_hidden, model, ids))
 
 
 def _exact_prefill(model: Any, ids: Tensor, n: int) -> Callable[[], Any]:
     """A function giving a fresh copy of exact attention's cache of all but the last ``n + 1``
-    tokens of `(B, T)` ``ids``: one prefill shared by every method's decoding of those texts,
-    computed on the first call only."""
-    cached: list[Any] = []
-
-    def prefilled() -> Any:
-        if not cached:
-            lshattn.hf.use(model, lshattn.Dense())
-            try:
-                cached.append(_prefilled(model, ids, n))
-            finally:
-                lshattn.hf.use(model, None)
-        return copy.deepcopy(cached[0])
-
-    return prefilled
+    tokens of `(B, T)` ``ids``: one prefill shared by every method's decoding of those texts."""
+    prefilled = _exact_once(model, partial(_prefilled, model, ids, n))
+    return lambda: copy.deepcopy(prefilled())
 
 
 def _prefill_key(config: LongCtxConfig) -> str:
@@ -834,10 +833,7 @@ def _passkey_row(
 
 def _speed_rows(config: LongCtxConfig, model: Any, corpus: Tensor, context: int, D: int) -> dict:
     ids = corpus[None, : context + config.speed_steps + 1]
-    lshattn.hf.use(model, lshattn.Dense())
-    with torch.no_grad():
-        prefill = model.base_model(input_ids=ids[:, :context], use_cache=True).past_key_values
-    lshattn.hf.use(model, None)
+    prefill = _exactly(model, partial(_prefilled, model, ids[:, : context + 1], 0))  # the first `context` tokens
     texts = (EXACT, *config.methods)
     resolved = [_resolve(config, t, None if t == EXACT else config.speed_budget, context, D, speed=True) for t in texts]
     # Two passes, the second in reverse order, each method keeping its faster one: a load that
