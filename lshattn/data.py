@@ -169,7 +169,7 @@ def load_smollm2(*, cache: bool = True) -> tuple[Any, Any]:
     if cache and (target / "config.json").exists() and (target / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True, dtype=torch.float32)
-        return tokenizer, model.eval()
+        return tokenizer, _named(model.eval(), target)
     for module, package in (("gguf", "gguf"), ("accelerate", "accelerate")):
         try:
             __import__(module)
@@ -191,7 +191,14 @@ def load_smollm2(*, cache: bool = True) -> tuple[Any, Any]:
     model.eval()
     if cache:
         _save_atomically(target, tokenizer, model)
-    return tokenizer, model
+    return tokenizer, _named(model, target)
+
+
+def _named(model: Any, target: Path) -> Any:
+    """``model`` named by its cache folder (``smollm2-135m-instruct-<version>``), not by the path
+    it was read from: the same name converted or cached, so reports key its cells alike."""
+    model.config._name_or_path = target.name
+    return model
 
 
 def _save_atomically(target: Path, *parts: Any) -> None:

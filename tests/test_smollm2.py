@@ -65,6 +65,8 @@ def test_smollm2_loads_from_its_package_answers_and_is_cached():
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
     again, _ = data.load_smollm2()  # from the cache
     assert again.encode("The capital of France") == tokenizer.encode("The capital of France")
+    # converted or read from the cache, the model has one name (reports key their cells by it)
+    assert model.config._name_or_path == data.smollm2_cache_dir().name
 
 
 @pytest.mark.slow
