@@ -13,8 +13,8 @@ from lshattn.api import Method, attention, method_names, parse
 from lshattn.budget import for_budget, work_share
 from lshattn.cost import Cost
 from lshattn.methods import (
-    SMYRF, YOSO, Dense, DenseAux, Local, LocalAux, RandomClusters, Reformer, ReformerAux, SimHash, SimHashAux, SMYRFAux,
-    TopK, TopKAux, YOSOAux,
+    SMYRF, YOSO, Dense, DenseAux, Local, LocalAux, RandomClusters, Reformer, ReformerAux, SimHash, SimHashAux, SketchTopK,
+    SketchTopKAux, SMYRFAux, TopK, TopKAux, YOSOAux,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +33,8 @@ __all__ = [
     "SMYRFAux",
     "SimHash",
     "SimHashAux",
+    "SketchTopK",
+    "SketchTopKAux",
     "TopK",
     "TopKAux",
     "YOSO",

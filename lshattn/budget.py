@@ -25,7 +25,7 @@ from typing import Any
 
 from lshattn.api import Method, parse
 from lshattn.local import local_cost
-from lshattn.methods import SMYRF, YOSO, Dense, Local, RandomClusters, Reformer, SimHash, TopK
+from lshattn.methods import SMYRF, YOSO, Dense, Local, RandomClusters, Reformer, SimHash, SketchTopK, TopK
 
 __all__ = ["for_budget", "pairs_share", "work_share"]
 
@@ -34,8 +34,9 @@ def pairs_share(method: Method, T: int, S: int, D: int, Dv: int | None = None, *
     """Share of the ``T·S`` query-key pairs ``method`` scores (``cost().budget``); for ``TopK``, the
     share it keeps (``fraction`` of the pairs besides those its ``sinks`` and ``window`` cover,
     and those): it scores every pair to choose, but stands for a method that would score only
-    those it keeps."""
-    if isinstance(method, TopK):
+    those it keeps; ``SketchTopK`` alike (it ranks every key by sketch, and keeps the oracle's
+    share at the same ``fraction``)."""
+    if isinstance(method, (TopK, SketchTopK)):
         covered = _covered_share(T, S, method.sinks, method.window, causal)
         return covered + method.fraction * (1 - covered)
     return method.cost(1, 1, T, S, D, D if Dv is None else Dv, causal=causal).budget
@@ -126,6 +127,7 @@ def _knob(cls: type, fraction: float, T: int, S: int, fixed: dict, causal: bool)
     turns: dict[type, tuple[str, Callable[[], Iterable[dict]]]] = {
         Dense: ("", lambda: [{}]),
         TopK: ("fraction", lambda: _topk_fractions(fraction, T, S, fixed, causal)),
+        SketchTopK: ("fraction", lambda: _topk_fractions(fraction, T, S, fixed, causal)),
         SMYRF: ("k_cluster_size", lambda: (_clusters(c, T, S) for c in range(S, 0, -1))),
         RandomClusters: ("k_cluster_size", lambda: (_clusters(c, T, S) for c in range(S, 0, -1))),
         Reformer: ("bucket_size", lambda: (_buckets(b, S, fixed) for b in range(max(T, S), 0, -1)))

@@ -256,7 +256,7 @@ def topk_brute_force(method, q, k, v, aux, *, key_padding_mask=None, query_paddi
     visible = _visible_pairs(q.shape[0], q.shape[2], k.shape[2], key_padding_mask, causal, q.device)
     selected = aux.selected & visible
     logits = q @ k.transpose(-1, -2) * scale
-    if not method.tail:
+    if not getattr(method, "tail", False):  # SketchTopK has none
         return _zero_padded_queries(_weighted_softmax(logits, selected, v), query_padding_mask)
     rest = visible & ~selected
     eye = torch.eye(k.shape[2], dtype=torch.float64, device=q.device)

@@ -269,6 +269,14 @@ def _topk(**kw) -> Entry:
     )
 
 
+def _sketch_topk(**kw) -> Entry:
+    method = lshattn.SketchTopK(**kw)
+    return Entry(
+        method=method, exact=dataclasses.replace(method, fraction=1.0), brute_force=testing.topk_brute_force,
+        cross=method.window is None, data_dependent_cost=True,
+    )
+
+
 METHODS.update(
     {
         # The locality baseline: sinks and a window, nothing else; a window past the sequence is exact.
@@ -287,5 +295,7 @@ METHODS.update(
         "topk": _topk(fraction=0.3),
         "topk-tail": _topk(fraction=0.1, tail=True),
         "topk-local": _topk(fraction=0.1, tail=True, sinks=1, window=1),
+        "sketchtopk": _sketch_topk(fraction=0.3, num_bits=16),
+        "sketchtopk-local": _sketch_topk(fraction=0.1, num_bits=8, sinks=1, window=2),
     }
 )

@@ -72,6 +72,8 @@ SETTINGS = {
     "yoso-unnormalised-sinks-window": lshattn.YOSO(num_hashes=4, num_bits=3, normalize_output=False, sinks=2, window=3),
     "topk": lshattn.TopK(fraction=0.3),
     "topk-tail-sinks-window": lshattn.TopK(fraction=0.2, tail=True, sinks=1, window=2),
+    "sketchtopk": lshattn.SketchTopK(fraction=0.3, num_bits=16),
+    "sketchtopk-sinks-window": lshattn.SketchTopK(fraction=0.2, num_bits=8, sinks=1, window=2),
     "local": lshattn.Local(sinks=2, window=3),
     "local-tail": lshattn.Local(sinks=1, window=2, tail=True),
     # Reformer's strictly causal prefill: its whole buckets are what a decoding step attends.
@@ -165,6 +167,7 @@ EVERY_METHOD = [
     lshattn.SMYRF(num_hashes=2, q_cluster_size=4, k_cluster_size=4, sinks=1, window=2),
     lshattn.SMYRF(num_hashes=2, q_cluster_size=4, k_cluster_size=3, correct_duplicates=True),
     lshattn.TopK(fraction=0.25, sinks=1),
+    lshattn.SketchTopK(fraction=0.25, num_bits=16, sinks=1),
     lshattn.Local(sinks=2, window=3),
 ]
 
@@ -202,6 +205,7 @@ def test_every_method_generates_through_its_decoding_step(method, family):
         lshattn.SMYRF(num_hashes=3, q_cluster_size=32, k_cluster_size=32),  # every key in the cluster
         lshattn.SMYRF(num_hashes=3, q_cluster_size=32, k_cluster_size=32, correct_duplicates=True),
         lshattn.TopK(fraction=1.0),
+        lshattn.SketchTopK(fraction=1.0, num_bits=8),
         lshattn.Local(sinks=0, window=20),
     ],
     ids=str,

@@ -5,6 +5,7 @@ entries) and the hypothesis suite (every method draws ``sinks`` and ``window``).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -129,6 +130,12 @@ def test_dot_products_and_cost_count_the_slots(name):
     _, aux_local = local(q, k, v, generator=gen(3), return_aux=True)
     if isinstance(local, lshattn.TopK):
         assert aux_local.dot_products == aux_plain.dot_products == B * H * T * T  # it scores every pair anyway
+        return
+    if isinstance(local, lshattn.SketchTopK):  # it keeps the slots and a fraction of the keys they leave
+        covered = testing.covered_by(local, q, k).sum(-1)  # (B, T): the slots each query has
+        kept = covered + torch.ceil((T - covered) * local.fraction)
+        assert aux_local.dot_products == H * int(kept.sum())
+        assert aux_plain.dot_products == B * H * T * math.ceil(T * local.fraction)
         return
     if isinstance(local, lshattn.YOSO) and local.expectation:
         assert aux_local.dot_products == aux_plain.dot_products  # YOSO-E computes every pair exactly already

@@ -265,8 +265,11 @@ def test_literal_fields_take_only_their_options(cls, field):
 def test_numpy_scalars_are_accepted_and_normalised(cls, int_type):
     """A numpy scalar is a valid setting and becomes a Python one: equality, hashing and the
     string form are those of the Python value."""
-    # The defaults fit every integer type tried; an optional int is given a value to convert.
-    plain = cls(**{name: 2 for cls_, name in (p.values for p in OPTIONAL_INT_FIELDS) if cls_ is cls})
+    # An optional int is given a value to convert, an int default past uint8 (SketchTopK's 256
+    # bits) one that every integer type tried holds.
+    given = {name: 2 for cls_, name in (p.values for p in OPTIONAL_INT_FIELDS) if cls_ is cls}
+    given |= {f.name: 128 for f in dataclasses.fields(cls) if type(f.default) is int and f.default > 255}
+    plain = cls(**given)
     numpy_kind = {int: int_type, float: np.float64, bool: np.bool_, str: np.str_}
     kwargs = {f.name: numpy_kind[type(getattr(plain, f.name))](getattr(plain, f.name)) for f in dataclasses.fields(cls)}
     spec = cls(**kwargs)

@@ -26,6 +26,9 @@ store in place. What each method keeps (one module each):
   round. That is ``Reformer(whole_buckets=True)``'s causal prefill, which decoding reproduces;
   the chunked Reformer's prefill cuts buckets into chunks, and SMYRF's draws clusters, by the
   sort of the whole sequence, which a decoding step cannot know: decoding is not their prefill.
+* ``SketchTopK`` (``sketch.py``): the SimHash sketch of each cached key, a byte per table; a new
+  query ranks every cached key with one lookup per byte and scores only its top ones. The
+  estimates are the prefill's integers, so decoding reproduces the causal prefill.
 * ``TopK``, ``Local`` (``selection.py``): no store; the oracle scores every key to choose, the
   baseline attends its sinks and window, as their causal prefill.
 
@@ -48,13 +51,15 @@ from lshattn.decode.common import Step, causal_visible
 from lshattn.decode.rounds import RoundsStore, rounds_step
 from lshattn.decode.selection import selection_step
 from lshattn.decode.simhash import SimHashStore, simhash_step
+from lshattn.decode.sketch import SketchStore, sketch_step
 from lshattn.decode.yoso import TABLE_ADD_ROWS, YOSOStore, yoso_step
-from lshattn.methods import SMYRF, YOSO, Local, RandomClusters, Reformer, SimHash, TopK
+from lshattn.methods import SMYRF, YOSO, Local, RandomClusters, Reformer, SimHash, SketchTopK, TopK
 
 __all__ = [
     "TABLE_ADD_ROWS",
     "RoundsStore",
     "SimHashStore",
+    "SketchStore",
     "Step",
     "Store",
     "YOSOStore",
@@ -63,7 +68,7 @@ __all__ = [
     "step",
 ]
 
-Store = SimHashStore | YOSOStore | RoundsStore
+Store = SimHashStore | SketchStore | YOSOStore | RoundsStore
 
 
 def reordered(store: Store, beam_idx: Tensor) -> Store:
@@ -85,7 +90,7 @@ def decodes(method: Method | None) -> bool:
     cache for those that do not: ``Dense``, YOSO-E, the ``RandomClusters`` control)."""
     if type(method) is RandomClusters or (isinstance(method, YOSO) and method.expectation):
         return False
-    return isinstance(method, (SimHash, YOSO, Reformer, SMYRF, TopK, Local))
+    return isinstance(method, (SimHash, SketchTopK, YOSO, Reformer, SMYRF, TopK, Local))
 
 
 def step(
@@ -129,6 +134,8 @@ def step(
         return yoso_step(store, method, q, k, v, visible, generator)
     if isinstance(method, SimHash):  # SimHash's native step reads positions when nothing is padded
         return simhash_step(store, method, q, k, v, visible, scale, generator)
+    if isinstance(method, SketchTopK):
+        return sketch_step(store, method, q, k, v, visible, scale, generator)
     if visible is None:
         visible = causal_visible(q.shape[0], q.shape[2], k.shape[2], q.device)
     if isinstance(method, (Reformer, SMYRF)):

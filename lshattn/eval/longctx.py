@@ -67,6 +67,8 @@ REFORMER = "reformer:shared_qk=False,sinks=4,window=64"
 # Reformer's strictly causal form: each round's whole bucket (decoding reproduces its prefill).
 REFORMER_WHOLE = "reformer:shared_qk=False,whole_buckets=True,sinks=4,window=64"
 SMYRF = "smyrf:num_hashes=2,sinks=4,window=64"
+# The same sign bits read softly: the top keys by their 256-bit SimHash sketch's estimate.
+SKETCH = "sketchtopk:num_bits=256,sinks=4,window=64"
 ORACLE = "topk:sinks=4,window=64"  # the ceiling: exact top keys besides the same sinks and window
 BASELINE = "local:sinks=4"  # sinks and a window alone at the same budget (the window turned)
 LOCALITY = "local:sinks=4,window=64"  # the locality every method includes, alone (no budget)
@@ -81,12 +83,18 @@ ROLES = {"topk": "oracle", "local": "baseline"}
 # alone) at 1/4 and 8k is a window of ~2,000 tokens: one pass over the keys per slot, >17 min a cell.
 EXCLUDED: tuple[tuple[str, int, float, str], ...] = (
     ("topk", 8000, 0.0, "the oracle scores and ranks every pair (float64): about 10 GB a layer at 8k tokens"),
+    (
+        "sketchtopk",
+        8000,
+        0.0,
+        "its prefill ranks every pair by sketch (float64), as the oracle: about 10 GB a layer at 8k",
+    ),
     ("simhash", 8000, 0.25, "about 8 min a forward at 8k on 2 cores (4x its 4k time); the targets are at 1/16"),
     # measured: still running after 17 min (a window of ~2,000 tokens is ~2,000 passes over the keys a layer)
     ("local", 8000, 0.25, "the baseline's 2,000-token window at 8k takes over 17 min a cell on 2 cores"),
 )
-# The passkey grid leaves the oracle out: it ranks every pair, 3 min a forward at 4k on 2 cores,
-# and a passkey cell runs ten (5 depths, 2 trials).
+# The passkey grid leaves the oracle and SketchTopK out: their prefills rank every pair, 3 min a
+# forward at 4k on 2 cores, and a passkey cell runs ten (5 depths, 2 trials).
 PASSKEY_METHODS = (SIMHASH, YOSO, REFORMER, REFORMER_WHOLE, SMYRF, BASELINE)
 
 
@@ -124,7 +132,7 @@ class LongCtxConfig:
     corpus: str = "wikipedia"
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
     budgets: tuple[float, ...] = (1 / 4, 1 / 16, 1 / 64)
-    methods: tuple[str, ...] = (SIMHASH, YOSO, REFORMER, REFORMER_WHOLE, SMYRF, ORACLE, BASELINE)
+    methods: tuple[str, ...] = (SIMHASH, YOSO, REFORMER, REFORMER_WHOLE, SMYRF, SKETCH, ORACLE, BASELINE)
     references: tuple[str, ...] = (LOCALITY,)
     decode_tokens: int = 256
     exclude: tuple[tuple[str, int, float, str], ...] = EXCLUDED
@@ -149,12 +157,12 @@ class LongCtxConfig:
 
     def quick(self) -> LongCtxConfig:
         """A first look in under 5 minutes on 2 CPU cores (4 min measured): 1,024 tokens at 1/4,
-        32 decoded tokens, SimHash, SMYRF, the oracle and the baselines, one passkey trial at
+        32 decoded tokens, SimHash, SMYRF, SketchTopK, the oracle and the baselines, one passkey trial at
         depths 0 and 50 % (at 1/4; at 100 % the key sits inside the 64-token window, which finds
         it without any hashing), speed at 2k with 4 steps (at 1/16). Why 1/4: at 1k the methods'
         4 sinks and 64-token window alone cover 6.7 % of T·S, past 1/16; and 2k at 1/16 costs
         SimHash 43 s a forward against 25 s, and the oracle 36 s against 10 s."""
-        methods = (SIMHASH, SMYRF, ORACLE, BASELINE)
+        methods = (SIMHASH, SMYRF, SKETCH, ORACLE, BASELINE)
         return dataclasses.replace(
             self, lengths=(1024,), budgets=(1 / 4,), methods=methods, decode_tokens=32, passkey_methods=methods,
             passkey_lengths=(1024,), passkey_depths=(0.0, 0.5), passkey_trials=1, passkey_budget=1 / 4,
@@ -618,7 +626,9 @@ def _previous_cells(out: Path) -> dict[str, dict]:
     except (OSError, ValueError):
         return {}
     rows = [row for section in ("perplexity", "passkey", "speed") for row in old.get(section, {}).get("rows", [])]
-    return {row["key"]: row for row in rows + old.get("unvisited", []) if "key" in row and row.get("status") != "failed"}
+    return {
+        row["key"]: row for row in rows + old.get("unvisited", []) if "key" in row and row.get("status") != "failed"
+    }
 
 
 def run(

@@ -11,7 +11,7 @@ from lshattn.api import parse
 __all__ = ["family", "targets", "write"]
 
 COLOURS = {"simhash": "tab:green", "yoso": "tab:red", "reformer": "tab:orange", "reformer whole buckets": "tab:brown", "smyrf": "tab:blue", "topk": "black",
-           "local": "tab:purple"}  # fmt: skip
+           "local": "tab:purple", "sketchtopk": "tab:cyan"}  # fmt: skip
 PLOT_CEILING = 2.0  # the perplexity plot's axis ends at this many times exact's perplexity
 TARGET_LENGTH = 4096  # issue 14: decode perplexity within 5 % of exact at 4k tokens and 1/16
 TARGET_BUDGET = 1 / 16

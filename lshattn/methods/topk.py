@@ -19,7 +19,7 @@ from lshattn.cost import Cost
 from lshattn.local import local_pairs
 from lshattn.methods.dense import visible_keys
 
-__all__ = ["TopK", "TopKAux"]
+__all__ = ["TopK", "TopKAux", "attend_top_keys", "ranking_scores", "selection_weights", "top_keys"]
 
 
 class TopKAux(NamedTuple):
@@ -71,32 +71,11 @@ class TopK(SparseMethod):
             raise ValueError(f"TopK fraction must be in (0, 1], got {self.fraction}; 0.25 keeps a quarter of the keys")
 
     def _attend(self, inputs: Inputs) -> tuple[Tensor, TopKAux]:
-        q, k, v = inputs.q, inputs.k, inputs.v
-        B, H, T, _ = q.shape
-        S = k.shape[2]
-        dtype = compute_dtype(q.dtype)
-        visible = visible_keys(inputs.key_padding_mask, inputs.causal, B, T, S, q.device)
-        if visible is None:  # no padding: every key, or the causal triangle
-            visible = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device)
-            if inputs.causal:
-                visible = visible.tril()
-        scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * inputs.scale
-        pairs = local_pairs(inputs, self.sinks, self.window)
-        if pairs is None:
-            selected = top_keys(ranking_scores(q, k, inputs.scale), visible, self.fraction)
-        else:
-            hits = torch.zeros(B, T, S, dtype=torch.int32, device=q.device)  # rows in the slots' rank order
-            hits.scatter_add_(2, pairs.key_positions, pairs.valid.int())
-            covered = pairs.restore(hits[:, None]) > 0  # (B, 1, T, S)
-            selected = top_keys(ranking_scores(q, k, inputs.scale), visible & ~covered, self.fraction) | covered
-        weights = selection_weights(scores, selected, visible, tail=self.tail)
-        if inputs.dropout_p > 0:
-            weights = torch.nn.functional.dropout(weights, inputs.dropout_p)
-        out = weights @ v.to(dtype)
-        if inputs.query_padding_mask is not None:
-            out = out * inputs.query_padding_mask[:, None, :, None]
-        aux = TopKAux(selected=selected, dot_products=B * H * T * S, selected_pairs=int(selected.sum()))
-        return out.to(q.dtype), aux
+        B, H, T, _ = inputs.q.shape
+        S = inputs.k.shape[2]
+        ranking = ranking_scores(inputs.q, inputs.k, inputs.scale)
+        out, selected = attend_top_keys(inputs, ranking, self.fraction, self.sinks, self.window, tail=self.tail)
+        return out, TopKAux(selected=selected, dot_products=B * H * T * S, selected_pairs=int(selected.sum()))
 
     def cost(self, B: int, H: int, T: int, S: int, D: int, Dv: int, *, causal: bool = False, itemsize: int = 4) -> Cost:
         """Every score, ``B·H·T·S`` dot products (``budget`` 1: the oracle chooses from all of
@@ -105,6 +84,47 @@ class TopK(SparseMethod):
         selection; memory the `(B, H, T, S)` scores."""
         dots = B * H * T * S
         return Cost(flops=2 * dots * (2 * D + Dv), dot_products=dots, memory_bytes=dots * itemsize, budget=1.0)
+
+
+def attend_top_keys(
+    inputs: Inputs, ranking: Tensor, fraction: float, sinks: int, window: int | None, *, tail: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Exact softmax over each query's keys of highest ``ranking`` (``top_keys``: ``fraction`` of
+    the visible keys besides those ``sinks`` and ``window`` cover, and those): the attention of
+    ``TopK`` (ranked by the exact scores) and ``SketchTopK`` (by SimHash sketches).
+
+    Args:
+        inputs: the call's validated inputs.
+        ranking: `(B, H, T, S)` what to rank the keys by (larger: kept first).
+
+    Returns:
+        `(B, H, T, Dv)` in q's dtype, and the `(B, H, T, S)` bool selection (covered keys included).
+    """
+    q, k, v = inputs.q, inputs.k, inputs.v
+    B, _, T, _ = q.shape
+    S = k.shape[2]
+    dtype = compute_dtype(q.dtype)
+    visible = visible_keys(inputs.key_padding_mask, inputs.causal, B, T, S, q.device)
+    if visible is None:  # no padding: every key, or the causal triangle
+        visible = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device)
+        if inputs.causal:
+            visible = visible.tril()
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * inputs.scale
+    pairs = local_pairs(inputs, sinks, window)
+    if pairs is None:
+        selected = top_keys(ranking, visible, fraction)
+    else:
+        hits = torch.zeros(B, T, S, dtype=torch.int32, device=q.device)  # rows in the slots' rank order
+        hits.scatter_add_(2, pairs.key_positions, pairs.valid.int())
+        covered = pairs.restore(hits[:, None]) > 0  # (B, 1, T, S)
+        selected = top_keys(ranking, visible & ~covered, fraction) | covered
+    weights = selection_weights(scores, selected, visible, tail=tail)
+    if inputs.dropout_p > 0:
+        weights = torch.nn.functional.dropout(weights, inputs.dropout_p)
+    out = weights @ v.to(dtype)
+    if inputs.query_padding_mask is not None:
+        out = out * inputs.query_padding_mask[:, None, :, None]
+    return out.to(q.dtype), selected
 
 
 def ranking_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
