@@ -35,7 +35,8 @@ Decisions a user should know:
 * **Cached decoding** (causal, fewer queries than keys, e.g. ``generate`` after the prompt):
   every method but ``Dense`` and YOSO-E runs its own decoding step (``lshattn.decode``), with a
   store in each layer that grows with the cache: only the new keys are hashed. ``SimHash``,
-  ``YOSO`` (bucket tables of the cached values), ``TopK`` and ``Local`` are strictly causal, so
+  ``YOSO`` (bucket tables of the cached values), ``SketchTopK`` (the keys' sketches), ``TopK``
+  and ``Local`` are strictly causal, so
   teacher-forced decoding equals their causal prefill, sinks and window included. ``Reformer``
   and ``SMYRF`` attend the new query's bucket, or the keys nearest it in projection, in each
   round: their causal prefill depends on the sort of the whole sequence, which decoding cannot
