@@ -100,6 +100,7 @@ def test_every_method_generates_on_smollm2_with_its_prefill_or_an_exact_one():
         lshattn.Reformer(num_hashes=2, num_buckets=8, shared_qk=False, whole_buckets=True, **window),
         lshattn.SMYRF(num_hashes=2, q_cluster_size=16, k_cluster_size=16, **window),
         lshattn.TopK(fraction=0.1, **window),
+        lshattn.SketchTopK(fraction=0.1, **window),
         lshattn.Local(**window),
     ]
     for method in methods:
