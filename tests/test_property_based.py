@@ -45,7 +45,7 @@ from lshattn import kernels, testing
 
 # --- method settings --------------------------------------------------------------------------------
 
-KINDS = ("dense", "smyrf", "random", "reformer", "simhash", "yoso", "topk", "local")
+KINDS = ("dense", "smyrf", "random", "reformer", "simhash", "yoso", "topk", "sketchtopk", "local")
 _ONLY = [name.strip() for name in os.environ.get("LSHATTN_HYPOTHESIS_METHODS", "").split(",") if name.strip()]
 assert set(_ONLY) <= set(KINDS), f"LSHATTN_HYPOTHESIS_METHODS names unknown methods: {_ONLY}; known: {KINDS}"
 
@@ -167,6 +167,13 @@ _METHODS = {
         lshattn.TopK,
         fraction=st.one_of(st.sampled_from([1e-3, 0.1, 0.25, 0.5, 1.0]), st.floats(1e-3, 1.0)),
         tail=st.booleans(),
+        sinks=SINKS,
+        window=WINDOWS,
+    ),
+    "sketchtopk": st.builds(
+        lshattn.SketchTopK,
+        fraction=st.one_of(st.sampled_from([1e-3, 0.1, 0.25, 1.0]), st.floats(1e-3, 1.0)),
+        num_bits=st.sampled_from([8, 16, 64, 256]),
         sinks=SINKS,
         window=WINDOWS,
     ),
@@ -447,7 +454,7 @@ def brute_force(setting: Setting, q, k, v, aux, **kw) -> torch.Tensor:
         )  # fmt: skip
     if isinstance(method, lshattn.SimHash):
         return testing.simhash_brute_force(method, q, k, v, aux, **kw)
-    if isinstance(method, lshattn.TopK):
+    if isinstance(method, (lshattn.TopK, lshattn.SketchTopK)):
         return testing.topk_brute_force(method, q, k, v, aux, **kw)
     if isinstance(method, lshattn.Local):
         return testing.local_brute_force(method, q, k, v, aux, **kw)
@@ -630,7 +637,7 @@ def test_exact_limit(data):
         method = dataclasses.replace(method, num_bits=0)
     elif isinstance(method, lshattn.YOSO):
         method = dataclasses.replace(method, expectation=True)
-    elif isinstance(method, lshattn.TopK):
+    elif isinstance(method, (lshattn.TopK, lshattn.SketchTopK)):
         method = dataclasses.replace(method, fraction=1.0)
     elif isinstance(method, lshattn.Local):  # every key a sink (a query unranked by its mask has no window)
         method = dataclasses.replace(method, sinks=MAX_TOKENS, window=None)
