@@ -477,6 +477,8 @@ def count(model: PreTrainedModel, tally: Tally | None = None) -> Iterator[Tally]
 def _real_pairs(B: int, H: int, T: int, S: int, key_mask: Tensor | None, query_mask: Tensor | None) -> int:
     """Real queries times real keys, over B sequences and H heads: the denominator of a budget
     (``cost().budget`` is dot products over T·S, causal or not; padding is left out here)."""
+    if key_mask is None and query_mask is None:  # a decoding step's usual case: no tensor operation
+        return B * T * S * H
     keys = torch.full((B,), S) if key_mask is None else key_mask.sum(-1).cpu()
     queries = torch.full((B,), T) if query_mask is None else query_mask.sum(-1).cpu()
     return int((queries * keys).sum()) * H
@@ -716,7 +718,7 @@ def _decode(
     result = decode.step(state.store, method, query, key, value, visible, scale, generator)
     state.store = result.store
     if state.tally is not None:
-        state.tally.empty += int((result.out == 0).all(-1).sum())
+        state.tally.empty += int((result.out == 0).all(-1).sum()) if result.empty is None else result.empty
         state.tally.dot_products += result.scored
         state.tally.pairs += _real_pairs(B, H, T, S, None if visible is None else visible[:, 0, -1, :], None)
         state.tally.calls += 1

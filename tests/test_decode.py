@@ -328,7 +328,7 @@ def test_decoding_step_by_step_equals_the_causal_prefill(case):
     for t in range(prompt_length, L):
         # no padding: the step is told so (None), as lshattn.hf does when transformers passes no mask
         visible = None if not any(padding) else mask[:, None, None, : t + 1]
-        out, store, _ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+        out, store, *_ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                     D**-0.5, torch.Generator().manual_seed(7))  # fmt: skip
         real = mask[:, t]
         tol = 1e-9 if dtype == torch.float64 else 2e-5
@@ -434,7 +434,7 @@ def test_reformer_and_smyrf_decoding_steps_match_a_brute_force_loop(case):
     store = None
     for t in range(prompt_length, L):
         visible = (mask[:, None, None, : t + 1] & (torch.arange(t + 1) <= t)).clone()
-        out, store, _ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+        out, store, *_ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                     D**-0.5, torch.Generator().manual_seed(7))  # fmt: skip
         expected = rounds_brute_force(method, store, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                       D**-0.5, groups)  # fmt: skip
@@ -497,7 +497,7 @@ def test_a_long_decode_rebuilds_the_index_and_still_equals_the_prefill():
     store, indexed = None, set()
     for t in range(8, L):
         visible = mask[:, None, None, : t + 1]
-        out, store, _ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+        out, store, *_ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                     D**-0.5, torch.Generator().manual_seed(7))  # fmt: skip
         indexed.add(store.index.indexed)
         real = mask[:, t]

@@ -270,11 +270,9 @@ def simhash_decode_cases(draw):
     return method, (B, H_kv, groups, S, T, D), padding, dtype, draw(st.integers(0, 2**16))
 
 
-@needs_compiler
-@hypothesis.given(simhash_decode_cases())
-def test_native_simhash_decoding_equals_its_torch_path(case):
-    """The native decoding step gives the torch step's output and count, over random settings,
-    GQA groups, several new queries, left padding (or none: positions) and both dtypes."""
+def native_and_torch_steps(case):
+    """A store of the first S − T keys (filled by decoding), then the step of the T new queries
+    natively and in torch operations, from copies of it: (native, reference) ``decode.Step``."""
     from unittest import mock
 
     from lshattn import decode
@@ -292,14 +290,76 @@ def test_native_simhash_decoding_equals_its_torch_path(case):
     prompt = None if visible is None else visible[:, :, -1:, :cached]
     store = decode.step(None, method, q[:, :, -1:], k[:, :, :cached], v[:, :, :cached], prompt, 0.3,
                         torch.Generator().manual_seed(seed)).store  # fmt: skip
+    assert kernels.decodes_natively(q, k, v, visible)  # so the native step runs
     native = decode.step(copy_store(store), method, q, k, v, visible, 0.3, None)
-    assert kernels.decodes_natively(q, k, v, visible) and method.mode != "faithful"  # so the native step ran
     with mock.patch.object(kernels, "decodes_natively", lambda *a: False):
         reference = decode.step(copy_store(store), method, q, k, v, visible, 0.3, None)
+    assert native.scored == reference.scored
+    assert native.empty == int((reference.out == 0).all(-1).sum())  # the queries left with no key, counted
+    assert torch.equal(native.store.codes, reference.store.codes)  # the new keys hashed alike
     tolerance = {} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(native.out, reference.out, **tolerance)
-    assert native.scored == reference.scored
-    torch.testing.assert_close(native.store.codes, reference.store.codes)  # the new keys hashed alike
+    return native, reference
+
+
+@needs_compiler
+@hypothesis.given(simhash_decode_cases())
+def test_native_simhash_decoding_equals_its_torch_path(case):
+    """The native decoding step gives the torch step's output, counts and codes, over random
+    settings, GQA groups, several new queries, left padding (or none: positions) and both dtypes."""
+    native_and_torch_steps(case)  # sparse and importance modes only: faithful has no native step
+
+
+@st.composite
+def yoso_decode_cases(draw):
+    method = lshattn.YOSO(
+        num_hashes=draw(st.integers(1, 6)), num_bits=draw(st.integers(1, 3)), normalize_output=draw(st.booleans()),
+        sinks=draw(st.integers(0, 3)), window=draw(st.one_of(st.none(), st.integers(0, 5))),
+    )  # fmt: skip
+    B, H_kv, groups = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    T, D = draw(st.integers(1, 3)), draw(st.integers(1, 9))
+    S = draw(st.integers(2**method.num_bits + T + 1, 40))  # the store has bucket tables: 2^τ <= its keys
+    padding = [draw(st.integers(0, S - 1)) for _ in range(B)] if draw(st.booleans()) else None
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    return method, (B, H_kv, groups, S, T, D), padding, dtype, draw(st.integers(0, 2**16))
+
+
+@needs_compiler
+@hypothesis.given(yoso_decode_cases())
+def test_native_yoso_decoding_equals_its_torch_path(case):
+    """The native YOSO-m step gives the torch step's output, counts, codes and grown tables, over
+    random settings, GQA groups, several new queries, left padding (or none) and both dtypes."""
+    native, reference = native_and_torch_steps(case)
+    assert native.store.tables is not None  # the native step needs them
+    tolerance = {} if case[3] == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(native.store.tables, reference.store.tables, **tolerance)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "method",
+    [lshattn.SimHash(num_hashes=32, num_bits=9, mode="sparse"), lshattn.YOSO(num_hashes=40, num_bits=8)],
+    ids=["simhash", "yoso"],
+)
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_native_decoding_hashes_like_the_prefill_at_a_models_shapes(method, T):
+    """At SmolLM2's shapes (9 query heads, 3 key heads, dim 64, the settings longctx decodes with
+    at 8k), the native step's codes of its new keys (projected 2 rows at a time for one token,
+    4 for more) equal those the prefill's hashing gives them: its output equals the torch step's."""
+    from unittest import mock
+
+    from lshattn import decode
+
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(1, 9, T, 64, generator=g)
+    k, v = (torch.randn(1, 3, 300, 64, generator=g) for _ in "kv")
+    store = decode.step(None, method, q[:, :, -1:], k[:, :, : 300 - T], v[:, :, : 300 - T], None, 0.125,
+                        torch.Generator().manual_seed(0)).store  # fmt: skip
+    native = decode.step(copy_store(store), method, q, k, v, None, 0.125, None)
+    with mock.patch.object(kernels, "decodes_natively", lambda *a: False):
+        reference = decode.step(copy_store(store), method, q, k, v, None, 0.125, None)
+    assert torch.equal(native.store.codes, reference.store.codes)
+    torch.testing.assert_close(native.out, reference.out, atol=1e-5, rtol=1e-5)
 
 
 def copy_store(store):

@@ -78,7 +78,7 @@ def reordered(store: Store, beam_idx: Tensor) -> Store:
     changes = {}
     for field in dataclasses.fields(store):
         value = getattr(store, field.name)
-        if isinstance(value, Tensor) and field.name != "planes":
+        if isinstance(value, Tensor) and field.name not in ("planes", "packed"):
             changes[field.name] = value.index_select(0, beam_idx.to(value.device))
         elif dataclasses.is_dataclass(value) and not isinstance(value, Method):
             changes[field.name] = reordered(value, beam_idx)

@@ -36,13 +36,16 @@ __all__ = [
 
 
 class Step(NamedTuple):
-    """One decoding step: ``out`` `(B, H, T, Dv)` in q's dtype, the ``store`` for the next step, and
-    the query–key pairs it ``scored`` (colliding or covered keys, each once). The step grows the
-    store it was given in place (its buffers and tables): decode on from the returned one."""
+    """One decoding step: ``out`` `(B, H, T, Dv)` in q's dtype, the ``store`` for the next step, the
+    query–key pairs it ``scored`` (colliding or covered keys, each once) and, where the step
+    counted them, the queries left ``empty`` (an output of zeros: no key; None: count the zero
+    rows of ``out``). The step grows the store it was given in place (its buffers and tables):
+    decode on from the returned one."""
 
     out: Tensor
     store: Any  # the method's store (lshattn.decode.Store), None for TopK and Local
     scored: int
+    empty: int | None = None
 
 
 def code_dtype(bits: int) -> torch.dtype:

@@ -113,6 +113,8 @@ class SimHashStore:
         length: S, the keys hashed.
         last_key: `(B, H_kv, D)` the last cached key, to recognise the same cache at the next step.
         index: the bucket index of the first keys (None: codes too long to index, or none yet).
+        packed: the projections as the native step reads them (``kernels.packed_planes``; None
+            until it runs).
     """
 
     method: SimHash
@@ -121,6 +123,7 @@ class SimHashStore:
     length: int
     last_key: Tensor
     index: BucketIndex | None = None
+    packed: Tensor | None = None
 
     @property
     def codes(self) -> Tensor:
@@ -199,12 +202,16 @@ def _native_step(
         store = SimHashStore(method, planes, with_room(codes, cached, S), cached, k[:, :, cached - 1])
     store.length = cached
     store = _indexed(store, method.num_bits)
-    out, scored = kernels.simhash_decode(
-        q, k, v, store.planes, store.buffer, store.index.keys, store.index.starts, visible, bits=method.num_bits,
-        sinks=method.sinks, window=method.window, importance=method.mode == "importance", scale=scale,
+    if store.packed is None:
+        store.packed = kernels.packed_planes(store.planes)
+    last_key = k.new_empty(k.shape[0], k.shape[1], k.shape[3])  # the kernel copies the last key in
+    out, scored, empty = kernels.simhash_decode(
+        q, k, v, store.packed, store.buffer, store.index.keys, store.index.starts, visible, last_key,
+        bits=method.num_bits, sinks=method.sinks, window=method.window, importance=method.mode == "importance",
+        scale=scale,
     )  # fmt: skip
-    store.length, store.last_key = S, k[:, :, -1].clone()
-    return Step(out, store, int(scored.sum()))
+    store.length, store.last_key = S, last_key
+    return Step(out, store, scored, empty)
 
 
 def simhash_step(

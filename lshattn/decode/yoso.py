@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lshattn import kernels
 from lshattn.blocks import compute_dtype
 from lshattn.decode.common import (
     Step,
@@ -25,6 +26,7 @@ from lshattn.decode.common import (
     listed,
     local_index,
     per_query_head,
+    with_room,
 )
 from lshattn.hashing import draw_normal, simhash_codes
 from lshattn.methods import YOSO
@@ -51,6 +53,8 @@ class YOSOStore:
             values of the real cached keys of bucket c in hash i; None when 2^τ was above the keys
             (the codes are compared instead).
         last_key: `(B, H_kv, D)` the last cached key.
+        packed: the projections as the native step reads them (``kernels.packed_planes``; None
+            until it runs).
     """
 
     method: YOSO
@@ -59,6 +63,7 @@ class YOSOStore:
     length: int
     tables: Tensor | None
     last_key: Tensor
+    packed: Tensor | None = None
 
     @property
     def codes(self) -> Tensor:
@@ -132,7 +137,8 @@ def yoso_step(
     (``lshattn.methods.yoso``); L2-normalised with ``normalize_output``.
 
     ``visible`` None (no padding) takes a path with no pass over the S keys: a step costs
-    O(m·Dv) plus the sinks' and window's keys, whatever the context."""
+    O(m·Dv) plus the sinks' and window's keys, whatever the context. With bucket tables, on the
+    CPU, the step is one native call (``_native_step``); otherwise torch operations."""
     B, H, T = q.shape[:3]
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     groups, m, bits, cached = H // H_kv, method.num_hashes, method.num_bits, S - T
@@ -143,6 +149,14 @@ def yoso_step(
             "keys from a new query (a sliding window or a custom 4-D mask); use exact attention in this layer"
         )
     store = _yoso_store(store, method, k, v, T, real, generator, groups)
+    differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if (
+        store.tables is not None
+        and store.tables.dtype == q.dtype
+        and not differentiable
+        and kernels.decodes_natively(q, k, v, visible)
+    ):
+        return _native_step(store, method, q, k, v, visible)
     dtype = compute_dtype(q.dtype)
     # the queries' and the new keys' codes in one call: (B, H, T, m) each
     q_codes, new_codes = _yoso_codes(
@@ -171,7 +185,7 @@ def yoso_step(
         new_real = None if real is None else real[:, cached:]
         _add_to_tables(store.tables, new_codes, per_query_head(new_values, groups), new_real, bits)
     grown = YOSOStore(method, store.planes, appended(store.buffer, cached, new_codes, 2), S, store.tables,
-                      k[:, :, -1].clone())  # fmt: skip
+                      k[:, :, -1].clone(), store.packed)  # fmt: skip
 
     scored = 0
     if method.sinks or method.window is not None:
@@ -188,6 +202,20 @@ def yoso_step(
     if method.normalize_output:
         out = out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)
     return Step(out.to(q.dtype), grown, scored)
+
+
+def _native_step(store: YOSOStore, method: YOSO, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None) -> Step:
+    """``yoso_step`` in one native call (``lshattn.kernels.yoso_decode``): the new keys hashed into
+    the store's codes and added to its tables there, in place."""
+    S, T = k.shape[2], q.shape[2]
+    buffer = with_room(store.buffer, S - T, S, dim=2).contiguous()  # the kernel writes the new codes in it
+    packed = kernels.packed_planes(store.planes) if store.packed is None else store.packed
+    last_key = k.new_empty(k.shape[0], k.shape[1], k.shape[3])  # the kernel copies the last key in
+    out, scored, empty = kernels.yoso_decode(
+        q, k, v, packed, buffer, store.tables, visible, last_key, bits=method.num_bits, sinks=method.sinks,
+        window=method.window, normalize=method.normalize_output,
+    )  # fmt: skip
+    return Step(out, YOSOStore(method, store.planes, buffer, S, store.tables, last_key, packed), scored, empty)
 
 
 def _yoso_local_correction(

@@ -36,8 +36,10 @@ __all__ = [
     "collision_grads",
     "decodes_natively",
     "load",
+    "packed_planes",
     "project_signs",
     "simhash_decode",
+    "yoso_decode",
 ]
 
 SOURCE_DIR = Path(__file__).parent
@@ -55,10 +57,19 @@ UNIT_TABLE_BUDGET = 1 << 20
 # A SimHash decoding step runs on several threads from this many (query, cached key) slots on
 # (one sequence's 9 heads at 8k: 72k, one thread). Measured at 8k: one step 0.4 ms on one thread.
 THREADED_DECODE_KEYS = 1 << 21
+# A YOSO decoding step runs on several threads from this much work, in multiply-adds of hashing
+# (D·τ a hash) and values read (Dv a hash) for each head and query. SmolLM2's 9 heads × 40
+# hashes × (64·8 + 64) at 8k are 207k: 0.15–0.22 ms on one thread, 0.45 ms on two (2 cores,
+# 2026-12-01: torch's own threads still spin after its last operation), so a sequence's step
+# stays on one.
+THREADED_YOSO_WORK = 1 << 22
 # project_signs: rows projected together (PROJECT_ROWS in cpu.cpp), and the multiply-adds from
 # which a call runs on several threads (a decoding step's few tokens stay on one).
 PROJECT_ROWS = 4
 THREADED_PROJECTIONS = 1 << 22
+# Projections a pass of project_signs keeps in registers (PROJECT_WIDTH in cpu.cpp): the kernels
+# read the planes packed in blocks of this many (``packed_planes``).
+PROJECT_WIDTH = 16
 
 
 class NativeKernelWarning(UserWarning):
@@ -115,8 +126,10 @@ SIGNATURES = {
     "lshattn_bucket_sums_f64": [_PTR] * 4 + [_I64] * 10 + [_INT] * 2,
     "lshattn_collision_grads_f32": [_PTR] * 8 + [_I64] * 10 + [_INT, _I64, ctypes.c_double],
     "lshattn_collision_grads_f64": [_PTR] * 8 + [_I64] * 10 + [_INT, _I64, ctypes.c_double],
-    "lshattn_simhash_decode_f32": [_PTR] * 10 + [_I64] * 12 + [_INT, ctypes.c_double, _I64, _I64],
-    "lshattn_simhash_decode_f64": [_PTR] * 10 + [_I64] * 12 + [_INT, ctypes.c_double, _I64, _I64],
+    "lshattn_simhash_decode_f32": [_PTR] * 12 + [_I64] * 12 + [_INT, ctypes.c_double, _I64, _I64],
+    "lshattn_simhash_decode_f64": [_PTR] * 12 + [_I64] * 12 + [_INT, ctypes.c_double, _I64, _I64],
+    "lshattn_yoso_decode_f32": [_PTR] * 11 + [_I64] * 11 + [_INT, _I64, _I64],
+    "lshattn_yoso_decode_f64": [_PTR] * 11 + [_I64] * 11 + [_INT, _I64, _I64],
     "lshattn_project_signs_i32": [_PTR] * 3 + [_I64] * 7,
     "lshattn_project_signs_i64": [_PTR] * 3 + [_I64] * 7,
 }
@@ -294,10 +307,50 @@ def _run_spans(kernel, head: tuple, units: int, spans: int, tail: tuple = ()) ->
     _run([(kernel, *head, units * s // spans, units * (s + 1) // spans, *tail) for s in range(spans)])
 
 
+class _Counts:
+    """Two counts per query a decoding kernel writes (the keys it scored, whether its output is
+    all zeros), in a ctypes array summed in Python: a step's dozen queries cost no torch
+    operation (a small tensor's sum and its read are about 20 µs in a model's decoding step)."""
+
+    def __init__(self, queries: int) -> None:
+        self.queries = queries
+        self.values = (ctypes.c_int64 * (2 * queries))()
+
+    @property
+    def pointers(self) -> tuple[int, int]:
+        base = ctypes.addressof(self.values)
+        return base, base + self.queries * ctypes.sizeof(ctypes.c_int64)
+
+    def totals(self) -> tuple[int, int]:
+        return sum(self.values[: self.queries]), sum(self.values[self.queries :])
+
+
+def _decode_step(
+    name: str, q: Tensor, k: Tensor, v: Tensor, store: tuple[Tensor, ...], visible: Tensor | None, last_key: Tensor,
+    sizes: tuple, flags: tuple, threaded: bool,
+) -> tuple[Tensor, int, int]:  # fmt: skip
+    """Run the decoding kernel ``lshattn_<name>`` as ``kernel(q, k, v, *store, visible, out, scored,
+    empty, last_key, H, H_kv, T, S, D, Dv, *sizes, *flags, unit_begin, unit_end)`` over the B·H
+    batch-heads (on several threads if ``threaded``): `(B, H, T, Dv)` out, the pairs scored, the
+    queries left empty."""
+    B, H, T, D = q.shape
+    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    seen = None if visible is None else visible.reshape(B, T, S).contiguous().view(torch.uint8)
+    # written (B, T, H, Dv), the layout the model's attention returns: its transpose is then no copy
+    out, counts = q.new_empty(B, T, H, Dv), _Counts(B * H * T)
+    pointers = [None if x is None else x.data_ptr() for x in (q, k, v, *store, seen, out)]
+    head = (*pointers, *counts.pointers, last_key.data_ptr(), H, H_kv, T, S, D, Dv, *sizes, *flags)
+    units = B * H
+    _run_spans(_kernel(name, q), head, units, min(units, torch.get_num_threads()) if threaded else 1)
+    return out.transpose(1, 2), *counts.totals()
+
+
 def simhash_decode(
     q: Tensor, k: Tensor, v: Tensor, planes: Tensor, buffer: Tensor, index_keys: Tensor, starts: Tensor,
-    visible: Tensor | None, *, bits: int, sinks: int, window: int | None, importance: bool, scale: float,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    visible: Tensor | None, last_key: Tensor, *, bits: int, sinks: int, window: int | None, importance: bool,
+    scale: float,
+) -> tuple[Tensor, int, int]:  # fmt: skip
     """SimHash's decoding step (``lshattn.decode.simhash``, sparse and importance modes, codes of
     at most 15 bits), natively: hashes the T new keys into ``buffer`` and the T new queries (as
     ``project_signs``: the prefill's codes), then gives each query the softmax over the visible
@@ -307,38 +360,67 @@ def simhash_decode(
     Args:
         q: `(B, H, T, D)`; k: `(B, H_kv, S, D)`; v: `(B, H_kv, S, Dv)` (GQA: read per key head), of
             one dtype, float32 or float64.
-        planes: `(H, D, R, bits)` the projections.
+        planes: `(H, D·R·bits)` the projections, packed (``packed_planes``).
         buffer: `(B, H, R, capacity)` int16, contiguous, capacity >= S: the cached keys' codes in
             the first S − T slots; the new keys' are written after them.
         index_keys: `(B, H, R, N)` int32, the first N keys sorted by code; starts: `(B, H, R,
             2^bits + 1)` int32, where each code's run begins (``decode.simhash.BucketIndex``); the
             keys after the first N are compared one by one.
         visible: `(B, 1, T, S)` bool, or None: query t sees the keys up to position S − T + t.
+        last_key: `(B, H_kv, D)` of q's dtype, contiguous: receives each key head's last key (the
+            store's check that the next step continues its cache; a clone is a dozen µs more).
 
     Returns:
-        out `(B, H, T, Dv)` and scored `(B, H, T)` int64 (the keys each query attended).
+        out `(B, H, T, Dv)`, the query–key pairs scored, and the queries left with no key (their
+        output all zeros).
     """
-    kernel = _kernel("simhash_decode", q)
-    B, H, T, D = q.shape
-    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    B, H, T = q.shape[:3]
     R, N = index_keys.shape[2], index_keys.shape[3]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    planes = planes.to(torch.float32).reshape(H, D, -1).contiguous()
-    seen = None if visible is None else visible.reshape(B, T, S).contiguous().view(torch.uint8)
-    out, scored = q.new_empty(B, H, T, Dv), torch.empty(B, H, T, dtype=torch.long)
-    tensors = (q, k, v, planes, buffer, index_keys.contiguous(), starts.contiguous(), seen, out, scored)
-    pointers = [None if x is None else x.data_ptr() for x in tensors]
-    sizes = (H, H_kv, T, S, D, Dv, R, N, bits, buffer.shape[-1], sinks, -1 if window is None else window)
-    units = B * H
+    sizes = (R, N, bits, buffer.shape[-1], sinks, -1 if window is None else window)
     # a decoding step of one sequence lists a few thousand keys: less work than handing it to threads
-    spans = min(units, torch.get_num_threads()) if units * T * S >= THREADED_DECODE_KEYS else 1
-    _run_spans(kernel, (*pointers, *sizes, int(importance), scale), units, spans)
-    return out, scored
+    threaded = B * H * T * k.shape[2] >= THREADED_DECODE_KEYS
+    store = (planes, buffer, index_keys.contiguous(), starts.contiguous())
+    return _decode_step("simhash_decode", q, k, v, store, visible, last_key, sizes, (int(importance), scale), threaded)
+
+
+def yoso_decode(
+    q: Tensor, k: Tensor, v: Tensor, planes: Tensor, buffer: Tensor, tables: Tensor, visible: Tensor | None,
+    last_key: Tensor, *, bits: int, sinks: int, window: int | None, normalize: bool,
+) -> tuple[Tensor, int, int]:  # fmt: skip
+    """YOSO-m's decoding step (``lshattn.decode.yoso``, with bucket tables), natively: hashes the
+    T new keys into ``buffer`` and the T new queries (as ``project_signs``: the prefill's codes),
+    gives each query ``(1/m)·Σ_h`` its bucket's row of each table plus the new keys up to it that
+    share its bucket, corrects the keys ``sinks`` and ``window`` cover to the exact kernel
+    ``(1 − θ/π)^τ``, L2-normalises with ``normalize``, then adds the new real keys' values to the
+    tables (see cpu.cpp). Call it where ``decodes_natively`` says so.
+
+    Args:
+        q: `(B, H, T, D)`; k: `(B, H_kv, S, D)`; v: `(B, H_kv, S, Dv)` (GQA: read per key head), of
+            one dtype, float32 or float64.
+        planes: `(H, D·m·bits)` the projections, packed (``packed_planes``).
+        buffer: `(B, H, capacity, m)` int32, contiguous, capacity >= S: the cached keys' codes in
+            the first S − T slots; the new keys' are written after them.
+        tables: `(B, H·m·2^bits, Dv)` of q's dtype, contiguous: the value sums of the cached real
+            keys by bucket (``decode.yoso.YOSOStore``), grown in place by the new real keys'.
+        visible: `(B, 1, T, S)` bool, or None: query t sees the keys up to position S − T + t.
+        last_key: `(B, H_kv, D)` of q's dtype, contiguous: receives each key head's last key.
+
+    Returns:
+        out `(B, H, T, Dv)`, the query–key pairs scored (those ``sinks`` and ``window`` cover;
+        the tables' rows are not counted), and the queries whose output is all zeros.
+    """
+    B, H, T, D = q.shape
+    m = buffer.shape[-1]
+    sizes = (m, bits, buffer.shape[2], sinks, -1 if window is None else window)
+    threaded = B * H * T * m * (D * bits + v.shape[-1]) >= THREADED_YOSO_WORK
+    return _decode_step(
+        "yoso_decode", q, k, v, (planes, buffer, tables), visible, last_key, sizes, (int(normalize),), threaded
+    )
 
 
 def decodes_natively(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None) -> bool:
-    """Whether ``simhash_decode`` runs on these inputs: compiled kernels, CPU tensors of one dtype
-    (float32 or float64), a mask shared by the heads."""
+    """Whether the decoding kernels (``simhash_decode``, ``yoso_decode``) run on these inputs:
+    compiled kernels, CPU tensors of one dtype (float32 or float64), a mask shared by the heads."""
     return (
         _kernel("simhash_decode", q) is not None
         and k.dtype == v.dtype == q.dtype
@@ -365,13 +447,29 @@ def project_signs(x: Tensor, planes: Tensor, codes: Tensor) -> None:
             f"lshattn.kernels.project_signs needs the native kernels, float32 inputs and int32/int64 codes on the "
             f"CPU, got {x.dtype} inputs and {codes.dtype} codes on {x.device}"
         )
-    torch.ops.lshattn.project_signs(x.contiguous(), planes.to(torch.float32).contiguous(), codes)
+    torch.ops.lshattn.project_signs(x.contiguous(), packed_planes(planes), codes)
+
+
+def packed_planes(planes: Tensor) -> Tensor:
+    """`(H, D, R, bits)` projections as the kernels read them: `(H, D·K)` float32 (K = R·bits),
+    per head the blocks of ``PROJECT_WIDTH`` projections one after another, each block a
+    row-major `(D, width)` matrix (the last one narrower). A pass over one block then reads
+    memory in order; a decoding step's stores keep their planes packed so (a step reads every
+    plane once, mostly from memory)."""
+    H, D = planes.shape[:2]
+    flat = planes.to(torch.float32).reshape(H, D, -1)
+    K = flat.shape[-1]
+    whole = K - K % PROJECT_WIDTH
+    blocks = flat[:, :, :whole].reshape(H, D, whole // PROJECT_WIDTH, PROJECT_WIDTH).transpose(1, 2)
+    return torch.cat([blocks.reshape(H, -1), flat[:, :, whole:].reshape(H, -1)], 1).contiguous()
 
 
 @torch.library.custom_op("lshattn::project_signs", mutates_args=("codes",), device_types="cpu")
 def _project_signs(x: Tensor, planes: Tensor, codes: Tensor) -> None:
+    """``project_signs`` with the planes packed (``packed_planes``)."""
     N, L, D = x.shape
-    H, R, bits = planes.shape[0], planes.shape[2], planes.shape[3]
+    H, R = planes.shape[0], codes.shape[2]
+    bits = planes.shape[1] // (D * R)
     units = N * -(-L // PROJECT_ROWS)
     spans = min(units, torch.get_num_threads()) if units * PROJECT_ROWS * D * R * bits >= THREADED_PROJECTIONS else 1
     head = (x.data_ptr(), planes.data_ptr(), codes.data_ptr(), H, L, D, R, bits)
@@ -380,6 +478,6 @@ def _project_signs(x: Tensor, planes: Tensor, codes: Tensor) -> None:
 
 @flop_counter.register_flop_formula(torch.ops.lshattn.project_signs)
 def _project_signs_flops(x_shape, planes_shape, codes_shape, *args, **kwargs) -> int:
-    """The matrix product's: 2·N·L·D·R·bits."""
-    N, L, D = x_shape
-    return 2 * N * L * D * planes_shape[2] * planes_shape[3]
+    """The matrix product's: 2·N·L·D·R·bits (the packed planes hold D·R·bits a head)."""
+    N, L, _ = x_shape
+    return 2 * N * L * planes_shape[1]

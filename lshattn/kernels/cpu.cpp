@@ -54,6 +54,16 @@
 // scale·q·k (importance mode: plus −log P(collide | θ) for the keys not covered), then the
 // weighted sum of their values. Visibility from `visible` (B, T, S) bytes, or by position when
 // null (no padding: query t sees the keys up to S − T + t). A unit with no key writes zeros.
+//
+// ## YOSO-m decoding (lshattn.decode.yoso): one table lookup per hash, one add per new key
+//
+// A unit is one batch-head with its m tables of 2^τ rows of value sums of the cached real keys.
+// It hashes its T new keys into the codes buffer and its T queries (the prefill's codes), then
+// for each query sums its bucket's row in each table and the new keys up to it (times the hashes
+// they share), divides by m, and corrects the keys the sinks and window cover (listed as for
+// SimHash) from the sampled fraction hits/m to the exact kernel (1 − θ/π)^τ. Only then are the
+// new real keys' values added to the tables, so each query reads the tables of the keys before
+// the step, as the torch step does. O(m·Dv + (sinks + window)·(D + m + Dv)) a query, whatever S.
 
 #include <algorithm>
 #include <cmath>
@@ -185,43 +195,54 @@ void pack_codes(const float* proj, code_t* out, int64_t tables, int64_t bits, st
 // Rows projected together: each plane's weights are read once for all of them.
 constexpr int64_t PROJECT_ROWS = 4;
 
+// Projections a pass keeps in registers for every row; the planes are stored in blocks of this
+// many (lshattn.kernels.packed_planes).
+constexpr int64_t PROJECT_WIDTH = 16;
+
 // proj[i, :] = x_i · planes for the PROJECT_ROWS rows x_i (D floats each; pass a row of zeros for
-// a missing one), planes (D × K) row-major. Every projection is a sum over d in order, by the same
+// a missing one). The D × K planes are packed in blocks of PROJECT_WIDTH projections, each block a
+// row-major D × width matrix (the last one narrower), so that a pass reads them in order: a
+// decoding step reads a head's planes once from memory, where the rows of a D × K matrix cost a
+// strided read of each block (2–3× slower cold). Every projection is a sum over d in order, by the same
 // instructions whatever the rows: a token's codes do not depend on what it is hashed with (the
 // decoding step hashes one token and gets the prefill's codes bit for bit).
 // One compiled body (never inlined), so that every caller's rows are rounded by the same
 // instructions: the prefill's and a decoding step's.
 #define LSHATTN_SAME_ROUNDING __attribute__((noinline))
-// acc[i][j] += Σ_d x_i[d]·planes[d, j0 + j] for j < width (WIDTH > 0: a constant width, which the
-// compiler unrolls into registers; 0: the runtime `width` of the last, narrower pass).
-template <int64_t WIDTH>
-inline void accumulate(const float* const* x, const float* __restrict planes, int64_t D, int64_t K, int64_t j0,
-                       int64_t width, float (&acc)[PROJECT_ROWS][16]) {
+// acc[i][j] += Σ_d x_i[d]·block[d, j] for j < width, block a D × width matrix (WIDTH > 0: a
+// constant width, which the compiler unrolls into registers; 0: the runtime `width` of the last,
+// narrower pass).
+template <int64_t WIDTH, int64_t ROWS>
+inline void accumulate(const float* const* x, const float* __restrict block, int64_t D, int64_t width,
+                       float (&acc)[ROWS][PROJECT_WIDTH]) {
     const int64_t n = WIDTH > 0 ? WIDTH : width;
     for (int64_t d = 0; d < D; ++d) {
-        const float* __restrict w = planes + d * K + j0;
+        const float* __restrict w = block + d * n;
         for (int64_t j = 0; j < n; ++j)
-            for (int64_t i = 0; i < PROJECT_ROWS; ++i) acc[i][j] += x[i][d] * w[j];
+            for (int64_t i = 0; i < ROWS; ++i) acc[i][j] += x[i][d] * w[j];
     }
 }
 
+// ROWS rows at once: PROJECT_ROWS for whole prompts, 2 for a decoding step's key and query
+// (each element is the same chain of multiply-adds in either, so the codes are the same: tested).
+template <int64_t ROWS>
 LSHATTN_SAME_ROUNDING void project_rows(const float* const* x, const float* __restrict planes, int64_t D, int64_t K,
                                         float* __restrict proj) {
-    constexpr int64_t W = 16;  // projections a pass keeps in registers for every row
+    constexpr int64_t W = PROJECT_WIDTH;
     for (int64_t j0 = 0; j0 < K; j0 += W) {
         const int64_t width = std::min(W, K - j0);
-        float acc[PROJECT_ROWS][W] = {};
+        float acc[ROWS][W] = {};
         if (width == W)
-            accumulate<W>(x, planes, D, K, j0, width, acc);
+            accumulate<W, ROWS>(x, planes + j0 * D, D, width, acc);
         else
-            accumulate<0>(x, planes, D, K, j0, width, acc);
-        for (int64_t i = 0; i < PROJECT_ROWS; ++i)
+            accumulate<0, ROWS>(x, planes + j0 * D, D, width, acc);
+        for (int64_t i = 0; i < ROWS; ++i)
             for (int64_t j = 0; j < width; ++j) proj[i * K + j0 + j] = acc[i][j];
     }
 }
 
 // Units [unit_begin, unit_end) of (row n, block of PROJECT_ROWS positions): x (N, L, D) float32,
-// planes (H, D, tables·bits) (row n uses head n % H), codes (N, L, tables).
+// planes (H, D·tables·bits) packed (row n uses head n % H), codes (N, L, tables).
 template <typename code_t>
 void project_signs(const float* x, const float* planes, code_t* codes, int64_t H, int64_t L, int64_t D,
                    int64_t tables, int64_t bits, int64_t unit_begin, int64_t unit_end) {
@@ -233,7 +254,7 @@ void project_signs(const float* x, const float* planes, code_t* codes, int64_t H
         const int64_t rows = std::min(PROJECT_ROWS, L - first);
         const float* row[PROJECT_ROWS];
         for (int64_t i = 0; i < PROJECT_ROWS; ++i) row[i] = i < rows ? x + (n * L + first + i) * D : zeros.data();
-        project_rows(row, planes + (n % H) * D * K, D, K, proj.data());
+        project_rows<PROJECT_ROWS>(row, planes + (n % H) * D * K, D, K, proj.data());
         for (int64_t i = 0; i < rows; ++i) pack_codes(proj.data() + i * K, codes + (n * L + first + i) * tables, tables, bits, words);
     }
 }
@@ -562,11 +583,11 @@ scalar_t inverse_log_probability(scalar_t cosine, int64_t bits, int64_t tables) 
     return -std::log(std::max(collide, tiny));
 }
 
-// The table codes (int16) of up to PROJECT_ROWS rows x[i] (D values each, converted to float32 as
-// the prefill hashes them), table r of row i into dest[i][r·table_stride[i]].
-template <typename scalar_t>
+// The table codes of up to PROJECT_ROWS rows x[i] (D values each, converted to float32 as the
+// prefill hashes them), table r of row i into dest[i][r·table_stride[i]].
+template <typename scalar_t, typename code_t>
 void hash_rows(const scalar_t* const* x, int64_t rows, const float* planes, int64_t D, int64_t tables, int64_t bits,
-               int16_t* const* dest, const int64_t* table_stride, std::vector<float>& scratch, std::vector<float>& proj,
+               code_t* const* dest, const int64_t* table_stride, std::vector<float>& scratch, std::vector<float>& proj,
                std::vector<uint64_t>& words) {
     const int64_t K = tables * bits;
     scratch.assign(PROJECT_ROWS * D, 0.0f);
@@ -576,23 +597,102 @@ void hash_rows(const scalar_t* const* x, int64_t rows, const float* planes, int6
         row[i] = scratch.data() + i * D;
     }
     proj.resize(PROJECT_ROWS * K);
-    project_rows(row, planes, D, K, proj.data());
+    if (rows <= 2)
+        project_rows<2>(row, planes, D, K, proj.data());
+    else
+        project_rows<PROJECT_ROWS>(row, planes, D, K, proj.data());
     std::vector<int64_t> packed(tables);
     for (int64_t i = 0; i < rows; ++i) {
         pack_codes(proj.data() + i * K, packed.data(), tables, bits, words);
-        for (int64_t r = 0; r < tables; ++r) dest[i][r * table_stride[i]] = int16_t(packed[r]);
+        for (int64_t r = 0; r < tables; ++r) dest[i][r * table_stride[i]] = code_t(packed[r]);
+    }
+}
+
+// Whether all n values are zero (a query left with no key; -0 counts, as torch's == 0).
+template <typename scalar_t>
+int64_t all_zero(const scalar_t* x, int64_t n) {
+    for (int64_t d = 0; d < n; ++d)
+        if (x[d] != 0) return 0;
+    return 1;
+}
+
+// The keys one decoding query lists, each once (a byte per key marks the listed ones).
+struct KeyList {
+    std::vector<uint8_t> listed;
+    std::vector<int32_t> keys;
+    std::vector<uint8_t> covered;  // whether keys[i] came from the sinks or the window
+    const uint8_t* sees = nullptr;  // the query's visible keys, or null: the keys up to `position`
+    int64_t position = 0;
+
+    explicit KeyList(int64_t S) : listed(S, 0) {}
+
+    // Start the list of the query at `position` that sees `query_sees` (or null).
+    void start(const uint8_t* query_sees, int64_t query_position) {
+        for (int32_t j : keys) listed[j] = 0;
+        keys.clear();
+        covered.clear();
+        sees = query_sees;
+        position = query_position;
+    }
+
+    void add(int64_t j, uint8_t is_covered) {
+        if (listed[j] || (sees ? !sees[j] : j > position)) return;
+        listed[j] = 1;
+        keys.push_back(int32_t(j));
+        covered.push_back(is_covered);
+    }
+
+    // The visible keys among the first `sinks` real keys or within `window` real keys before the
+    // query (window < 0: none), ranked among the real keys (`real`: the keys the last query of
+    // the step sees), as covered_keys in decode/common.py.
+    void add_covered(const uint8_t* real, int64_t S, int64_t sinks, int64_t window) {
+        if (!sees) {  // ranks are positions
+            for (int64_t j = 0; j < std::min(sinks, S); ++j) add(j, 1);
+            if (window >= 0)
+                for (int64_t j = std::max<int64_t>(0, position - window); j <= position; ++j) add(j, 1);
+        } else if (sinks > 0 || window >= 0) {
+            int64_t query_rank = -1, real_keys = 0;  // visible keys up to the query, less one
+            for (int64_t j = 0; j < S; ++j) query_rank += sees[j], real_keys += real[j];
+            for (int64_t j = 0, rank = 0; j < S && rank < sinks; ++j)
+                if (real[j]) add(j, 1), ++rank;
+            if (window >= 0)  // key rank (real keys up to it, less one) from the last key down
+                for (int64_t j = S - 1, upto = real_keys; j >= 0 && upto - 1 >= query_rank - window; --j) {
+                    add(j, 1);
+                    upto -= real[j];
+                }
+        }
+    }
+};
+
+// The codes of a batch-head's T new keys (rows S − T .. S of kb, written to key_codes[position ·
+// key_stride + table · table_stride]) and of its T queries (qb, written to query_codes[t·tables +
+// table]), PROJECT_ROWS rows at a time.
+template <typename scalar_t, typename code_t>
+void hash_step(const scalar_t* qb, const scalar_t* kb, const float* planes, code_t* key_codes, int64_t key_stride,
+               int64_t table_stride, code_t* query_codes, int64_t T, int64_t S, int64_t D, int64_t tables,
+               int64_t bits, std::vector<float>& scratch, std::vector<float>& proj, std::vector<uint64_t>& words) {
+    for (int64_t first = 0; first < 2 * T; first += PROJECT_ROWS) {
+        const int64_t rows = std::min(PROJECT_ROWS, 2 * T - first);
+        const scalar_t* row[PROJECT_ROWS];
+        code_t* dest[PROJECT_ROWS];
+        int64_t stride[PROJECT_ROWS];
+        for (int64_t i = 0, n = first; i < rows; ++i, ++n) {
+            const bool is_key = n < T;
+            row[i] = is_key ? kb + (S - T + n) * D : qb + (n - T) * D;
+            dest[i] = is_key ? key_codes + (S - T + n) * key_stride : query_codes + (n - T) * tables;
+            stride[i] = is_key ? table_stride : 1;
+        }
+        hash_rows(row, rows, planes, D, tables, bits, dest, stride, scratch, proj, words);
     }
 }
 
 template <typename scalar_t>
 void simhash_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes,
                           int16_t* buffer, const int32_t* index_keys, const int32_t* starts, const uint8_t* visible,
-                          scalar_t* out, int64_t* scored, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D,
-                          int64_t Dv, int64_t R, int64_t indexed, int64_t bits, int64_t capacity, int64_t sinks,
+                          scalar_t* out, int64_t* scored, int64_t* empty, scalar_t* last_key, int64_t H, int64_t H_kv,
+                          int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t R, int64_t indexed, int64_t bits, int64_t capacity, int64_t sinks,
                           int64_t window, int importance, double scale, int64_t unit_begin, int64_t unit_end) {
-    std::vector<uint8_t> listed(S, 0);
-    std::vector<int32_t> keys;
-    std::vector<uint8_t> covered;
+    KeyList list(S);
     std::vector<scalar_t> logits;
     std::vector<int16_t> q_codes(T * R);
     std::vector<float> scratch, proj;
@@ -600,65 +700,34 @@ void simhash_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* 
     const int64_t groups = H / H_kv, codes_per_table = (int64_t(1) << bits) + 1, K = R * bits;
     for (int64_t bh = unit_begin; bh < unit_end; ++bh) {
         const int64_t b = bh / H, h = bh % H, kv = b * H_kv + h / groups;
-        const float* head_planes = planes + h * D * K;
         const scalar_t* kb = k + kv * S * D;
         const scalar_t* vb = v + kv * S * Dv;
         int16_t* head_codes = buffer + bh * R * capacity;
-        // the T new keys into the buffer and the T queries, PROJECT_ROWS of the 2·T rows at a time
-        for (int64_t first = 0; first < 2 * T; first += PROJECT_ROWS) {
-            const int64_t rows = std::min(PROJECT_ROWS, 2 * T - first);
-            const scalar_t* row[PROJECT_ROWS];
-            int16_t* dest[PROJECT_ROWS];
-            int64_t table_stride[PROJECT_ROWS];
-            for (int64_t i = 0, n = first; i < rows; ++i, ++n) {
-                const bool is_key = n < T;
-                row[i] = is_key ? kb + (S - T + n) * D : q + (bh * T + n - T) * D;
-                dest[i] = is_key ? head_codes + S - T + n : q_codes.data() + (n - T) * R;
-                table_stride[i] = is_key ? capacity : 1;
-            }
-            hash_rows(row, rows, head_planes, D, R, bits, dest, table_stride, scratch, proj, words);
-        }
+        if (h % groups == 0) std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
+        hash_step(q + bh * T * D, kb, planes + h * D * K, head_codes, 1, capacity, q_codes.data(), T, S, D, R, bits,
+                  scratch, proj, words);
         for (int64_t t = 0; t < T; ++t) {
             const int64_t unit = bh * T + t, position = S - T + t;
-            const uint8_t* sees = visible ? visible + (b * T + t) * S : nullptr;
             const uint8_t* real = visible ? visible + (b * T + T - 1) * S : nullptr;  // the last query sees every real key
-            keys.clear();
-            covered.clear();
-            auto add = [&](int64_t j, uint8_t is_covered) {
-                if (listed[j] || (sees ? !sees[j] : j > position)) return;
-                listed[j] = 1;
-                keys.push_back(int32_t(j));
-                covered.push_back(is_covered);
-            };
-            if (!sees) {  // ranks are positions
-                for (int64_t j = 0; j < std::min(sinks, S); ++j) add(j, 1);
-                if (window >= 0)
-                    for (int64_t j = std::max<int64_t>(0, position - window); j <= position; ++j) add(j, 1);
-            } else if (sinks > 0 || window >= 0) {
-                int64_t query_rank = -1, real_keys = 0;  // visible keys up to the query, less one
-                for (int64_t j = 0; j < S; ++j) query_rank += sees[j], real_keys += real[j];
-                for (int64_t j = 0, rank = 0; j < S && rank < sinks; ++j)
-                    if (real[j]) add(j, 1), ++rank;
-                if (window >= 0)  // key rank (real keys up to it, less one) from the last key down
-                    for (int64_t j = S - 1, upto = real_keys; j >= 0 && upto - 1 >= query_rank - window; --j) {
-                        add(j, 1);
-                        upto -= real[j];
-                    }
-            }
+            list.start(visible ? visible + (b * T + t) * S : nullptr, position);
+            list.add_covered(real, S, sinks, window);
             for (int64_t r = 0; r < R; ++r) {
                 const int64_t table = bh * R + r, code = q_codes[t * R + r];
                 const int32_t* run = index_keys + table * indexed;
                 const int32_t* start = starts + table * codes_per_table + code;
-                for (int32_t a = start[0]; a < start[1]; ++a) add(run[a], 0);
+                for (int32_t a = start[0]; a < start[1]; ++a) list.add(run[a], 0);
                 const int16_t* codes = head_codes + r * capacity;  // the keys appended since the index was built
                 for (int64_t j = indexed; j < S; ++j)
-                    if (codes[j] == code) add(j, 0);
+                    if (codes[j] == code) list.add(j, 0);
             }
+            const std::vector<int32_t>& keys = list.keys;
+            const std::vector<uint8_t>& covered = list.covered;
 
             const int64_t n = int64_t(keys.size());
-            scalar_t* o = out + unit * Dv;
+            scalar_t* o = out + ((b * T + t) * H + h) * Dv;  // (B, T, H, Dv): the model's layout
             std::fill(o, o + Dv, scalar_t(0));
             scored[unit] = n;
+            empty[unit] = all_zero(o, Dv);
             if (n == 0) continue;
             const scalar_t* qv = q + unit * D;
             const scalar_t q_norm = importance ? std::sqrt(dot(qv, qv, D)) : scalar_t(0);
@@ -684,7 +753,96 @@ void simhash_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* 
                 for (int64_t d = 0; d < Dv; ++d) o[d] += weight * vj[d];
             }
             for (int64_t d = 0; d < Dv; ++d) o[d] /= total;
-            for (int32_t j : keys) listed[j] = 0;
+            empty[unit] = all_zero(o, Dv);
+        }
+    }
+}
+
+// x / max(‖x‖, 1e-12) into out (D values), as torch's F.normalize.
+template <typename scalar_t>
+void unit_vector(const scalar_t* x, scalar_t* out, int64_t D) {
+    const scalar_t norm = std::max(std::sqrt(dot(x, x, D)), scalar_t(1e-12));
+    for (int64_t d = 0; d < D; ++d) out[d] = x[d] / norm;
+}
+
+// x^n by squaring (std::pow with a float exponent is a library call several times slower).
+template <typename scalar_t>
+scalar_t power(scalar_t x, int64_t n) {
+    scalar_t result = 1;
+    for (; n > 0; n >>= 1, x *= x)
+        if (n & 1) result *= x;
+    return result;
+}
+
+template <typename scalar_t>
+void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int32_t* buffer,
+                       scalar_t* tables, const uint8_t* visible, scalar_t* out, int64_t* scored, int64_t* empty,
+                       scalar_t* last_key, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t m, int64_t bits,
+                       int64_t capacity, int64_t sinks, int64_t window, int normalize, int64_t unit_begin,
+                       int64_t unit_end) {
+    KeyList list(S);
+    std::vector<int32_t> q_codes(T * m);
+    std::vector<float> scratch, proj;
+    std::vector<uint64_t> words;
+    std::vector<scalar_t> q_unit(D), k_unit(D), apart(D), together(D);
+    const int64_t groups = H / H_kv, buckets = int64_t(1) << bits, K = m * bits;
+    const scalar_t pi = scalar_t(3.14159265358979323846);
+    for (int64_t bh = unit_begin; bh < unit_end; ++bh) {
+        const int64_t b = bh / H, h = bh % H, kv = b * H_kv + h / groups;
+        const scalar_t* kb = k + kv * S * D;
+        const scalar_t* vb = v + kv * S * Dv;
+        int32_t* head_codes = buffer + bh * capacity * m;  // (capacity, m)
+        if (h % groups == 0) std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
+        scalar_t* head_tables = tables + bh * m * buckets * Dv;  // (m, 2^τ, Dv)
+        const uint8_t* real = visible ? visible + (b * T + T - 1) * S : nullptr;  // the last query sees every real key
+        hash_step(q + bh * T * D, kb, planes + h * D * K, head_codes, m, 1, q_codes.data(), T, S, D, m, bits, scratch,
+                  proj, words);
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t unit = bh * T + t, position = S - T + t;
+            const int32_t* codes = q_codes.data() + t * m;
+            const uint8_t* sees = visible ? visible + (b * T + t) * S : nullptr;
+            scalar_t* o = out + ((b * T + t) * H + h) * Dv;  // (B, T, H, Dv): the model's layout
+            std::fill(o, o + Dv, scalar_t(0));
+            for (int64_t r = 0; r < m; ++r) {  // the cached keys: a row per hash
+                const scalar_t* row = head_tables + (r * buckets + codes[r]) * Dv;
+                for (int64_t d = 0; d < Dv; ++d) o[d] += row[d];
+            }
+            auto hits = [&](int64_t j) {  // the hashes in which key j shares the query's bucket
+                int64_t count = 0;
+                for (int64_t r = 0; r < m; ++r) count += head_codes[j * m + r] == codes[r];
+                return scalar_t(count);
+            };
+            for (int64_t j = S - T; j < S; ++j) {  // the new keys up to the query
+                if (sees ? !sees[j] : j > position) continue;
+                const scalar_t shared = hits(j);
+                for (int64_t d = 0; d < Dv; ++d) o[d] += shared * vb[j * Dv + d];
+            }
+            for (int64_t d = 0; d < Dv; ++d) o[d] /= scalar_t(m);
+
+            list.start(sees, position);
+            list.add_covered(real, S, sinks, window);
+            scored[unit] = int64_t(list.keys.size());
+            if (!list.keys.empty()) unit_vector(q + unit * D, q_unit.data(), D);
+            for (int32_t j : list.keys) {  // the exact kernel in place of the sampled fraction
+                unit_vector(kb + int64_t(j) * D, k_unit.data(), D);
+                for (int64_t d = 0; d < D; ++d) apart[d] = q_unit[d] - k_unit[d], together[d] = q_unit[d] + k_unit[d];
+                const scalar_t theta =
+                    2 * std::atan2(std::sqrt(dot(apart.data(), apart.data(), D)), std::sqrt(dot(together.data(), together.data(), D)));
+                const scalar_t weight = power(1 - theta / pi, bits) - hits(j) / scalar_t(m);
+                for (int64_t d = 0; d < Dv; ++d) o[d] += weight * vb[int64_t(j) * Dv + d];
+            }
+            if (normalize) {
+                const scalar_t norm = std::max(std::sqrt(dot(o, o, Dv)), scalar_t(1e-12));
+                for (int64_t d = 0; d < Dv; ++d) o[d] /= norm;
+            }
+            empty[unit] = all_zero(o, Dv);
+        }
+        for (int64_t j = S - T; j < S; ++j) {  // the new real keys into the tables, after every query read them
+            if (real && !real[j]) continue;
+            for (int64_t r = 0; r < m; ++r) {
+                scalar_t* row = head_tables + (r * buckets + head_codes[j * m + r]) * Dv;
+                for (int64_t d = 0; d < Dv; ++d) row[d] += vb[j * Dv + d];
+            }
         }
     }
 }
@@ -707,7 +865,7 @@ void lshattn_bucket_sums_f64(const double* values, const int32_t* write, const i
                       reverse);
 }
 
-// x (N, L, D) float32, planes (H, D, tables·bits) float32, codes (N, L, tables); units are
+// x (N, L, D) float32, planes (H, D·tables·bits) float32 packed, codes (N, L, tables); units are
 // (row n, block of 4 positions).
 void lshattn_project_signs_i32(const float* x, const float* planes, int32_t* codes, int64_t H, int64_t L, int64_t D,
                                int64_t tables, int64_t bits, int64_t unit_begin, int64_t unit_end) {
@@ -739,22 +897,40 @@ void lshattn_collision_grads_f64(const double* q, const double* k, const double*
                                   unit_begin, unit_end, causal, exact_bits, clamp);
 }
 
-// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H, D, R·bits) float32; buffer
+// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H, D·R·bits) float32, packed; buffer
 // (B·H, R, capacity) int16 codes, the new keys' written at S − T .. S; index_keys (B·H, R, indexed)
-// and starts (B·H, R, 2^bits + 1); visible (B, T, S) or null; out (B·H, T, Dv); scored (B·H·T).
-// Units are batch-heads.
-#define LSHATTN_SIMHASH_DECODE(suffix, scalar_t)                                                                  \
-    void lshattn_simhash_decode_##suffix(                                                                         \
-        const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int16_t* buffer,            \
-        const int32_t* index_keys, const int32_t* starts, const uint8_t* visible, scalar_t* out, int64_t* scored,   \
-        int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t R, int64_t indexed,           \
-        int64_t bits, int64_t capacity, int64_t sinks, int64_t window, int importance, double scale,               \
-        int64_t unit_begin, int64_t unit_end) {                                                                   \
-        simhash_decode_units<scalar_t>(q, k, v, planes, buffer, index_keys, starts, visible, out, scored, H, H_kv, \
-                                       T, S, D, Dv, R, indexed, bits, capacity, sinks, window, importance, scale,  \
-                                       unit_begin, unit_end);                                                     \
+// and starts (B·H, R, 2^bits + 1); visible (B, T, S) or null; out (B, T, H, Dv); scored (B·H·T)
+// the keys each query scored; empty (B·H·T) whether its output is all zeros; last_key (B·H_kv, D)
+// receives each key head's last key. Units are batch-heads.
+#define LSHATTN_SIMHASH_DECODE(suffix, scalar_t)                                                                   \
+    void lshattn_simhash_decode_##suffix(                                                                          \
+        const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int16_t* buffer,             \
+        const int32_t* index_keys, const int32_t* starts, const uint8_t* visible, scalar_t* out, int64_t* scored,  \
+        int64_t* empty, scalar_t* last_key, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv,  \
+        int64_t R, int64_t indexed, int64_t bits, int64_t capacity, int64_t sinks, int64_t window, int importance, \
+        double scale, int64_t unit_begin, int64_t unit_end) {                                                      \
+        simhash_decode_units<scalar_t>(q, k, v, planes, buffer, index_keys, starts, visible, out, scored, empty,   \
+                                       last_key, H, H_kv, T, S, D, Dv, R, indexed, bits, capacity, sinks, window,  \
+                                       importance, scale, unit_begin, unit_end);                                   \
     }
 LSHATTN_SIMHASH_DECODE(f32, float)
 LSHATTN_SIMHASH_DECODE(f64, double)
+
+// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H, D·m·bits) float32, packed; buffer
+// (B·H, capacity, m) int32 codes, the new keys' written at S − T .. S; tables (B·H, m, 2^bits, Dv)
+// of the cached real keys' value sums, the new real keys' added; visible (B, T, S) or null; out
+// (B, T, H, Dv); scored (B·H·T) the covered keys; empty (B·H·T) whether an output is all zeros;
+// last_key (B·H_kv, D) receives each key head's last key. Units are batch-heads.
+#define LSHATTN_YOSO_DECODE(suffix, scalar_t)                                                                         \
+    void lshattn_yoso_decode_##suffix(                                                                                \
+        const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int32_t* buffer,                \
+        scalar_t* tables, const uint8_t* visible, scalar_t* out, int64_t* scored, int64_t* empty, scalar_t* last_key, \
+        int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t m, int64_t bits,                \
+        int64_t capacity, int64_t sinks, int64_t window, int normalize, int64_t unit_begin, int64_t unit_end) {       \
+        yoso_decode_units<scalar_t>(q, k, v, planes, buffer, tables, visible, out, scored, empty, last_key, H, H_kv,  \
+                                    T, S, D, Dv, m, bits, capacity, sinks, window, normalize, unit_begin, unit_end);  \
+    }
+LSHATTN_YOSO_DECODE(f32, float)
+LSHATTN_YOSO_DECODE(f64, double)
 
 }  // extern "C"

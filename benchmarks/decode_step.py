@@ -1,12 +1,15 @@
-"""One SimHash decoding step at the method level (``lshattn.decode.step``): the native step
-(``lshattn.kernels.simhash_decode``) against the torch step it replaces and exact attention
-(SDPA over the cache, GQA), on one thread, SmolLM2's shapes (9 query heads, 3 KV heads, dim 64).
+"""One decoding step at the method level (``lshattn.decode.step``): each native step
+(``lshattn.kernels.simhash_decode``, ``lshattn.kernels.yoso_decode``) against the torch step it
+replaces and exact attention (SDPA over the cache, GQA), on one thread, SmolLM2's shapes (9
+query heads, 3 KV heads, dim 64) and the settings ``lshattn longctx`` decodes with at 1/16 of
+the keys at 8k (SimHash 32 tables × 9 bits, YOSO-m 40 hashes × 8 bits).
 
 Random vectors collide far more than a model's queries and keys do (about 7 % of the keys at
-32 × 9 bits here against SmolLM2's 2 %), so this is a pessimistic load for the hashing methods;
-the cache is warm (one layer's tensors fit in cache), where a model's 30 layers are not::
+32 × 9 bits here against SmolLM2's 2 %), so this is a pessimistic load for SimHash (YOSO's step
+reads a table row per hash whatever collides); the cache is warm (one layer's tensors fit in
+cache), where a model's 30 layers are not::
 
-    python benchmarks/simhash_decode_step.py --context 2048 8000
+    python benchmarks/decode_step.py --context 2048 8000
 
 Results are in docs/longctx.md with the command that made them.
 """
@@ -24,6 +27,11 @@ import torch.nn.functional as F
 import lshattn
 from lshattn import decode, kernels
 
+METHODS = {
+    "SimHash": lshattn.SimHash(num_hashes=32, num_bits=9, mode="sparse", sinks=4, window=64),
+    "YOSO": lshattn.YOSO(num_hashes=40, num_bits=8, sinks=4, window=64),
+}
+
 
 def timed(step, repeats: int) -> float:
     """Median milliseconds of ``step()``."""
@@ -35,7 +43,7 @@ def timed(step, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def measure(method: lshattn.SimHash, S: int, repeats: int) -> tuple[float, float, float, int]:
+def measure(method: lshattn.Method, S: int, repeats: int) -> tuple[float, float, float, int]:
     """(SDPA, torch step, native step) ms and the keys the step scored, at S cached keys."""
     g = torch.Generator().manual_seed(S)
     q = torch.randn(1, 9, 1, 64, generator=g)
@@ -45,7 +53,8 @@ def measure(method: lshattn.SimHash, S: int, repeats: int) -> tuple[float, float
     ).store
 
     def replay():
-        # the same step again: the store forgets the last key it took
+        # the same step again: the store forgets the last key it took (YOSO's tables keep adding
+        # it, which changes a row's sum, not the work)
         store.length, store.last_key = S - 1, k[:, :, S - 2].clone()
         return decode.step(store, method, q, k, v, None, 0.125, None)
 
@@ -60,16 +69,20 @@ def measure(method: lshattn.SimHash, S: int, repeats: int) -> tuple[float, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, nargs="+", default=[2048, 8000])
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    method = lshattn.SimHash(num_hashes=32, num_bits=9, mode="sparse", sinks=4, window=64)
     print(
-        "| context | exact (SDPA) ms | SimHash torch step ms | SimHash native step ms | keys scored |\n|---|---|---|---|---|"
+        "| method | context | exact (SDPA) ms | torch step ms | native step ms | keys scored |\n|---|---|---|---|---|---|"
     )
-    for S in args.context:
-        exact, torch_step, native, scored = measure(method, S, args.repeats)
-        print(f"| {S:,} | {exact:.2f} | {torch_step:.2f} | {native:.2f} | {scored / 9:.0f} a head |", flush=True)
+    for name in args.methods:
+        for S in args.context:
+            exact, torch_step, native, scored = measure(METHODS[name], S, args.repeats)
+            print(
+                f"| {name} | {S:,} | {exact:.2f} | {torch_step:.2f} | {native:.2f} | {scored / 9:.0f} a head |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
