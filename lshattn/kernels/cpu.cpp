@@ -758,11 +758,39 @@ void simhash_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* 
     }
 }
 
+// max(‖x‖, 1e-12), the norm torch's F.normalize divides by.
+template <typename scalar_t>
+scalar_t norm(const scalar_t* x, int64_t D) {
+    return std::max(std::sqrt(dot(x, x, D)), scalar_t(1e-12));
+}
+
 // x / max(‖x‖, 1e-12) into out (D values), as torch's F.normalize.
 template <typename scalar_t>
 void unit_vector(const scalar_t* x, scalar_t* out, int64_t D) {
-    const scalar_t norm = std::max(std::sqrt(dot(x, x, D)), scalar_t(1e-12));
-    for (int64_t d = 0; d < D; ++d) out[d] = x[d] / norm;
+    const scalar_t length = norm(x, D);
+    for (int64_t d = 0; d < D; ++d) out[d] = x[d] / length;
+}
+
+// The angle between the unit vector u and k·k_scale (k_scale = 1/‖k‖), 2·atan2(‖u − k̂‖, ‖u + k̂‖)
+// as lshattn.methods.yoso.angle (accurate near 0 and π), in one pass in eight partial sums.
+template <typename scalar_t>
+scalar_t angle(const scalar_t* u, const scalar_t* k, scalar_t k_scale, int64_t D) {
+    scalar_t apart[8] = {0, 0, 0, 0, 0, 0, 0, 0}, together[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+        for (int l = 0; l < 8; ++l) {
+            const scalar_t a = u[d + l] - k[d + l] * k_scale, b = u[d + l] + k[d + l] * k_scale;
+            apart[l] += a * a;
+            together[l] += b * b;
+        }
+    for (; d < D; ++d) {
+        const scalar_t a = u[d] - k[d] * k_scale, b = u[d] + k[d] * k_scale;
+        apart[0] += a * a;
+        together[0] += b * b;
+    }
+    scalar_t a = 0, b = 0;
+    for (int l = 0; l < 8; ++l) a += apart[l], b += together[l];
+    return 2 * std::atan2(std::sqrt(a), std::sqrt(b));
 }
 
 // x^n by squaring (std::pow with a float exponent is a library call several times slower).
@@ -784,7 +812,7 @@ void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
     std::vector<int32_t> q_codes(T * m);
     std::vector<float> scratch, proj;
     std::vector<uint64_t> words;
-    std::vector<scalar_t> q_unit(D), k_unit(D), apart(D), together(D);
+    std::vector<scalar_t> q_unit(D);
     const int64_t groups = H / H_kv, buckets = int64_t(1) << bits, K = m * bits;
     const scalar_t pi = scalar_t(3.14159265358979323846);
     for (int64_t bh = unit_begin; bh < unit_end; ++bh) {
@@ -824,10 +852,8 @@ void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
             scored[unit] = int64_t(list.keys.size());
             if (!list.keys.empty()) unit_vector(q + unit * D, q_unit.data(), D);
             for (int32_t j : list.keys) {  // the exact kernel in place of the sampled fraction
-                unit_vector(kb + int64_t(j) * D, k_unit.data(), D);
-                for (int64_t d = 0; d < D; ++d) apart[d] = q_unit[d] - k_unit[d], together[d] = q_unit[d] + k_unit[d];
-                const scalar_t theta =
-                    2 * std::atan2(std::sqrt(dot(apart.data(), apart.data(), D)), std::sqrt(dot(together.data(), together.data(), D)));
+                const scalar_t* kj = kb + int64_t(j) * D;
+                const scalar_t theta = angle(q_unit.data(), kj, scalar_t(1) / norm(kj, D), D);
                 const scalar_t weight = power(1 - theta / pi, bits) - hits(j) / scalar_t(m);
                 for (int64_t d = 0; d < Dv; ++d) o[d] += weight * vb[int64_t(j) * Dv + d];
             }
