@@ -338,6 +338,29 @@ def test_native_yoso_decoding_equals_its_torch_path(case):
 @needs_compiler
 @pytest.mark.parametrize(
     "method",
+    [
+        lshattn.SimHash(num_hashes=4, num_bits=3, mode="sparse", sinks=1, window=3),
+        lshattn.YOSO(num_hashes=4, num_bits=3, window=3),
+    ],
+    ids=["simhash", "yoso"],
+)
+@pytest.mark.parametrize("padded", [False, True])
+def test_native_decoding_on_several_threads_equals_the_torch_step(monkeypatch, method, padded):
+    """Large batches split their batch-heads over threads (each writes only its own rows, tables
+    and codes): the result is the torch step's, as on one thread."""
+    monkeypatch.setattr(kernels, "THREADED_DECODE_KEYS", 0)
+    monkeypatch.setattr(kernels, "THREADED_YOSO_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        native_and_torch_steps((method, (3, 2, 3, 40, 2, 16), [0, 5, 11] if padded else None, torch.float32, 1))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "method",
     [lshattn.SimHash(num_hashes=32, num_bits=9, mode="sparse"), lshattn.YOSO(num_hashes=40, num_bits=8)],
     ids=["simhash", "yoso"],
 )
