@@ -786,16 +786,39 @@ def _register_model(model: torch.nn.Module, args: Any) -> None:
         _MODELS.add(model)
 
 
+def _refuse_fixed_size_caches(model: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook on a model given a method: refuse a cache whose layers are allocated at a
+    fixed size (``StaticCache``: ``generate(cache_implementation="static")``). Its keys hold
+    unwritten slots after the tokens seen so far, and a prompt arrives as fewer queries than
+    keys, where the decoding steps (``lshattn.decode``) take the new queries to be the last
+    keys: the output would be silently wrong (measured: other tokens than the default cache's)."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder model's
+    if not any(getattr(layer, "is_compileable", False) for layer in getattr(cache, "layers", ())):
+        return
+    states = (layer.module.__dict__.get(_STATE) for layer in attention_layers(model))
+    if any(state is not None and decode.decodes(state.method) for state in states):  # Dense reads the mask: fine
+        raise ValueError(
+            f"lshattn methods decode through a cache that grows with the sequence (transformers' DynamicCache, "
+            f"generate's default), but this call passes a {type(cache).__name__} of fixed-size layers "
+            f"(cache_implementation='static', or a preallocated cache): its unwritten slots would be read as keys. "
+            f"Use the default cache, or exact attention (lshattn.hf.use(model, None))"
+        )
+
+
 def _register_for_steps(model: PreTrainedModel) -> None:
     _MODELS.add(model)
     if _register_model not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_register_model)
+    if _refuse_fixed_size_caches not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_refuse_fixed_size_caches, with_kwargs=True)
 
 
 def _remove_step_registration(model: PreTrainedModel) -> None:
     for key, hook in list(model._forward_pre_hooks.items()):
-        if hook is _register_model:
+        if hook in (_register_model, _refuse_fixed_size_caches):
             del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _advance_steps(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

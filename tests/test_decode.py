@@ -532,7 +532,9 @@ def test_a_reordered_store_reorders_its_bucket_index(native):
     k, v = (torch.randn(3, 2, 30, 8, generator=g) for _ in "kv")  # three different sequences
     switch = mock.patch.object(kernels, "decodes_natively", kernels.decodes_natively if native else lambda *a: False)
     with switch:
-        store = decode.step(None, method, q, k[:, :, :29], v[:, :, :29], None, 0.3, torch.Generator().manual_seed(1)).store
+        store = decode.step(
+            None, method, q, k[:, :, :29], v[:, :, :29], None, 0.3, torch.Generator().manual_seed(1)
+        ).store
         assert store.index is not None
         order = torch.tensor([2, 0, 1])
         moved = decode.reordered(store, order)
@@ -586,3 +588,21 @@ def test_an_exact_prefill_is_counted_recorded_and_checked(tmp_path):
     torch.testing.assert_close(again, out, atol=0, rtol=0)
     with pytest.raises(ValueError, match="prefill must be one of"):
         hf.use(model, method, prefill="dense")
+
+
+def test_a_fixed_size_cache_is_refused_with_the_fix():
+    """A ``StaticCache`` holds unwritten slots after the tokens seen, and its prompt arrives as
+    fewer queries than keys: the decoding steps would read it wrongly (other tokens than the
+    default cache's, measured), so a method that decodes refuses it. ``Dense`` reads
+    transformers' mask and works; ``use(model, None)`` removes the check."""
+    model = tiny_llama()
+    ids = prompt()[0][:1]  # one sequence, no padding
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    hf.use(model, lshattn.SimHash(num_hashes=2, num_bits=2, mode="sparse", window=3), seed=0)
+    with pytest.raises(ValueError, match="StaticCache of fixed-size layers.*Use the default cache"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    model.generate(ids, max_new_tokens=4, do_sample=False)  # the default cache decodes
+    hf.use(model, lshattn.Dense())
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static"), expected)
+    hf.use(model, None)
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static"), expected)

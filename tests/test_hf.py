@@ -681,7 +681,8 @@ def test_use_again_keeps_the_step_and_none_removes_it():
         hf.use(model, None)
         hf.use(model, LSH_SETTINGS["reformer"])  # a fresh counter
         assert torch.equal(hidden(model, batch), hidden(training_model("bert", "reformer"), batch))
-    assert list(model._forward_pre_hooks.values()) == [hf._register_model]  # one, however many use calls
+    # one of each, however many use calls
+    assert list(model._forward_pre_hooks.values()) == [hf._register_model, hf._refuse_fixed_size_caches]
     hf.use(model, None)
     assert not model._forward_pre_hooks and not hasattr(model, hf._STEPS)
 
