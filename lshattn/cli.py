@@ -78,7 +78,8 @@ def _demo(args: argparse.Namespace) -> int:
     from lshattn.eval import demo
 
     config = demo.DemoConfig(seed=args.seed)
-    results = demo.run(config.quick() if args.quick else config, args.out)
+    config = config.quick() if args.quick else config
+    results = demo.run(config.full(quick=args.quick) if args.full else config, args.out)
     if args.json:
         print(json.dumps(results, indent=1))
     else:
@@ -176,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--out", default="demo-report", help="directory for the report (default: demo-report)")
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.add_argument("--quick", action="store_true", help="a small run (about a minute) for a first look")
+    demo_parser.add_argument(
+        "--full", action="store_true",
+        help="add the long-context report on SmolLM2 (lshattn longctx) as section 4: hours on 2 CPU cores, "
+        "resumable; with --quick, its quick run (about 5 min)",
+    )  # fmt: skip
     demo_parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
     longctx_parser = commands.add_parser(

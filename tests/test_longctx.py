@@ -338,6 +338,51 @@ def test_cli_runs_the_report_with_its_flags(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "report.json").read_text())["config"]["seed"] == 3
 
 
+def test_demo_full_adds_the_long_context_report_as_section_4(tmp_path, monkeypatch):
+    """``lshattn demo --full`` runs the long-context report into the demo's ``longctx/`` folder
+    and puts its targets in the demo's page (here the tiny model, MiniLM left out)."""
+    from lshattn import data
+    from lshattn.eval import demo
+
+    real, calls = longctx.run, []
+
+    def tiny_run(config, out, *, progress):
+        calls.append(config)
+        config = dataclasses.replace(TINY, seed=config.seed, passkey_lengths=(), speed_contexts=())
+        return real(config, out, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(), progress=progress)
+
+    def no_minilm():
+        raise data.MissingPackageError("MiniLM is left out of this test")
+
+    monkeypatch.setattr(longctx, "run", tiny_run)
+    monkeypatch.setattr(data, "load_minilm", no_minilm)
+    config = dataclasses.replace(demo.DemoConfig(seed=5).full(quick=True), speed_lengths=(), speed_methods=())
+    results = demo.run(config, tmp_path, progress=False)
+    assert calls == [longctx.LongCtxConfig(seed=5).quick()]
+    section = results["long_context"]
+    assert section["report"] == "longctx/report.md" and (tmp_path / section["report"]).exists()
+    assert [t[0] for t in section["targets"]] == [t for t, _, _ in longctx_report.targets(json.loads(
+        (tmp_path / "longctx" / "report.json").read_text()))]  # fmt: skip
+    page = (tmp_path / "report.md").read_text()
+    assert "## 4. Long context" in page and "(longctx/report.md)" in page
+    assert all(f"| {target} | {measured} | {met} |" in page for target, measured, met in section["targets"])
+    assert "demo" not in json.loads((tmp_path / "report.json").read_text())["long_context"]["command"]
+    assert demo.DemoConfig().long_context is None and demo.DemoConfig().full().long_context == longctx.LongCtxConfig()
+
+
+def test_cli_demo_full_flag(tmp_path, monkeypatch):
+    from lshattn.eval import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run", lambda config, out: calls.append(config) or {"headline": "h", "seconds": 1.0})
+    for flags in ([], ["--full"], ["--quick", "--full"]):
+        assert cli.main(["demo", "--out", str(tmp_path), "--seed", "4", *flags]) == 0
+    plain, full, quick = calls
+    assert plain.long_context is None and full.long_context == longctx.LongCtxConfig(seed=4)
+    assert quick == demo.DemoConfig(seed=4).quick().full(quick=True)
+    assert quick.long_context == longctx.LongCtxConfig(seed=4).quick()
+
+
 def test_cli_bad_method_string_exits_non_zero(capsys, tmp_path):
     assert cli.main(["longctx", "--methods", "bogus", "--out", str(tmp_path)]) == 1
     assert "unknown method 'bogus'" in capsys.readouterr().err

