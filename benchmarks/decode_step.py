@@ -1,8 +1,9 @@
 """One decoding step at the method level (``lshattn.decode.step``): each native step
-(``lshattn.kernels.simhash_decode``, ``lshattn.kernels.yoso_decode``) against the torch step it
-replaces and exact attention (SDPA over the cache, GQA), on one thread, SmolLM2's shapes (9
+(``lshattn.kernels.simhash_decode``, ``yoso_decode``, ``sketch_decode``) against the torch step
+it replaces and exact attention (SDPA over the cache, GQA), on one thread, SmolLM2's shapes (9
 query heads, 3 KV heads, dim 64) and the settings ``lshattn longctx`` decodes with at 1/16 of
-the keys at 8k (SimHash 32 tables × 9 bits, YOSO-m 40 hashes × 8 bits).
+the keys at 8k (SimHash 32 tables × 9 bits, YOSO-m 40 hashes × 8 bits, SketchTopK 256-bit
+sketches keeping 5.4 % of the keys besides the sinks and window).
 
 Random vectors collide far more than a model's queries and keys do (about 7 % of the keys at
 32 × 9 bits here against SmolLM2's 2 %), so this is a pessimistic load for SimHash (YOSO's step
@@ -30,6 +31,7 @@ from lshattn import decode, kernels
 METHODS = {
     "SimHash": lshattn.SimHash(num_hashes=32, num_bits=9, mode="sparse", sinks=4, window=64),
     "YOSO": lshattn.YOSO(num_hashes=40, num_bits=8, sinks=4, window=64),
+    "SketchTopK": lshattn.SketchTopK(fraction=0.0543, num_bits=256, sinks=4, window=64),
 }
 
 

@@ -255,6 +255,18 @@ hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
 
+def decode_case(draw, method, cached: int = 1) -> tuple:
+    """``method`` with the rest of a decoding case (``native_and_torch_steps``): B sequences, H_kv
+    key heads of ``groups`` query heads, T new queries after at least ``cached`` keys (S in all,
+    at most 40), left padding or none, the dtype and a seed."""
+    B, H_kv, groups = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    T, D = draw(st.integers(1, 3)), draw(st.integers(1, 9))
+    S = draw(st.integers(cached + T, 40))
+    padding = [draw(st.integers(0, S - 1)) for _ in range(B)] if draw(st.booleans()) else None
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    return method, (B, H_kv, groups, S, T, D), padding, dtype, draw(st.integers(0, 2**16))
+
+
 @st.composite
 def simhash_decode_cases(draw):
     mode = draw(st.sampled_from(["sparse", "importance"]))
@@ -262,12 +274,12 @@ def simhash_decode_cases(draw):
         num_hashes=draw(st.integers(1, 6)), num_bits=draw(st.integers(0, 6)), mode=mode,
         sinks=draw(st.integers(0, 3)), window=draw(st.one_of(st.none(), st.integers(0, 5))),
     )  # fmt: skip
-    B, H_kv, groups = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    S, T, D = draw(st.integers(2, 40)), draw(st.integers(1, 3)), draw(st.integers(1, 9))
-    T = min(T, S - 1)
-    padding = [draw(st.integers(0, S - 1)) for _ in range(B)] if draw(st.booleans()) else None
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    return method, (B, H_kv, groups, S, T, D), padding, dtype, draw(st.integers(0, 2**16))
+    return decode_case(draw, method)
+
+
+def key_codes(store) -> torch.Tensor:
+    """The codes (SimHash, YOSO) or sketches (SketchTopK) of a store's cached keys."""
+    return store.sketches if hasattr(store, "sketches") else store.codes
 
 
 def native_and_torch_steps(case):
@@ -296,7 +308,7 @@ def native_and_torch_steps(case):
         reference = decode.step(copy_store(store), method, q, k, v, visible, 0.3, None)
     assert native.scored == reference.scored
     assert native.empty == int((reference.out == 0).all(-1).sum())  # the queries left with no key, counted
-    assert torch.equal(native.store.codes, reference.store.codes)  # the new keys hashed alike
+    assert torch.equal(key_codes(native.store), key_codes(reference.store))  # the new keys hashed alike
     tolerance = {} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(native.out, reference.out, **tolerance)
     return native, reference
@@ -316,12 +328,26 @@ def yoso_decode_cases(draw):
         num_hashes=draw(st.integers(1, 6)), num_bits=draw(st.integers(1, 3)), normalize_output=draw(st.booleans()),
         sinks=draw(st.integers(0, 3)), window=draw(st.one_of(st.none(), st.integers(0, 5))),
     )  # fmt: skip
-    B, H_kv, groups = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    T, D = draw(st.integers(1, 3)), draw(st.integers(1, 9))
-    S = draw(st.integers(2**method.num_bits + T + 1, 40))  # the store has bucket tables: 2^τ <= its keys
-    padding = [draw(st.integers(0, S - 1)) for _ in range(B)] if draw(st.booleans()) else None
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    return method, (B, H_kv, groups, S, T, D), padding, dtype, draw(st.integers(0, 2**16))
+    return decode_case(draw, method, cached=2**method.num_bits + 1)  # the store has bucket tables: 2^τ <= its keys
+
+
+@st.composite
+def sketch_decode_cases(draw):
+    method = lshattn.SketchTopK(
+        fraction=draw(st.floats(0.05, 1.0)), num_bits=8 * draw(st.integers(1, 4)),
+        sinks=draw(st.integers(0, 3)), window=draw(st.one_of(st.none(), st.integers(0, 5))),
+    )  # fmt: skip
+    return decode_case(draw, method)
+
+
+@needs_compiler
+@hypothesis.given(sketch_decode_cases())
+def test_native_sketch_decoding_equals_its_torch_path(case):
+    """The native SketchTopK step ranks as the torch step (the prefill's integer estimates, ties
+    to the earlier key: small D and one byte make many equal sketches) and gives its output,
+    counts and sketches, over random settings, GQA groups, several new queries, left padding (or
+    none) and both dtypes."""
+    native_and_torch_steps(case)
 
 
 @needs_compiler
@@ -341,8 +367,9 @@ def test_native_yoso_decoding_equals_its_torch_path(case):
     [
         lshattn.SimHash(num_hashes=4, num_bits=3, mode="sparse", sinks=1, window=3),
         lshattn.YOSO(num_hashes=4, num_bits=3, window=3),
+        lshattn.SketchTopK(fraction=0.3, num_bits=16, sinks=1, window=3),
     ],
-    ids=["simhash", "yoso"],
+    ids=["simhash", "yoso", "sketchtopk"],
 )
 @pytest.mark.parametrize("padded", [False, True])
 def test_native_decoding_on_several_threads_equals_the_torch_step(monkeypatch, method, padded):
@@ -350,6 +377,7 @@ def test_native_decoding_on_several_threads_equals_the_torch_step(monkeypatch, m
     and codes): the result is the torch step's, as on one thread."""
     monkeypatch.setattr(kernels, "THREADED_DECODE_KEYS", 0)
     monkeypatch.setattr(kernels, "THREADED_YOSO_WORK", 0)
+    monkeypatch.setattr(kernels, "THREADED_SKETCH_LOOKUPS", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -361,8 +389,12 @@ def test_native_decoding_on_several_threads_equals_the_torch_step(monkeypatch, m
 @needs_compiler
 @pytest.mark.parametrize(
     "method",
-    [lshattn.SimHash(num_hashes=32, num_bits=9, mode="sparse"), lshattn.YOSO(num_hashes=40, num_bits=8)],
-    ids=["simhash", "yoso"],
+    [
+        lshattn.SimHash(num_hashes=32, num_bits=9, mode="sparse"),
+        lshattn.YOSO(num_hashes=40, num_bits=8),
+        lshattn.SketchTopK(fraction=0.05, num_bits=256, sinks=4, window=64),
+    ],
+    ids=["simhash", "yoso", "sketchtopk"],
 )
 @pytest.mark.parametrize("T", [1, 2, 3])
 def test_native_decoding_hashes_like_the_prefill_at_a_models_shapes(method, T):
@@ -381,7 +413,7 @@ def test_native_decoding_hashes_like_the_prefill_at_a_models_shapes(method, T):
     native = decode.step(copy_store(store), method, q, k, v, None, 0.125, None)
     with mock.patch.object(kernels, "decodes_natively", lambda *a: False):
         reference = decode.step(copy_store(store), method, q, k, v, None, 0.125, None)
-    assert torch.equal(native.store.codes, reference.store.codes)
+    assert torch.equal(key_codes(native.store), key_codes(reference.store))
     torch.testing.assert_close(native.out, reference.out, atol=1e-5, rtol=1e-5)
 
 

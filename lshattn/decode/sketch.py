@@ -2,16 +2,21 @@
 query builds one lookup table per byte of the sketch (its estimate for each of the 256 byte
 values), ranks every cached key with ``num_bits / 8`` lookups, and scores only the top ones.
 The estimates are the prefill's integers, so a decoding step reproduces the causal prefill.
+
+On the CPU the step runs natively (``lshattn.kernels.sketch_decode``): the ranking reads each
+cached key's ``num_bits / 8`` bytes, the estimates never make an `(S,)` tensor per query in torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from lshattn import kernels
 from lshattn.decode.common import (
     Step,
     appended,
@@ -21,9 +26,10 @@ from lshattn.decode.common import (
     drawn_from,
     per_query_head,
     softmax_over,
+    with_room,
 )
 from lshattn.methods.sketch import BYTE_SIGNS, SketchTopK, key_sketches, query_weights
-from lshattn.methods.topk import top_keys
+from lshattn.methods.topk import kept_counts, top_keys
 
 __all__ = ["SketchStore", "sketch_step"]
 
@@ -39,6 +45,8 @@ class SketchStore:
             first slots (``sketches``), room for more after them.
         length: S, the keys sketched.
         last_key: `(B, H_kv, D)` the last cached key, to recognise the same cache at the next step.
+        packed: the projections as the native step reads them (``kernels.packed_planes``; None
+            until it runs).
     """
 
     method: SketchTopK
@@ -46,6 +54,7 @@ class SketchStore:
     buffer: Tensor
     length: int
     last_key: Tensor
+    packed: Tensor | None = None
 
     @property
     def sketches(self) -> Tensor:
@@ -70,15 +79,54 @@ def _sketched(
     return SketchStore(method, planes, sketches, S, last)
 
 
+@functools.lru_cache(maxsize=16)
+def _kept_table(fraction: float, counts: int) -> Tensor:
+    """`(counts,)` the keys ``top_keys`` keeps of 0 … counts − 1 ranked (the native step's table;
+    built once per size of the sketch buffer, which doubles as it grows)."""
+    return kept_counts(torch.arange(counts), fraction)
+
+
+def _native_step(
+    store: SketchStore | None, method: SketchTopK, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None,
+    scale: float, generator: torch.Generator | Callable[[], torch.Generator] | None, groups: int,
+) -> Step:  # fmt: skip
+    """``sketch_step`` in one native call (``lshattn.kernels.sketch_decode``): the new keys
+    sketched into the store and the step done there."""
+    _, H, T, D = q.shape
+    S = k.shape[2]
+    cached = S - T
+    if continues(store, k, T, H):
+        store.buffer = with_room(store.buffer, cached, S).contiguous()  # the kernel writes the new sketches in it
+    else:
+        planes = method.planes(H, D, drawn_from(generator), k.device)
+        sketches = key_sketches(per_query_head(k[:, :, :cached], groups), planes).to(torch.uint8)
+        store = SketchStore(method, planes, with_room(sketches, cached, S).contiguous(), cached, k[:, :, cached - 1])
+    if store.packed is None:
+        store.packed = kernels.packed_planes(store.planes)
+    last_key = k.new_empty(k.shape[0], k.shape[1], k.shape[3])  # the kernel copies the last key in
+    keep = _kept_table(method.fraction, store.buffer.shape[-1] + 1)
+    out, scored, empty = kernels.sketch_decode(
+        q, k, v, store.packed, store.buffer, keep, visible, last_key, sinks=method.sinks, window=method.window,
+        scale=scale,
+    )  # fmt: skip
+    store.length, store.last_key = S, last_key
+    return Step(out, store, scored, empty)
+
+
 def sketch_step(
     store: SketchStore | None, method: SketchTopK, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None,
     scale: float, generator: torch.Generator | Callable[[], torch.Generator] | None,
 ) -> Step:  # fmt: skip
     """Each new query keeps the covered keys and the top ``fraction`` of the other visible keys
     by sketch estimate, as ``SketchTopK`` does causally in the prefill, and scores only those
-    (gathered; no `(T, S, D)` product). ``visible`` None: no padding."""
+    (gathered; no `(T, S, D)` product). ``visible`` None: no padding.
+
+    Without gradients, on the CPU, natively (``_native_step``); otherwise in torch operations."""
     B, H, T, _ = q.shape
     H_kv, S = k.shape[1], k.shape[2]
+    differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if S > T and not differentiable and kernels.decodes_natively(q, k, v, visible):
+        return _native_step(store, method, q, k, v, visible, scale, generator, H // H_kv)
     store = _sketched(store, method, k, T, generator, H // H_kv)
     if visible is None:
         visible = causal_visible(B, T, S, q.device)

@@ -39,6 +39,7 @@ __all__ = [
     "packed_planes",
     "project_signs",
     "simhash_decode",
+    "sketch_decode",
     "yoso_decode",
 ]
 
@@ -63,6 +64,9 @@ THREADED_DECODE_KEYS = 1 << 21
 # 2026-12-01: torch's own threads still spin after its last operation), so a sequence's step
 # stays on one.
 THREADED_YOSO_WORK = 1 << 22
+# A SketchTopK decoding step runs on several threads from this many sketch lookups (query heads
+# × cached keys × bytes a sketch): SmolLM2's 9 heads × 8k keys × 32 bytes are 2.3M, one thread.
+THREADED_SKETCH_LOOKUPS = 1 << 24
 # project_signs: rows projected together (PROJECT_ROWS in cpu.cpp), and the multiply-adds from
 # which a call runs on several threads (a decoding step's few tokens stay on one).
 PROJECT_ROWS = 4
@@ -130,6 +134,8 @@ SIGNATURES = {
     "lshattn_simhash_decode_f64": [_PTR] * 12 + [_I64] * 12 + [_INT, ctypes.c_double, _I64, _I64],
     "lshattn_yoso_decode_f32": [_PTR] * 11 + [_I64] * 11 + [_INT, _I64, _I64],
     "lshattn_yoso_decode_f64": [_PTR] * 11 + [_I64] * 11 + [_INT, _I64, _I64],
+    "lshattn_sketch_decode_f32": [_PTR] * 11 + [_I64] * 10 + [ctypes.c_double, _I64, _I64],
+    "lshattn_sketch_decode_f64": [_PTR] * 11 + [_I64] * 10 + [ctypes.c_double, _I64, _I64],
     "lshattn_project_signs_i32": [_PTR] * 3 + [_I64] * 7,
     "lshattn_project_signs_i64": [_PTR] * 3 + [_I64] * 7,
 }
@@ -418,8 +424,45 @@ def yoso_decode(
     )
 
 
+def sketch_decode(
+    q: Tensor, k: Tensor, v: Tensor, planes: Tensor, buffer: Tensor, keep: Tensor, visible: Tensor | None,
+    last_key: Tensor, *, sinks: int, window: int | None, scale: float,
+) -> tuple[Tensor, int, int]:  # fmt: skip
+    """SketchTopK's decoding step (``lshattn.decode.sketch``), natively: sketches the T new keys
+    into ``buffer`` (as ``project_signs``: the prefill's sketches), ranks every visible key not
+    covered by ``sinks`` and ``window`` by the query's estimate (the prefill's integers, one table
+    lookup a byte), keeps the ``keep[n]`` highest of the n (ties to the earlier key), and gives
+    each query the softmax over the kept and the covered keys (see cpu.cpp). Call it where
+    ``decodes_natively`` says so.
+
+    Args:
+        q: `(B, H, T, D)`; k: `(B, H_kv, S, D)`; v: `(B, H_kv, S, Dv)` (GQA: read per key head), of
+            one dtype, float32 or float64.
+        planes: `(H, D·R·8)` the projections, packed (``packed_planes``).
+        buffer: `(B, H, R, capacity)` uint8, contiguous, capacity >= S: the cached keys' sketches
+            in the first S − T slots; the new keys' are written after them.
+        keep: `(S + 1,)` int64: the keys kept of n ranked (``methods.topk.kept_counts``).
+        visible: `(B, 1, T, S)` bool, or None: query t sees the keys up to position S − T + t.
+        last_key: `(B, H_kv, D)` of q's dtype, contiguous: receives each key head's last key.
+
+    Returns:
+        out `(B, H, T, Dv)`, the query–key pairs scored (kept and covered; the ranking reads every
+        visible key's sketch), and the queries left with no key.
+    """
+    B, H, T = q.shape[:3]
+    R, capacity = buffer.shape[2], buffer.shape[3]
+    if keep.shape[0] <= k.shape[2] or keep.dtype != torch.int64:
+        raise ValueError(
+            f"keep must be int64 with S + 1 = {k.shape[2] + 1} entries, got {tuple(keep.shape)} {keep.dtype}"
+        )
+    sizes = (R, capacity, sinks, -1 if window is None else window)
+    threaded = B * H * T * k.shape[2] * R >= THREADED_SKETCH_LOOKUPS
+    store = (planes, buffer, keep.contiguous())
+    return _decode_step("sketch_decode", q, k, v, store, visible, last_key, sizes, (scale,), threaded)
+
+
 def decodes_natively(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None) -> bool:
-    """Whether the decoding kernels (``simhash_decode``, ``yoso_decode``) run on these inputs:
+    """Whether the decoding kernels (``simhash_decode``, ``yoso_decode``, ``sketch_decode``) run on these inputs:
     compiled kernels, CPU tensors of one dtype (float32 or float64), a mask shared by the heads."""
     return (
         _kernel("simhash_decode", q) is not None

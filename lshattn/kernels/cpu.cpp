@@ -64,11 +64,25 @@
 // SimHash) from the sampled fraction hits/m to the exact kernel (1 − θ/π)^τ. Only then are the
 // new real keys' values added to the tables, so each query reads the tables of the keys before
 // the step, as the torch step does. O(m·Dv + (sinks + window)·(D + m + Dv)) a query, whatever S.
+//
+// ## SketchTopK decoding (lshattn.decode.sketch): rank every cached key by its sketch, attend the top
+//
+// A unit is one batch-head. It sketches its T new keys into the sketches buffer (8-bit sign codes
+// in R tables, as above: the prefill's sketches), then for each query: its R·8 projections in
+// float64, scaled so that the largest is ±2^20 and rounded to integers w (as query_weights in
+// methods/sketch.py); a table per byte of the sketch, lut[r][c] = Σ_i (bit i of c ? w_ri : −w_ri)
+// (256 entries built by adding one bit at a time); each visible key not covered by the sinks and
+// window gets the estimate Σ_r lut[r][sketch_r(key)] (integers: exactly the prefill's ranking),
+// and the keep[n] of the n such keys with the largest estimates are kept, ties to the earlier key
+// (top_keys in methods/topk.py). Softmax of scale·q·k over the kept and the covered keys, each
+// once. O(S·R) lookups and O((kept + covered)·(D + Dv)) a query: the ranking reads R bytes a key
+// where exact attention reads D + Dv scalars.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -616,6 +630,20 @@ int64_t all_zero(const scalar_t* x, int64_t n) {
     return 1;
 }
 
+// o = Σ_i softmax(logits)_i · v[keys[i]] (o zeroed before; `top` the largest logit).
+template <typename scalar_t>
+void softmax_values(const scalar_t* logits, scalar_t top, const std::vector<int32_t>& keys, const scalar_t* vb,
+                    int64_t Dv, scalar_t* o) {
+    scalar_t total = 0;
+    for (size_t i = 0; i < keys.size(); ++i) {
+        const scalar_t weight = std::exp(logits[i] - top);
+        total += weight;
+        const scalar_t* vj = vb + int64_t(keys[i]) * Dv;
+        for (int64_t d = 0; d < Dv; ++d) o[d] += weight * vj[d];
+    }
+    for (int64_t d = 0; d < Dv; ++d) o[d] /= total;
+}
+
 // The keys one decoding query lists, each once (a byte per key marks the listed ones).
 struct KeyList {
     std::vector<uint8_t> listed;
@@ -745,14 +773,7 @@ void simhash_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* 
                 logits[i] = logit;
                 top = std::max(top, logit);
             }
-            scalar_t total = 0;
-            for (int64_t i = 0; i < n; ++i) {
-                const scalar_t weight = std::exp(logits[i] - top);
-                total += weight;
-                const scalar_t* vj = vb + int64_t(keys[i]) * Dv;
-                for (int64_t d = 0; d < Dv; ++d) o[d] += weight * vj[d];
-            }
-            for (int64_t d = 0; d < Dv; ++d) o[d] /= total;
+            softmax_values(logits.data(), top, keys, vb, Dv, o);
             empty[unit] = all_zero(o, Dv);
         }
     }
@@ -873,6 +894,150 @@ void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
     }
 }
 
+// A query's largest projection is scaled to this magnitude and rounded (LEVELS in methods/sketch.py).
+constexpr double SKETCH_LEVELS = double(1 << 20);
+// Keys ranked together: their estimates stay in the L1 cache while the R tables are added.
+constexpr int64_t SKETCH_CHUNK = 512;
+
+// lut (R, 256): the query's estimate for each byte value of each table of the sketch, from its
+// R·8 projections on the packed planes (float64, in d order), scaled and rounded as query_weights.
+template <typename scalar_t>
+void sketch_lookup(const scalar_t* qv, const float* planes, int64_t D, int64_t R, std::vector<double>& z,
+                   std::vector<int32_t>& lut) {
+    const int64_t K = R * 8;
+    z.assign(K, 0.0);
+    for (int64_t first = 0; first < K; first += PROJECT_WIDTH) {  // a packed block: (D, width) row-major
+        const int64_t width = std::min(PROJECT_WIDTH, K - first);
+        const float* block = planes + first * D;
+        for (int64_t d = 0; d < D; ++d)
+            for (int64_t i = 0; i < width; ++i) z[first + i] += double(qv[d]) * double(block[d * width + i]);
+    }
+    double largest = 0;
+    for (double x : z) largest = std::max(largest, std::abs(x));
+    const double factor = SKETCH_LEVELS / (largest > 0 ? largest : 1.0);
+    lut.resize(R * 256);
+    for (int64_t r = 0; r < R; ++r) {
+        int32_t w[8], all_negative = 0;
+        for (int i = 0; i < 8; ++i) w[i] = int32_t(std::nearbyint(z[r * 8 + i] * factor)), all_negative -= w[i];
+        int32_t* row = lut.data() + r * 256;
+        row[0] = all_negative;
+        for (int c = 1; c < 256; ++c) row[c] = row[c & (c - 1)] + 2 * w[__builtin_ctz(c)];  // one more bit set
+    }
+}
+
+// estimate[j] = Σ_r lut[r][sketch_r[j]] for j in [first, last). Four tables a pass (a quarter of
+// the estimates' loads and stores; |entry| <= 2^23, so four fit an int32). About 1 ns a lookup on
+// the AMD EPYC cores here, vectorised (AVX2 gathers) or not.
+void add_estimates(const int32_t* lut, const uint8_t* sketches, int64_t capacity, int64_t R, int64_t first,
+                   int64_t last, int64_t* estimate) {
+    std::fill(estimate + first, estimate + last, int64_t(0));
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+        const int32_t* table = lut + r * 256;
+        const uint8_t* sketch = sketches + r * capacity;
+        for (int64_t j = first; j < last; ++j)
+            estimate[j] += table[sketch[j]] + table[256 + sketch[capacity + j]] + table[512 + sketch[2 * capacity + j]] +
+                           table[768 + sketch[3 * capacity + j]];
+    }
+    for (; r < R; ++r)
+        for (int64_t j = first; j < last; ++j) estimate[j] += lut[r * 256 + sketches[r * capacity + j]];
+}
+
+// The kth largest (1-based, 1 <= k <= n) of n values: a histogram of their top 11 bits above the least
+// finds its bucket, then nth_element among that bucket's values alone. Linear, with no branch
+// that the values steer; nth_element over all of them was half a step at 8k, and slowest on the
+// many equal estimates of short sketches.
+int64_t kth_largest(const int64_t* values, int64_t n, int64_t k, std::vector<int64_t>& counts,
+                    std::vector<int64_t>& in_bucket) {
+    constexpr int BUCKET_BITS = 11;
+    const auto [least_at, most_at] = std::minmax_element(values, values + n);
+    const int64_t least = *least_at, span = *most_at - least;
+    if (span == 0) return least;
+    const int shift = std::max(0, 64 - __builtin_clzll(uint64_t(span)) - BUCKET_BITS);
+    const int64_t top = span >> shift;
+    counts.assign(top + 1, 0);
+    for (int64_t i = 0; i < n; ++i) ++counts[(values[i] - least) >> shift];
+    int64_t bucket = top, above = 0;  // the values in buckets above `bucket`
+    for (; above + counts[bucket] < k; --bucket) above += counts[bucket];
+    if (shift == 0) return least + bucket;  // a bucket per value
+    in_bucket.clear();
+    for (int64_t i = 0; i < n; ++i)
+        if (((values[i] - least) >> shift) == bucket) in_bucket.push_back(values[i]);
+    const auto kth = in_bucket.begin() + (k - above - 1);
+    std::nth_element(in_bucket.begin(), kth, in_bucket.end(), std::greater<int64_t>());
+    return *kth;
+}
+
+template <typename scalar_t>
+void sketch_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes,
+                         uint8_t* buffer, const int64_t* keep, const uint8_t* visible, scalar_t* out, int64_t* scored,
+                         int64_t* empty, scalar_t* last_key, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D,
+                         int64_t Dv, int64_t R, int64_t capacity, int64_t sinks, int64_t window, double scale,
+                         int64_t unit_begin, int64_t unit_end) {
+    KeyList list(S);
+    std::vector<scalar_t> logits;
+    std::vector<uint8_t> q_codes(T * R);  // the queries' own sketches: hashed with the keys, not used
+    std::vector<float> scratch, proj;
+    std::vector<uint64_t> words;
+    std::vector<double> z;
+    std::vector<int32_t> lut;
+    std::vector<int64_t> estimate(S), bucket_counts, in_bucket;
+    const int64_t unranked = -R * 8 * (int64_t(1) << 20) - 1;  // below any estimate: R·8 weights of at most 2^20
+    const int64_t groups = H / H_kv;
+    for (int64_t bh = unit_begin; bh < unit_end; ++bh) {
+        const int64_t b = bh / H, h = bh % H, kv = b * H_kv + h / groups;
+        const scalar_t* kb = k + kv * S * D;
+        const scalar_t* vb = v + kv * S * Dv;
+        const float* head_planes = planes + h * D * R * 8;
+        uint8_t* head_sketches = buffer + bh * R * capacity;  // (R, capacity)
+        if (h % groups == 0) std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
+        hash_step(q + bh * T * D, kb, head_planes, head_sketches, 1, capacity, q_codes.data(), T, S, D, R, int64_t(8),
+                  scratch, proj, words);
+        const uint8_t* real = visible ? visible + (b * T + T - 1) * S : nullptr;  // the last query sees every real key
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t unit = bh * T + t, position = S - T + t;
+            const uint8_t* sees = visible ? visible + (b * T + t) * S : nullptr;
+            const scalar_t* qv = q + unit * D;
+            list.start(sees, position);
+            list.add_covered(real, S, sinks, window);
+            const int64_t seen = sees ? S : position + 1;  // keys past it are never visible
+            sketch_lookup(qv, head_planes, D, R, z, lut);
+            for (int64_t first = 0; first < seen; first += SKETCH_CHUNK) {
+                const int64_t last = std::min(seen, first + SKETCH_CHUNK);
+                add_estimates(lut.data(), head_sketches, capacity, R, first, last, estimate.data());
+            }
+            // The keys not to rank (covered, or not visible) get an estimate below every real one.
+            int64_t n = seen - int64_t(list.keys.size());
+            for (int32_t j : list.keys) estimate[j] = unranked;
+            if (sees)
+                for (int64_t j = 0; j < seen; ++j)
+                    if (!sees[j]) estimate[j] = unranked, --n;
+            const int64_t kept = std::min(keep[n], n);
+            if (kept > 0) {  // the kept-th largest estimate, then those above it and the earliest ties
+                const int64_t threshold = kth_largest(estimate.data(), seen, kept, bucket_counts, in_bucket);
+                int64_t room = kept;
+                for (int64_t j = 0; j < seen; ++j) room -= estimate[j] > threshold;
+                for (int64_t j = 0; j < seen; ++j)
+                    if (estimate[j] > threshold || (estimate[j] == threshold && room-- > 0)) list.add(j, 0);
+            }
+            const std::vector<int32_t>& keys = list.keys;
+            scalar_t* o = out + ((b * T + t) * H + h) * Dv;  // (B, T, H, Dv): the model's layout
+            std::fill(o, o + Dv, scalar_t(0));
+            scored[unit] = int64_t(keys.size());
+            if (!keys.empty()) {
+                logits.resize(keys.size());
+                scalar_t top = -std::numeric_limits<scalar_t>::infinity();
+                for (size_t i = 0; i < keys.size(); ++i) {
+                    logits[i] = dot(qv, kb + int64_t(keys[i]) * D, D) * scalar_t(scale);
+                    top = std::max(top, logits[i]);
+                }
+                softmax_values(logits.data(), top, keys, vb, Dv, o);
+            }
+            empty[unit] = all_zero(o, Dv);
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -958,5 +1123,22 @@ LSHATTN_SIMHASH_DECODE(f64, double)
     }
 LSHATTN_YOSO_DECODE(f32, float)
 LSHATTN_YOSO_DECODE(f64, double)
+
+// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H, D·R·8) float32, packed; buffer
+// (B·H, R, capacity) the keys' sketches, the new keys' written at S − T .. S; keep (S + 1,) the
+// keys kept of n candidates; visible (B, T, S) or null; out (B, T, H, Dv); scored (B·H·T) the keys
+// each query scored; empty (B·H·T) whether its output is all zeros; last_key (B·H_kv, D) receives
+// each key head's last key. Units are batch-heads.
+#define LSHATTN_SKETCH_DECODE(suffix, scalar_t)                                                                        \
+    void lshattn_sketch_decode_##suffix(                                                                               \
+        const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, uint8_t* buffer,                 \
+        const int64_t* keep, const uint8_t* visible, scalar_t* out, int64_t* scored, int64_t* empty,                  \
+        scalar_t* last_key, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t R,           \
+        int64_t capacity, int64_t sinks, int64_t window, double scale, int64_t unit_begin, int64_t unit_end) {         \
+        sketch_decode_units<scalar_t>(q, k, v, planes, buffer, keep, visible, out, scored, empty, last_key, H, H_kv, T, \
+                                      S, D, Dv, R, capacity, sinks, window, scale, unit_begin, unit_end);              \
+    }
+LSHATTN_SKETCH_DECODE(f32, float)
+LSHATTN_SKETCH_DECODE(f64, double)
 
 }  // extern "C"

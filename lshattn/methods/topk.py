@@ -19,7 +19,7 @@ from lshattn.cost import Cost
 from lshattn.local import local_pairs
 from lshattn.methods.dense import visible_keys
 
-__all__ = ["TopK", "TopKAux", "attend_top_keys", "ranking_scores", "selection_weights", "top_keys"]
+__all__ = ["TopK", "TopKAux", "attend_top_keys", "kept_counts", "ranking_scores", "selection_weights", "top_keys"]
 
 
 class TopKAux(NamedTuple):
@@ -140,6 +140,14 @@ def ranking_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
         return ((q.double() @ k.double().transpose(-1, -2)) * scale).float()
 
 
+def kept_counts(count: Tensor, fraction: float) -> Tensor:
+    """int64 ``ceil(fraction · count)`` of an integer tensor, the product rounded to 6 decimals
+    first (so that 0.3 · 10 keeps 3 keys, not 4), in float64: in float32 the rounding itself
+    moved products above 1,000 to the next integer (0.13 · 8,300 kept 1,080 keys). A decoding
+    kernel reads it from a table of every count, so the two agree."""
+    return torch.ceil(torch.round(count.double() * fraction, decimals=6)).long()
+
+
 def top_keys(scores: Tensor, visible: Tensor, fraction: float) -> Tensor:
     """`(B, H, T, S)` bool: each query's ``ceil(fraction · n)`` highest-scoring visible keys.
 
@@ -154,8 +162,7 @@ def top_keys(scores: Tensor, visible: Tensor, fraction: float) -> Tensor:
     """
     if not bool(visible.all()):
         scores = scores.masked_fill(~visible, float("-inf"))
-    count = visible.sum(-1, keepdim=True)
-    keep = torch.ceil(torch.round(count * fraction, decimals=6)).long()  # (B or 1, 1, T, 1)
+    keep = kept_counts(visible.sum(-1, keepdim=True), fraction)  # (B or 1, 1, T, 1)
     most = int(keep.max()) if keep.numel() else 0
     if most == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
