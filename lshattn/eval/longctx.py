@@ -66,6 +66,8 @@ YOSO = "yoso:num_bits=8,sinks=4,window=64"
 REFORMER = "reformer:shared_qk=False,sinks=4,window=64"
 # Reformer's strictly causal form: each round's whole bucket (decoding reproduces its prefill).
 REFORMER_WHOLE = "reformer:shared_qk=False,whole_buckets=True,sinks=4,window=64"
+# --quick's SimHash: half the tables (LongCtxConfig.quick says why)
+QUICK_SIMHASH = "simhash:num_hashes=16,mode=sparse,sinks=4,window=64"
 SMYRF = "smyrf:num_hashes=2,sinks=4,window=64"
 # The same sign bits read softly: the top keys by their 256-bit SimHash sketch's estimate.
 SKETCH = "sketchtopk:num_bits=256,sinks=4,window=64"
@@ -164,8 +166,10 @@ class LongCtxConfig:
         forward against 25 s, and the oracle 36 s against 10 s. SketchTopK is left out: it added
         80 s (its prefill ranks every pair, as the oracle's). One passkey depth, not two: with
         depths 0 and 50 % the run took 5.2 min in a slow hour (2026-12-01; SimHash's two 1k
-        passkey prompts alone 73 s)."""
-        methods = (SIMHASH, SMYRF, ORACLE, BASELINE)
+        passkey prompts alone 73 s). SimHash with 16 tables, not the grid's 32: its prefill at 1k and
+        1/4 compares every pair in each table (32 tables took 85 s of a 4.8 min run and its passkey
+        prompt 40 s, 2026-12-01; 16 tables are 4× faster a layer)."""
+        methods = (QUICK_SIMHASH, SMYRF, ORACLE, BASELINE)
         return dataclasses.replace(
             self, lengths=(1024,), budgets=(1 / 4,), methods=methods, decode_tokens=32, passkey_methods=methods,
             passkey_lengths=(1024,), passkey_depths=(0.5,), passkey_trials=1, passkey_budget=1 / 4,
