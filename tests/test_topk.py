@@ -43,11 +43,23 @@ def test_selection_is_each_querys_top_k(fraction, causal):
     assert aux.selected_pairs == int(expected.sum()) and aux.dot_products == B * H * T * T
 
 
-def test_a_tenth_of_thirty_keys_is_three():
-    """0.1 · 30 is 3.0000000000000004 in floating point: the count is rounded first."""
-    q, k, v = testing.make_qkv(1, 1, 1, 30, 4)
-    _, aux = lshattn.TopK(fraction=0.1)(q, k, v, return_aux=True)
-    assert aux.selected_pairs == 3
+def test_seven_hundredths_of_a_hundred_keys_is_seven():
+    """0.07 · 100 is 7.000000000000001 in floating point: the count is rounded first."""
+    q, k, v = testing.make_qkv(1, 1, 1, 100, 4)
+    _, aux = lshattn.TopK(fraction=0.07)(q, k, v, return_aux=True)
+    assert aux.selected_pairs == 7
+
+
+@pytest.mark.parametrize("fraction", [0.07, 0.1, 0.13, 0.29, 0.3, 1 / 3, 0.0625, 0.9])
+def test_kept_counts_are_ceil_of_the_rounded_product_for_long_rows(fraction):
+    """``ceil(fraction · n)`` as exact arithmetic gives it up to 20,000 keys: in float32 the
+    6-decimal rounding moved products above 1,000 to the next integer (0.13 · 8,300 kept 1,080)."""
+    from lshattn.methods.topk import kept_counts
+
+    counts = torch.arange(20_000)
+    expected = torch.tensor([math.ceil(round(n * fraction, 6)) for n in counts.tolist()])
+    assert torch.equal(kept_counts(counts, fraction), expected)
+    assert int(kept_counts(torch.tensor(8300), 0.13)) == 1079
 
 
 def test_ties_go_to_the_earlier_key():

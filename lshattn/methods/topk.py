@@ -142,7 +142,7 @@ def ranking_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
 
 def kept_counts(count: Tensor, fraction: float) -> Tensor:
     """int64 ``ceil(fraction · count)`` of an integer tensor, the product rounded to 6 decimals
-    first (so that 0.3 · 10 keeps 3 keys, not 4), in float64: in float32 the rounding itself
+    first (so that 0.07 · 100 keeps 7 keys, not 8), in float64: in float32 the rounding itself
     moved products above 1,000 to the next integer (0.13 · 8,300 kept 1,080 keys). A decoding
     kernel reads it from a table of every count, so the two agree."""
     return torch.ceil(torch.round(count.double() * fraction, decimals=6)).long()
