@@ -12,6 +12,9 @@ cache), where a model's 30 layers are not::
 
     python benchmarks/decode_step.py --context 2048 8000
 
+``--gqa per-query-head shared`` times both kinds of store: a query head's (the default), and a
+key head's shared by its 3 query heads (``hf.use(..., gqa="shared")``: each new key hashed once).
+
 Results are in docs/longctx.md with the command that made them.
 """
 
@@ -45,20 +48,22 @@ def timed(step, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def measure(method: lshattn.Method, S: int, repeats: int) -> tuple[float, float, float, int]:
-    """(SDPA, torch step, native step) ms and the keys the step scored, at S cached keys."""
+def measure(method: lshattn.Method, S: int, repeats: int, per_kv_head: bool) -> tuple[float, float, float, int]:
+    """(SDPA, torch step, native step) ms and the keys the step scored, at S cached keys, with a
+    store a key head (``per_kv_head``) or a query head."""
     g = torch.Generator().manual_seed(S)
     q = torch.randn(1, 9, 1, 64, generator=g)
     k, v = (torch.randn(1, 3, S, 64, generator=g) for _ in "kv")
     store = decode.step(
-        None, method, q, k[:, :, :-1], v[:, :, :-1], None, 0.125, torch.Generator().manual_seed(0)
-    ).store
+        None, method, q, k[:, :, :-1], v[:, :, :-1], None, 0.125, torch.Generator().manual_seed(0),
+        per_kv_head=per_kv_head,
+    ).store  # fmt: skip
 
     def replay():
         # the same step again: the store forgets the last key it took (YOSO's tables keep adding
         # it, which changes a row's sum, not the work)
         store.length, store.last_key = S - 1, k[:, :, S - 2].clone()
-        return decode.step(store, method, q, k, v, None, 0.125, None)
+        return decode.step(store, method, q, k, v, None, 0.125, None, per_kv_head=per_kv_head)
 
     native = timed(replay, repeats)
     scored = replay().scored
@@ -73,18 +78,22 @@ def main() -> None:
     parser.add_argument("--context", type=int, nargs="+", default=[2048, 8000])
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--gqa", nargs="+", choices=["per-query-head", "shared"], default=["per-query-head"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(
-        "| method | context | exact (SDPA) ms | torch step ms | native step ms | keys scored |\n|---|---|---|---|---|---|"
+        "| method | store | context | exact (SDPA) ms | torch step ms | native step ms | keys scored |\n"
+        "|---|---|---|---|---|---|---|"
     )
     for name in args.methods:
         for S in args.context:
-            exact, torch_step, native, scored = measure(METHODS[name], S, args.repeats)
-            print(
-                f"| {name} | {S:,} | {exact:.2f} | {torch_step:.2f} | {native:.2f} | {scored / 9:.0f} a head |",
-                flush=True,
-            )
+            for gqa in args.gqa:
+                exact, torch_step, native, scored = measure(METHODS[name], S, args.repeats, gqa == "shared")
+                print(
+                    f"| {name} | {gqa} | {S:,} | {exact:.2f} | {torch_step:.2f} | {native:.2f} | "
+                    f"{scored / 9:.0f} a head |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -36,13 +36,17 @@ class Inputs(NamedTuple):
     """Validated inputs of one call, as every method receives them.
 
     Attributes:
-        q: `(B, H, T, D)`. k: `(B, H, S, D)`. v: `(B, H, S, Dv)`.
+        q: `(B, H, T, D)`. k: `(B, H, S, D)`. v: `(B, H, S, Dv)`: a caller's grouped-query k and v
+            (H_kv heads) are repeated to H here, ``kv_groups`` consecutive heads a key head.
         key_padding_mask: `(B, S)` bool, True = real key; None when every key is real.
         query_padding_mask: `(B, T)` bool, True = real query; None when every query is real.
         causal: query t sees keys <= t (T == S).
         scale: the logit scale (``D ** -0.5`` when the caller gave None).
         generator: where hash projections come from (None: torch's global RNG).
         dropout_p: attention-probability dropout (0 in eval).
+        kv_groups: G = H / H_kv, the query heads that share a key head (1: none share). The
+            hashing methods draw one projection a key head for its G query heads
+            (``hashing.draw_per_group``), so each key head is hashed alike for its whole group.
     """
 
     q: Tensor
@@ -54,6 +58,7 @@ class Inputs(NamedTuple):
     scale: float
     generator: torch.Generator | None
     dropout_p: float
+    kv_groups: int = 1
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -118,8 +123,11 @@ class Method:
 
         Args:
             q: queries `(B, H, T, D)`.
-            k: keys `(B, H, S, D)`.
-            v: values `(B, H, S, Dv)`.
+            k: keys `(B, H_kv, S, D)`, H_kv dividing H: grouped-query attention when below H
+                (query head h reads key head h // (H / H_kv)). The hashing methods then draw their
+                projections per key head, shared by its query heads, so a key is hashed alike for
+                all of them (decoding stores it once: ``lshattn.hf.use(..., gqa="shared")``).
+            v: values `(B, H_kv, S, Dv)`.
             key_padding_mask: `(B, S)` bool, True = real key. Padded keys are never attended.
             query_padding_mask: `(B, T)` bool, True = real query. Padded queries output zeros.
             causal: query t sees only keys at positions <= t. Needs T == S.
@@ -497,7 +505,7 @@ def validate_inputs(
     ValueError for values out of range or sizes that do not fit; TypeError for the wrong kind
     of value (a str or bool where a number is meant, a tensor where a float is meant, ...).
     """
-    for label, x, dims in (("q", q, "(B, H, T, D)"), ("k", k, "(B, H, S, D)"), ("v", v, "(B, H, S, Dv)")):
+    for label, x, dims in (("q", q, "(B, H, T, D)"), ("k", k, "(B, H_kv, S, D)"), ("v", v, "(B, H_kv, S, Dv)")):
         if not isinstance(x, Tensor):
             raise TypeError(f"{label} must be a torch.Tensor {dims}, got {type(x).__name__}")
         if x.dim() != 4:
@@ -514,10 +522,11 @@ def validate_inputs(
     (B, H, T, D), (Bk, Hk, S, Dk), (Bv, Hv, Sv, _) = q.shape, k.shape, v.shape
     if not (B == Bk == Bv):
         raise ValueError(f"batch sizes differ: q has B={B}, k has B={Bk}, v has B={Bv}")
-    if not (H == Hk == Hv):
+    if Hk != Hv or Hk < 1 or H % Hk:
         raise ValueError(
-            f"head counts differ: q has H={H}, k has H={Hk}, v has H={Hv}; for grouped-query "
-            f"attention repeat k and v per group (k.repeat_interleave(H // H_kv, dim=1))"
+            f"heads do not fit: q has H={H}, k has H={Hk}, v has H={Hv}; k and v need the same "
+            f"number of heads H_kv, and H_kv must divide H (grouped-query attention: query head h reads "
+            f"key head h // (H / H_kv))"
         )
     if D != Dk:
         raise ValueError(f"q and k head dims differ: q has D={D}, k has D={Dk}")
@@ -540,7 +549,10 @@ def validate_inputs(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {_show(generator)}")
     _expect(_flag, return_aux, "return_aux", "a bool", "pass return_aux=True or return_aux=False")
-    inputs = Inputs(q, k, v, key_padding_mask, query_padding_mask, causal, scale, generator, dropout_p)
+    kv_groups = H // Hk
+    if kv_groups > 1:  # grouped-query attention: the methods attend per query head
+        k, v = k.repeat_interleave(kv_groups, dim=1), v.repeat_interleave(kv_groups, dim=1)
+    inputs = Inputs(q, k, v, key_padding_mask, query_padding_mask, causal, scale, generator, dropout_p, kv_groups)
     if isinstance(method, SparseMethod):
         method._check_local(inputs)
     method._check_inputs(inputs)

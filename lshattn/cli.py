@@ -91,7 +91,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _longctx(args: argparse.Namespace) -> int:
     from lshattn.eval import longctx
 
-    config = longctx.LongCtxConfig(seed=args.seed)
+    config = longctx.LongCtxConfig(seed=args.seed, gqa=args.gqa)
     config = config.quick() if args.quick else config
     config = config.exact_prefill() if args.prefill == "exact" else config
     changes = {"lengths": args.lengths, "budgets": args.budgets, "methods": args.methods, "corpus": args.corpus,
@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill", choices=["method", "exact"], default="method",
         help="exact: prompts run exact attention and the methods only the cached decoding steps (MagicPIG's "
         "setting; nothing excluded, the oracle joins the passkey)",
+    )  # fmt: skip
+    longctx_parser.add_argument(
+        "--gqa", choices=["per-query-head", "shared"], default="per-query-head",
+        help="shared: the hashing methods draw projections a key head, shared by its query heads, and "
+        "decoding stores each key head once (hf.use(..., gqa=))",
     )  # fmt: skip
     longctx_parser.add_argument(
         "--fresh", action="store_true",

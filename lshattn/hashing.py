@@ -19,6 +19,7 @@ from lshattn import kernels
 
 __all__ = [
     "draw_normal",
+    "draw_per_group",
     "angular_factors",
     "angular_buckets",
     "xbox_plus",
@@ -44,6 +45,20 @@ def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, devic
     if generator is None:
         return torch.randn(shape, device=device, dtype=torch.float32)
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+
+
+def draw_per_group(
+    shape: tuple[int, ...], groups: int, generator: torch.Generator | None, device: torch.device, head_dim: int = 0
+) -> Tensor:
+    """``draw_normal`` of ``shape`` whose ``head_dim`` (H heads) holds H / ``groups`` draws, each
+    repeated for ``groups`` consecutive heads: under grouped-query attention the query heads of a
+    key head share its projections, so its keys are hashed once (``Inputs.kv_groups``). With
+    ``groups=1``, exactly ``draw_normal(shape)``."""
+    if groups == 1:
+        return draw_normal(shape, generator, device)
+    drawn = list(shape)
+    drawn[head_dim] //= groups
+    return draw_normal(tuple(drawn), generator, device).repeat_interleave(groups, head_dim)
 
 
 def angular_factors(num_buckets: int) -> tuple[int, ...]:

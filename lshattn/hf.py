@@ -25,13 +25,14 @@ once per forward). This module registers one name, ``"lshattn"``, in both:
 
 Decisions a user should know:
 
-* **Grouped-query attention** (Llama with fewer K/V heads): in the prefill, K and V are repeated
-  per query head (``repeat_interleave``) before the method runs (decoding steps read them
-  per key head instead). Each query head hashes and sorts the keys with
-  its own projections, so the methods hold a per-query-head sorted copy of K and V anyway;
-  skipping the repeat would not lower their peak memory. Folding the G query heads of a group
-  into the query length would change the method (queries of different heads would share
-  clusters or buckets, and causal masks and SMYRF's cluster counts break), so it is not done.
+* **Grouped-query attention** (Llama with fewer K/V heads): by default (``gqa="per-query-head"``)
+  K and V are repeated per query head (``repeat_interleave``) before the method runs, and each
+  query head hashes the keys with its own projections; decoding steps read K and V per key
+  head but keep a store (codes, tables, sketches) a query head. ``gqa="shared"`` draws the
+  projections a key head, shared by its query heads, so decoding hashes and stores each key
+  head once (1/G of the store). Either way a query head attends on its own: folding the G
+  query heads of a group into the query length would change the method (queries of different
+  heads would share clusters or buckets, and causal masks and SMYRF's cluster counts break).
 * **Cached decoding** (causal, fewer queries than keys, e.g. ``generate`` after the prompt):
   every method but ``Dense`` and YOSO-E runs its own decoding step (``lshattn.decode``), with a
   store in each layer that grows with the cache: only the new keys are hashed. ``SimHash``,
@@ -119,13 +120,15 @@ except ImportError as _err:  # pragma: no cover - depends on the environment
     raise ImportError("lshattn.hf needs transformers >= 5: pip install 'lshattn[hf]'") from _err
 
 __all__ = [
-    "NAME", "PREFILLS", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer", "mean_pool", "count",
+    "NAME", "PREFILLS", "GQA_MODES", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer",
+    "mean_pool", "count",
     "Tally", "eval_generator",
 ]  # fmt: skip
 
 NAME = "lshattn"
 """The name registered in transformers' AttentionInterface and AttentionMaskInterface."""
 PREFILLS = ("method", "exact")  # what use(..., prefill=) takes
+GQA_MODES = ("per-query-head", "shared")  # what use(..., gqa=) takes
 
 _STATE = "_lshattn_state"  # attribute of an attention module holding its _LayerState
 _ORIGINAL = "_lshattn_original_attn_implementation"  # attribute of the model: what `None` restores
@@ -214,6 +217,7 @@ class _LayerState:
     redraw_in_training: bool
     steps: _StepCounter
     exact_prefill: bool = False  # use(..., prefill="exact"): the method in cached decoding steps only
+    shared_kv: bool = False  # use(..., gqa="shared"): projections and decoding stores a key head
     tally: Tally | None = None
     store: Any = None  # lshattn.decode's store of cached key codes, for cached decoding steps
 
@@ -248,6 +252,7 @@ def use(
     redraw_in_training: bool = True,
     allow_shared_qk: bool = False,
     prefill: str = "method",
+    gqa: str = "per-query-head",
 ) -> PreTrainedModel:
     """Run ``method`` as the attention of ``model`` (in place), or restore exact attention.
 
@@ -272,6 +277,16 @@ def use(
         allow_shared_qk: accept ``Reformer(shared_qk=True)``, whose keys are the normalised
             queries (the model's key projection goes unused): for a model trained from scratch
             that way. A pretrained model was trained with its own keys: leave it False.
+        prefill: ``"method"``: the method in every call; ``"exact"``: exact attention over whole
+            sequences (the prompt) and the method in cached decoding steps only.
+        gqa: on grouped-query models (Llama with fewer key heads than query heads): with
+            ``"per-query-head"`` each query head draws its own projections (K and V repeated per
+            query head), so the decoding stores hold a query head's codes, tables or sketches:
+            G times the state. ``"shared"`` draws them a key head, shared by its G query heads
+            (the methods take the key heads unrepeated: ``Inputs.kv_groups``), and decoding
+            hashes and stores each key head once (``lshattn.decode.step(..., per_kv_head=True)``):
+            1/G of the store's memory and of its hashing. The two draw different projections, so
+            their outputs differ; no difference on models without GQA.
 
     Returns:
         ``model``, changed in place. Its training step counter (see ``set_step``) starts at 0 on
@@ -282,12 +297,15 @@ def use(
         ValueError: a model whose attention cannot be routed (the message says why), an index
             out of range, ``layers=`` on ALBERT with shared layers, or
             ``Reformer(shared_qk=True)`` without ``allow_shared_qk``, a mapping given with
-            ``layers=``, or a ``prefill`` other than ``"method"`` or ``"exact"``.
+            ``layers=``, a ``prefill`` other than ``"method"`` or ``"exact"``, or a ``gqa`` other
+            than ``"per-query-head"`` or ``"shared"``.
         TypeError: ``model`` is not a transformers ``PreTrainedModel`` or ``method`` is not a
             method spec.
     """
     if prefill not in PREFILLS:
         raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
     per_layer_given = isinstance(method, Mapping)
     if per_layer_given:
         if layers is not None:
@@ -332,8 +350,9 @@ def use(
         else:
             layer_method = method if layer.index in chosen else None
         state = _LayerState(
-            layer_method, layer.index, int(seed), bool(redraw_in_training), steps, exact_prefill=prefill == "exact"
-        )
+            layer_method, layer.index, int(seed), bool(redraw_in_training), steps, exact_prefill=prefill == "exact",
+            shared_kv=gqa == "shared",
+        )  # fmt: skip
         setattr(layer.module, _STATE, state)
     if per_layer_given:  # JSON keys are strings
         record_method: Any = {str(i): None if m is None else str(m) for i, m in sorted(given.items())}
@@ -350,6 +369,7 @@ def use(
             "redraw_in_training": bool(redraw_in_training),
             "allow_shared_qk": bool(allow_shared_qk),
             "prefill": prefill,
+            "gqa": gqa,
         },
     )
     model.set_attn_implementation(NAME)
@@ -382,6 +402,7 @@ def use_saved(model: PreTrainedModel) -> PreTrainedModel:
         redraw_in_training=record.get("redraw_in_training", True),
         allow_shared_qk=record.get("allow_shared_qk", False),
         prefill=record.get("prefill", "method"),
+        gqa=record.get("gqa", "per-query-head"),
     )
 
 
@@ -664,8 +685,8 @@ def _dispatch(
         )  # fmt: skip
 
     groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if groups > 1 and not (state is not None and state.shared_kv):
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # a projection a query head
     self_attention = T == S and not _is_cross_attention(module)
     if isinstance(method, Reformer) and method.shared_qk:  # use(..., allow_shared_qk=True)
         if not self_attention:
@@ -715,7 +736,7 @@ def _decode(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     # GQA: K and V are read per key head, never repeated
     generator = functools.partial(state.generator, module.training)  # seeded only if a store is built
-    result = decode.step(state.store, method, query, key, value, visible, scale, generator)
+    result = decode.step(state.store, method, query, key, value, visible, scale, generator, per_kv_head=state.shared_kv)
     state.store = result.store
     if state.tally is not None:
         state.tally.empty += int((result.out == 0).all(-1).sum()) if result.empty is None else result.empty

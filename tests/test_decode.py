@@ -84,11 +84,13 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("family, gqa", [("llama", "per-query-head"), ("gpt2", "per-query-head"), ("llama", "shared")])
 @pytest.mark.parametrize("name", SETTINGS)
-def test_teacher_forced_decoding_equals_the_causal_prefill(name, family):
+def test_teacher_forced_decoding_equals_the_causal_prefill(name, family, gqa):
+    """Over every strictly causal setting, on GQA Llama (projections and stores a query head, or
+    a key head: ``gqa="shared"``) and GPT-2."""
     model = MODELS[family]()
-    hf.use(model, SETTINGS[name], seed=5)
+    hf.use(model, SETTINGS[name], seed=5, gqa=gqa)
     ids, mask = prompt()
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
@@ -100,6 +102,62 @@ def test_teacher_forced_decoding_equals_the_causal_prefill(name, family):
     with torch.no_grad():
         exact = model(input_ids=ids, attention_mask=mask).logits
     assert (exact[:, start:] - full[:, start:]).abs().max() > 1e-4
+
+
+STORED = ["sparse-sinks-window", "yoso-tables", "sketchtopk-sinks-window"]
+
+
+@pytest.mark.parametrize("name", STORED)
+def test_shared_projections_store_each_key_head_once(name):
+    """``gqa="shared"``: the stores of SimHash, YOSO (tables too) and SketchTopK hold a key head's
+    codes once, 1/G of those a query head's projections need (G = 2 query heads a key head)."""
+    ids, mask = prompt()
+    stores = {}
+    for gqa in hf.GQA_MODES:
+        model = tiny_llama()
+        hf.use(model, SETTINGS[name], seed=5, gqa=gqa)
+        decoded_logits(model, ids, mask, 9)
+        stores[gqa] = [layer.module.__dict__[hf._STATE].store for layer in hf.attention_layers(model)]
+    for own, shared in zip(stores["per-query-head"], stores["shared"]):
+        assert own.buffer.shape[1] == 4 and shared.buffer.shape[1] == 2  # query heads, key heads
+        assert own.planes.shape[0] == 4 and shared.planes.shape[0] == 2
+        if getattr(shared, "tables", None) is not None:
+            assert shared.tables.numel() * 2 == own.tables.numel()
+
+
+def test_shared_projections_change_nothing_without_gqa():
+    """On a model with as many key heads as query heads the two ``gqa`` settings draw the same
+    projections: the same logits, bit for bit, in the prefill and in decoding."""
+    ids, mask = prompt()
+    results = []
+    for gqa in hf.GQA_MODES:
+        model = tiny_gpt2()
+        hf.use(model, SETTINGS["sparse-sinks-window"], seed=5, gqa=gqa)
+        with torch.no_grad():
+            results.append((model(input_ids=ids, attention_mask=mask).logits, decoded_logits(model, ids, mask, 9)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_gqa_modes_differ_on_gqa_models_are_saved_and_bad_modes_are_refused(tmp_path):
+    """On GQA Llama the two settings draw different projections (their outputs differ); the
+    mode is recorded, and ``use_saved`` restores it; a mode other than the two is refused with
+    them named."""
+    ids, mask = prompt()
+    logits = {}
+    for gqa in hf.GQA_MODES:
+        model = tiny_llama()
+        hf.use(model, SETTINGS["sparse"], seed=5, gqa=gqa)
+        assert model.config.lshattn["gqa"] == gqa
+        with torch.no_grad():
+            logits[gqa] = model(input_ids=ids, attention_mask=mask).logits
+    assert (logits["shared"] - logits["per-query-head"]).abs().max() > 1e-4
+    model.save_pretrained(tmp_path)  # the last: gqa="shared"
+    loaded = hf.use_saved(transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, logits["shared"])
+    with pytest.raises(ValueError, match="gqa must be one of .*'per-query-head', 'shared'.*got 'kv'"):
+        hf.use(tiny_llama(), SETTINGS["sparse"], gqa="kv")
 
 
 @pytest.mark.parametrize("mode", ["sparse", "importance", "faithful"])
@@ -306,30 +364,33 @@ def decode_cases(draw):
     padding = [draw(st.integers(0, L - 1)) for _ in range(B)]  # left padding of each sequence
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     groups = draw(st.integers(1, 3))  # query heads per key head (GQA)
-    return method, (B, H, L, D), groups, prompt_length, padding, dtype, draw(st.integers(0, 2**16))
+    per_kv_head = draw(st.booleans())  # projections and store a key head, or a query head
+    return method, (B, H, L, D), groups, prompt_length, padding, dtype, draw(st.integers(0, 2**16)), per_kv_head
 
 
 @hypothesis.given(decode_cases())
 def test_decoding_step_by_step_equals_the_causal_prefill(case):
-    """``lshattn.decode`` over random SimHash and YOSO settings, sizes, GQA groups, left paddings and dtypes:
-    a prompt hashed into the store, then one query at a time against the keys so far (read per key
-    head), equals the causal prefill of the whole sequence on repeated keys with the same
-    generator, at every real query."""
+    """``lshattn.decode`` over random SimHash, YOSO and Reformer settings, sizes, GQA groups, left
+    paddings and dtypes: a prompt hashed into the store, then one query at a time against the
+    keys so far (read per key head), equals the causal prefill of the whole sequence with the same
+    generator, at every real query: the prefill given repeated keys (a projection a query head)
+    for a store a query head, given the key heads (a projection a key head) for a store a key head."""
     from lshattn import decode
 
-    method, (B, H_kv, L, D), groups, prompt_length, padding, dtype, seed = case
+    method, (B, H_kv, L, D), groups, prompt_length, padding, dtype, seed, per_kv_head = case
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H_kv * groups, L, D, generator=g, dtype=dtype)
     k, v = (torch.randn(B, H_kv, L, D, generator=g, dtype=dtype) for _ in range(2))
     mask = torch.arange(L)[None, :] >= torch.tensor(padding)[:, None]  # (B, L), real suffixes
-    full = method(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), key_padding_mask=mask,
+    repeats = 1 if per_kv_head else groups
+    full = method(q, k.repeat_interleave(repeats, 1), v.repeat_interleave(repeats, 1), key_padding_mask=mask,
                   query_padding_mask=mask, causal=True, generator=torch.Generator().manual_seed(7))  # fmt: skip
     store = None
     for t in range(prompt_length, L):
         # no padding: the step is told so (None), as lshattn.hf does when transformers passes no mask
         visible = None if not any(padding) else mask[:, None, None, : t + 1]
         out, store, *_ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
-                                    D**-0.5, torch.Generator().manual_seed(7))  # fmt: skip
+                                    D**-0.5, torch.Generator().manual_seed(7), per_kv_head=per_kv_head)  # fmt: skip
         real = mask[:, t]
         tol = 1e-9 if dtype == torch.float64 else 2e-5
         torch.testing.assert_close(out[real, :, 0], full[real, :, t], atol=tol, rtol=tol)
@@ -354,6 +415,7 @@ def rounds_cases(draw):
         draw(st.integers(1, L - 1)),
         padding,
         draw(st.integers(0, 2**16)),
+        draw(st.booleans()),  # projections a key head (shared by its query heads) or a query head
     )
 
 
@@ -422,11 +484,12 @@ def rounds_brute_force(method, store, q, k, v, visible, scale, groups):
 
 @hypothesis.given(rounds_cases())
 def test_reformer_and_smyrf_decoding_steps_match_a_brute_force_loop(case):
-    """Over random Reformer and SMYRF settings, GQA groups and left paddings, each decoding step
-    (the prompt stored at the first) equals the loop of ``rounds_brute_force``."""
+    """Over random Reformer and SMYRF settings, GQA groups (projections a query or a key head) and
+    left paddings, each decoding step (the prompt stored at the first) equals the loop of
+    ``rounds_brute_force``."""
     from lshattn import decode
 
-    method, (B, H_kv, L, D), groups, prompt_length, padding, seed = case
+    method, (B, H_kv, L, D), groups, prompt_length, padding, seed, per_kv_head = case
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H_kv * groups, L, D, generator=g)
     k, v = (torch.randn(B, H_kv, L, D, generator=g) for _ in range(2))
@@ -435,7 +498,7 @@ def test_reformer_and_smyrf_decoding_steps_match_a_brute_force_loop(case):
     for t in range(prompt_length, L):
         visible = (mask[:, None, None, : t + 1] & (torch.arange(t + 1) <= t)).clone()
         out, store, *_ = decode.step(store, method, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
-                                    D**-0.5, torch.Generator().manual_seed(7))  # fmt: skip
+                                    D**-0.5, torch.Generator().manual_seed(7), per_kv_head=per_kv_head)  # fmt: skip
         expected = rounds_brute_force(method, store, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                       D**-0.5, groups)  # fmt: skip
         real = mask[:, t]

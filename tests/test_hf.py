@@ -472,6 +472,7 @@ def test_string_methods_and_layer_listing():
         "redraw_in_training": True,
         "allow_shared_qk": False,
         "prefill": "method",
+        "gqa": "per-query-head",
     }
 
 

@@ -258,13 +258,14 @@ st = hypothesis.strategies
 def decode_case(draw, method, cached: int = 1) -> tuple:
     """``method`` with the rest of a decoding case (``native_and_torch_steps``): B sequences, H_kv
     key heads of ``groups`` query heads, T new queries after at least ``cached`` keys (S in all,
-    at most 40), left padding or none, the dtype and a seed."""
+    at most 40), left padding or none, the dtype, a seed and whether the store is kept a key head
+    (``per_kv_head``) or a query head."""
     B, H_kv, groups = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
     T, D = draw(st.integers(1, 3)), draw(st.integers(1, 9))
     S = draw(st.integers(cached + T, 40))
     padding = [draw(st.integers(0, S - 1)) for _ in range(B)] if draw(st.booleans()) else None
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    return method, (B, H_kv, groups, S, T, D), padding, dtype, draw(st.integers(0, 2**16))
+    return method, (B, H_kv, groups, S, T, D), padding, dtype, draw(st.integers(0, 2**16)), draw(st.booleans())
 
 
 @st.composite
@@ -289,7 +290,7 @@ def native_and_torch_steps(case):
 
     from lshattn import decode
 
-    method, (B, H_kv, groups, S, T, D), padding, dtype, seed = case
+    method, (B, H_kv, groups, S, T, D), padding, dtype, seed, per_kv_head = case
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H_kv * groups, T, D, generator=g, dtype=dtype)
     k, v = (torch.randn(B, H_kv, S, D, generator=g, dtype=dtype) for _ in "kv")
@@ -301,11 +302,12 @@ def native_and_torch_steps(case):
     cached = S - T
     prompt = None if visible is None else visible[:, :, -1:, :cached]
     store = decode.step(None, method, q[:, :, -1:], k[:, :, :cached], v[:, :, :cached], prompt, 0.3,
-                        torch.Generator().manual_seed(seed)).store  # fmt: skip
+                        torch.Generator().manual_seed(seed), per_kv_head=per_kv_head).store  # fmt: skip
+    assert key_codes(store).shape[1] == (H_kv if per_kv_head else H_kv * groups)  # a store head per key or query head
     assert kernels.decodes_natively(q, k, v, visible)  # so the native step runs
-    native = decode.step(copy_store(store), method, q, k, v, visible, 0.3, None)
+    native = decode.step(copy_store(store), method, q, k, v, visible, 0.3, None, per_kv_head=per_kv_head)
     with mock.patch.object(kernels, "decodes_natively", lambda *a: False):
-        reference = decode.step(copy_store(store), method, q, k, v, visible, 0.3, None)
+        reference = decode.step(copy_store(store), method, q, k, v, visible, 0.3, None, per_kv_head=per_kv_head)
     assert native.scored == reference.scored
     assert native.empty == int((reference.out == 0).all(-1).sum())  # the queries left with no key, counted
     assert torch.equal(key_codes(native.store), key_codes(reference.store))  # the new keys hashed alike
@@ -318,7 +320,8 @@ def native_and_torch_steps(case):
 @hypothesis.given(simhash_decode_cases())
 def test_native_simhash_decoding_equals_its_torch_path(case):
     """The native decoding step gives the torch step's output, counts and codes, over random
-    settings, GQA groups, several new queries, left padding (or none: positions) and both dtypes."""
+    settings, GQA groups (a store a query head or a key head), several new queries, left padding
+    (or none: positions) and both dtypes."""
     native_and_torch_steps(case)  # sparse and importance modes only: faithful has no native step
 
 
@@ -372,8 +375,9 @@ def test_native_yoso_decoding_equals_its_torch_path(case):
     ids=["simhash", "yoso", "sketchtopk"],
 )
 @pytest.mark.parametrize("padded", [False, True])
-def test_native_decoding_on_several_threads_equals_the_torch_step(monkeypatch, method, padded):
-    """Large batches split their batch-heads over threads (each writes only its own rows, tables
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_native_decoding_on_several_threads_equals_the_torch_step(monkeypatch, method, padded, per_kv_head):
+    """Large batches split their store heads over threads (each writes only its own rows, tables
     and codes): the result is the torch step's, as on one thread."""
     monkeypatch.setattr(kernels, "THREADED_DECODE_KEYS", 0)
     monkeypatch.setattr(kernels, "THREADED_YOSO_WORK", 0)
@@ -381,7 +385,8 @@ def test_native_decoding_on_several_threads_equals_the_torch_step(monkeypatch, m
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        native_and_torch_steps((method, (3, 2, 3, 40, 2, 16), [0, 5, 11] if padded else None, torch.float32, 1))
+        padding = [0, 5, 11] if padded else None
+        native_and_torch_steps((method, (3, 2, 3, 40, 2, 16), padding, torch.float32, 1, per_kv_head))
     finally:
         torch.set_num_threads(threads)
 
@@ -397,7 +402,8 @@ def test_native_decoding_on_several_threads_equals_the_torch_step(monkeypatch, m
     ids=["simhash", "yoso", "sketchtopk"],
 )
 @pytest.mark.parametrize("T", [1, 2, 3])
-def test_native_decoding_hashes_like_the_prefill_at_a_models_shapes(method, T):
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_native_decoding_hashes_like_the_prefill_at_a_models_shapes(method, T, per_kv_head):
     """At SmolLM2's shapes (9 query heads, 3 key heads, dim 64, the settings longctx decodes with
     at 8k), the native step's codes of its new keys (projected 2 rows at a time for one token,
     4 for more) equal those the prefill's hashing gives them: its output equals the torch step's."""
@@ -409,10 +415,10 @@ def test_native_decoding_hashes_like_the_prefill_at_a_models_shapes(method, T):
     q = torch.randn(1, 9, T, 64, generator=g)
     k, v = (torch.randn(1, 3, 300, 64, generator=g) for _ in "kv")
     store = decode.step(None, method, q[:, :, -1:], k[:, :, : 300 - T], v[:, :, : 300 - T], None, 0.125,
-                        torch.Generator().manual_seed(0)).store  # fmt: skip
-    native = decode.step(copy_store(store), method, q, k, v, None, 0.125, None)
+                        torch.Generator().manual_seed(0), per_kv_head=per_kv_head).store  # fmt: skip
+    native = decode.step(copy_store(store), method, q, k, v, None, 0.125, None, per_kv_head=per_kv_head)
     with mock.patch.object(kernels, "decodes_natively", lambda *a: False):
-        reference = decode.step(copy_store(store), method, q, k, v, None, 0.125, None)
+        reference = decode.step(copy_store(store), method, q, k, v, None, 0.125, None, per_kv_head=per_kv_head)
     assert torch.equal(key_codes(native.store), key_codes(reference.store))
     torch.testing.assert_close(native.out, reference.out, atol=1e-5, rtol=1e-5)
 

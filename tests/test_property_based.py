@@ -942,3 +942,27 @@ def test_clusters_larger_than_the_sequence(data):
         f"{big} computed {aux.dot_products} scores, {fitted} {aux_fitted.dot_products}"
     )
     torch.testing.assert_close(out, out_fitted, atol=1e-5, rtol=1e-5)
+
+
+@examples(0.5)
+@given(data=st.data())
+def test_query_heads_share_their_key_heads_projections(data):
+    """Grouped-query inputs (one key head for the H query heads): each query head's output, and
+    the key head's gradients, are those of H one-head calls with the same generator state. The
+    key head's projections are drawn once and shared by its query heads (``Inputs.kv_groups``),
+    which is what lets decoding hash and store a key head once (``hf.use(..., gqa="shared")``)."""
+    setting = data.draw(settings_of(where=lambda s: not s.shared_qk), label="setting")
+    spec = data.draw(specs(setting, dtypes=("float32", "float64"), budget=20_000), label="spec")
+    x = build(spec, setting)
+    x = dataclasses.replace(x, k=x.k[:, :1].contiguous(), v=x.v[:, :1].contiguous())  # (B, 1, S, ·)
+    weight = torch.randn(x.q.shape[:3] + x.v.shape[-1:], generator=gen(spec.seed + 3), dtype=x.q.dtype)
+    out, (grad_q, grad_k, grad_v) = grads(setting, x, weight)
+
+    def one_head_calls(q, k, v):
+        return torch.cat([call(setting, x, q[:, h : h + 1], k, v) for h in range(spec.H)], 1)
+
+    expected, (expected_q, expected_k, expected_v) = grads(setting, x, weight, one_head_calls)
+    tol = tolerance(x, setting.method)
+    torch.testing.assert_close(out, expected, **tol)
+    for label, a, b in (("q", grad_q, expected_q), ("k", grad_k, expected_k), ("v", grad_v, expected_v)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, label=label: f"grad {label}: {m}")

@@ -67,6 +67,10 @@ def call(spec, q, k, v, **kw):
     return spec(q, k, v, **kw)
 
 
+BAD_TENSOR_CASES = ["q-rank", "k-rank", "batch", "heads", "kv-heads", "dim", "kv-length", "int-dtype", "mixed-dtype"]
+BAD_TENSOR_CASES += ["numpy", "empty"]
+
+
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize(
     "make, error, message",
@@ -74,7 +78,8 @@ def call(spec, q, k, v, **kw):
         (lambda q, k, v: (q[0], k, v), ValueError, r"q must have 4 dims \(B, H, T, D\), got shape \(3, 20, 16\)"),
         (lambda q, k, v: (q, k[None], v), ValueError, r"k must have 4 dims"),
         (lambda q, k, v: (q, k, v[:1]), ValueError, r"batch sizes differ: q has B=2, k has B=2, v has B=1"),
-        (lambda q, k, v: (q, k[:, :2], v[:, :2]), ValueError, r"head counts differ: q has H=3, k has H=2.*repeat"),
+        (lambda q, k, v: (q, k[:, :2], v[:, :2]), ValueError, r"heads do not fit: q has H=3, k has H=2.*divide H"),
+        (lambda q, k, v: (q, k[:, :1], v), ValueError, r"heads do not fit: q has H=3, k has H=1, v has H=3"),
         (lambda q, k, v: (q, k[..., :8], v), ValueError, r"head dims differ: q has D=16, k has D=8"),
         (lambda q, k, v: (q, k, v[:, :, :5]), ValueError, r"lengths differ: k has S=20, v has S=5"),
         (lambda q, k, v: (q.int(), k, v), TypeError, r"q must be a floating-point tensor, got torch.int32"),
@@ -82,7 +87,7 @@ def call(spec, q, k, v, **kw):
         (lambda q, k, v: (q.numpy(), k, v), TypeError, r"q must be a torch.Tensor"),
         (lambda q, k, v: (q[:, :, :0], k, v), ValueError, r"every size must be positive"),
     ],
-    ids=["q-rank", "k-rank", "batch", "heads", "dim", "kv-length", "int-dtype", "mixed-dtype", "numpy", "empty"],
+    ids=BAD_TENSOR_CASES,
 )
 def test_bad_tensors(spec, make, error, message):
     q, k, v = make(*qkv())

@@ -95,7 +95,7 @@ def decodes(method: Method | None) -> bool:
 
 def step(
     store: Store | None, method: Method, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float,
-    generator: torch.Generator | Callable[[], torch.Generator] | None,
+    generator: torch.Generator | Callable[[], torch.Generator] | None, *, per_kv_head: bool = False,
 ) -> Step:  # fmt: skip
     """``method``'s attention of the T new queries over all S keys, the last T of them new.
 
@@ -106,12 +106,17 @@ def step(
             is a function (called only then).
         q: `(B, H, T, D)`, the queries at the last T positions; k: `(B, H_kv, S, D)`, v:
             `(B, H_kv, S, Dv)`: query head h reads key head ``h // (H / H_kv)`` (GQA: K and V are
-            never repeated; each query head hashes with its own projections, as the prefill does
-            on repeated keys).
+            never repeated).
         visible: `(B, 1 or H, T, S)` bool: the keys each query may see (causality and padding);
             the last query sees every real key. None: no padding, query t sees the keys up to its
             position S − T + t.
         scale: the logit scale (SimHash; YOSO's kernel has none).
+        per_kv_head: under GQA, draw the projections a key head, shared by its G query heads, as
+            the prefill does given `(B, H_kv, ·)` keys (``Inputs.kv_groups``), and keep the store a
+            key head: SimHash's codes, YOSO's codes and tables, SketchTopK's sketches are hashed
+            once, 1/G of the memory (Reformer's and SMYRF's stores stay a query head's, their
+            projections shared). False: projections and stores a query head, as the prefill
+            given repeated keys.
 
     Raises:
         ValueError: ``store`` was filled by another method, or the mask hides a cached real key
@@ -131,13 +136,13 @@ def step(
             "step a full forward), or use Reformer(shared_qk=False)"
         )
     if isinstance(method, YOSO):  # YOSO's tables need no S-long pass when nothing is padded
-        return yoso_step(store, method, q, k, v, visible, generator)
+        return yoso_step(store, method, q, k, v, visible, generator, per_kv_head)
     if isinstance(method, SimHash):  # SimHash's native step reads positions when nothing is padded
-        return simhash_step(store, method, q, k, v, visible, scale, generator)
+        return simhash_step(store, method, q, k, v, visible, scale, generator, per_kv_head)
     if isinstance(method, SketchTopK):
-        return sketch_step(store, method, q, k, v, visible, scale, generator)
+        return sketch_step(store, method, q, k, v, visible, scale, generator, per_kv_head)
     if visible is None:
         visible = causal_visible(q.shape[0], q.shape[2], k.shape[2], q.device)
     if isinstance(method, (Reformer, SMYRF)):
-        return rounds_step(store, method, q, k, v, visible, scale, generator)
+        return rounds_step(store, method, q, k, v, visible, scale, generator, per_kv_head)
     return Step(*selection_step(method, q, k, v, visible, scale))

@@ -27,9 +27,12 @@ __all__ = [
     "covered_keys",
     "drawn_from",
     "flat_rows",
+    "fold_heads",
     "listed",
     "local_index",
+    "native_store",
     "per_query_head",
+    "shared_by",
     "softmax_over",
     "with_room",
 ]
@@ -94,6 +97,39 @@ def continues(store: Any, keys: Tensor, new: int, H: int) -> bool:
         and store.planes.shape[0] == H
         and torch.equal(store.last_key, keys[:, :, cached - 1])
     )
+
+
+def shared_by(groups: int, per_kv_head: bool) -> int:
+    """P, the query heads that share a store head (and its projections): the G of a key head when
+    the store is kept ``per_kv_head`` (GQA hashed once a key head), else 1 (a store a query head).
+    A store then has H / P heads, and its keys are the key heads repeated G / P times."""
+    return groups if per_kv_head else 1
+
+
+def fold_heads(x: Tensor, shared: int) -> Tensor:
+    """`(B, H, T, ·)` → `(B, H / P, P·T, ·)`, P = ``shared``: the queries of the heads that share
+    a store head as more queries of it (a view of contiguous ``x``; ``.view(B, H, T, ·)`` undoes it)."""
+    B, H, T = x.shape[:3]
+    return x.reshape(B, H // shared, shared * T, *x.shape[3:])
+
+
+def native_store(
+    store: Any, method: Any, k: Tensor, new: int, groups: int, shared: int,
+    generator: torch.Generator | Callable[[], torch.Generator] | None, hash_keys: Callable[[Tensor, Tensor], Tensor],
+    make: Callable[..., Any],
+) -> Any:  # fmt: skip
+    """The store a native decoding step writes the ``new`` keys' codes into, in place: ``store``
+    with room for them when it holds the keys before them, else ``make(method, planes, buffer,
+    length, last_key)`` from those keys of `(B, H_kv, S, D)` ``k``, hashed by ``hash_keys(planes,
+    keys)`` with projections ``method.planes`` draws for the H / ``shared`` store heads."""
+    S, D = k.shape[2], k.shape[3]
+    cached, store_heads = S - new, k.shape[1] * groups // shared
+    if continues(store, k, new, store_heads):
+        store.buffer = with_room(store.buffer, cached, S).contiguous()
+        return store
+    planes = method.planes(store_heads, D, drawn_from(generator), k.device)
+    codes = hash_keys(planes, per_query_head(k[:, :, :cached], groups // shared))
+    return make(method, planes, with_room(codes, cached, S).contiguous(), cached, k[:, :, cached - 1])
 
 
 def per_query_head(x: Tensor, groups: int) -> Tensor:

@@ -21,9 +21,10 @@ from lshattn.decode.common import (
     covered_keys,
     drawn_from,
     per_query_head,
+    shared_by,
     softmax_over,
 )
-from lshattn.hashing import angular_buckets, angular_factors, draw_normal, e2lsh_projection
+from lshattn.hashing import angular_buckets, angular_factors, draw_per_group, e2lsh_projection
 from lshattn.methods import SMYRF, Reformer
 
 __all__ = ["RoundsStore", "rounds_step"]
@@ -67,21 +68,20 @@ def _round_values(method: Reformer | SMYRF, planes: Tensor, x: Tensor) -> Tensor
 
 def _rounds_store(
     store: RoundsStore | None, method: Reformer | SMYRF, k: Tensor, new: int, real: Tensor,
-    generator: torch.Generator | Callable[[], torch.Generator] | None, groups: int,
+    generator: torch.Generator | Callable[[], torch.Generator] | None, groups: int, shared: int,
 ) -> RoundsStore:  # fmt: skip
     """The store of all S keys of `(B, H_kv, S, D)` ``k``: ``store`` grown by the last ``new``
-    when it holds the others, else built afresh from all of them."""
+    when it holds the others, else built afresh from all of them, its projections drawn one a
+    ``shared`` query heads (``hashing.draw_per_group``; the store stays a query head's: SMYRF's
+    XBOX+ bound takes each query head's largest query)."""
     B, H_kv, S, D = k.shape
     H, cached = H_kv * groups, S - new
     if not continues(store, k, new, H):
         if isinstance(method, Reformer):
-            planes = draw_normal(
-                (H, D, method.num_hashes, sum(angular_factors(method.num_buckets)) // 2),
-                drawn_from(generator),
-                k.device,
-            )
+            shape = (H, D, method.num_hashes, sum(angular_factors(method.num_buckets)) // 2)
         else:
-            planes = draw_normal((H, method.num_hashes, D + 2), drawn_from(generator), k.device)
+            shape = (H, method.num_hashes, D + 2)
+        planes = draw_per_group(shape, shared, drawn_from(generator), k.device)
         dtype = compute_dtype(k.dtype)
         values_dtype = code_dtype(int(method.num_buckets - 1).bit_length()) if isinstance(method, Reformer) else dtype
         store = RoundsStore(
@@ -102,7 +102,7 @@ def _rounds_store(
 
 def rounds_step(
     store: RoundsStore | None, method: Reformer | SMYRF, q: Tensor, k: Tensor, v: Tensor, visible: Tensor,
-    scale: float, generator: torch.Generator | Callable[[], torch.Generator] | None,
+    scale: float, generator: torch.Generator | Callable[[], torch.Generator] | None, per_kv_head: bool = False,
 ) -> Step:  # fmt: skip
     """Each round, a new query attends the visible keys of its bucket (Reformer: all of them, not
     a chunk of the sorted sequence) or the ``k_cluster_size`` visible keys nearest to it in the
@@ -114,12 +114,13 @@ def rounds_step(
     For Reformer this is the causal prefill of ``whole_buckets=True``. It is not the chunked
     Reformer's nor SMYRF's: there a query's bucket is cut into chunks, and its cluster drawn, by
     the sort of the whole sequence, later tokens included, which a decoding step cannot know.
-    ``docs/longctx.md`` measures how far the two are apart."""
+    ``docs/longctx.md`` measures how far the two are apart. ``per_kv_head``: the projections a key
+    head, shared by its query heads (as the prefill with GQA inputs draws them)."""
     H, T = q.shape[1:3]
     S = k.shape[2]
     groups, cached, R = H // k.shape[1], S - T, method.num_hashes
     real = visible[:, 0, -1, :]
-    store = _rounds_store(store, method, k, T, real, generator, groups)
+    store = _rounds_store(store, method, k, T, real, generator, groups, shared_by(groups, per_kv_head))
     keys = store.buffer[..., :S]  # (B, H, R, S)
     own = torch.zeros_like(visible)
     own[..., cached:] = torch.eye(T, dtype=torch.bool, device=q.device)  # query t's own position

@@ -30,9 +30,11 @@ from lshattn.decode.common import (
     covered_keys,
     drawn_from,
     flat_rows,
+    fold_heads,
     listed,
+    native_store,
     per_query_head,
-    with_room,
+    shared_by,
 )
 from lshattn.hashing import simhash_codes
 from lshattn.methods import SimHash
@@ -56,8 +58,8 @@ class BucketIndex:
     """The first ``indexed`` cached keys of each table listed by code.
 
     Attributes:
-        keys: `(B, H, R, indexed)` key positions sorted by (code, position).
-        starts: `(B, H, R, 2^bits + 1)` where each code's run begins in ``keys`` (the last entry
+        keys: `(B, H_s, R, indexed)` key positions sorted by (code, position), H_s the store's heads.
+        starts: `(B, H_s, R, 2^bits + 1)` where each code's run begins in ``keys`` (the last entry
             is ``indexed``).
     """
 
@@ -107,8 +109,9 @@ class SimHashStore:
 
     Attributes:
         method: the SimHash setting that hashed them (a store refuses another).
-        planes: `(H, D, num_hashes, num_bits)` its projections.
-        buffer: `(B, H, R, capacity)` the table codes (``SimHash.table_codes``) of the ``length``
+        planes: `(H_s, D, num_hashes, num_bits)` its projections: H_s = H query heads, or H_kv
+            key heads when the store is kept per key head (``decode.step(..., per_kv_head=True)``).
+        buffer: `(B, H_s, R, capacity)` the table codes (``SimHash.table_codes``) of the ``length``
             cached keys in its first slots (``codes``), room for more after them.
         length: S, the keys hashed.
         last_key: `(B, H_kv, D)` the last cached key, to recognise the same cache at the next step.
@@ -127,7 +130,7 @@ class SimHashStore:
 
     @property
     def codes(self) -> Tensor:
-        """`(B, H, R, S)` the codes of the cached keys."""
+        """`(B, H_s, R, S)` the codes of the cached keys."""
         return self.buffer[..., : self.length]
 
 
@@ -145,20 +148,22 @@ def _hashed(
     keys: Tensor,
     generator: torch.Generator | Callable[[], torch.Generator] | None,
     groups: int,
+    shared: int,
 ) -> tuple[SimHashStore, Tensor]:
-    """The store holding the codes of all S keys of `(B, H_kv, S, D)` ``keys``, the last T of them
-    new, and the table codes `(B, H, R, T)` of the T new `(B, H, T, D)` ``queries``: hashed in
-    one call with the new keys when the store continues (a decoding step's few tokens)."""
-    T = queries.shape[2]
+    """The store holding the codes of all S keys of `(B, H_kv, S, D)` ``keys``, the last
+    ``new`` of them new, and the table codes `(B, H_s, R, P·T)` of the `(B, H_s, P·T, D)`
+    ``queries`` (``fold_heads``; P = ``shared``, H_s = H / P the store's heads): hashed in one
+    call with the new keys when the store continues (a decoding step's few tokens)."""
+    new = queries.shape[2] // shared
     H_kv, S, D = keys.shape[1:]
-    H = H_kv * groups
-    cached = S - T
-    if not continues(store, keys, T, H):
-        planes = method.planes(H, D, drawn_from(generator), keys.device)
-        codes = _simhash_codes(method, planes, per_query_head(keys, groups))
+    H_s = H_kv * groups // shared
+    cached = S - new
+    if not continues(store, keys, new, H_s):
+        planes = method.planes(H_s, D, drawn_from(generator), keys.device)
+        codes = _simhash_codes(method, planes, per_query_head(keys, groups // shared))
         return SimHashStore(method, planes, codes, S, keys[:, :, -1].clone()), _simhash_codes(method, planes, queries)
-    tokens = torch.cat([queries, per_query_head(keys[:, :, cached:], groups).to(queries.dtype)], 2)
-    q_codes, added = _simhash_codes(method, store.planes, tokens).split(T, -1)
+    tokens = torch.cat([queries, per_query_head(keys[:, :, cached:], groups // shared).to(queries.dtype)], 2)
+    q_codes, added = _simhash_codes(method, store.planes, tokens).split(queries.shape[2], -1)
     buffer = appended(store.buffer, cached, added, -1)
     return SimHashStore(method, store.planes, buffer, S, keys[:, :, -1].clone(), store.index), q_codes
 
@@ -174,8 +179,8 @@ def _indexed(store: SimHashStore, bits: int) -> SimHashStore:
 
 
 def _colliding(store: SimHashStore, q_codes: Tensor) -> Tensor:
-    """`(B, H, T, S)` bool: the keys whose codes equal a query's in some table: through the index,
-    then the keys appended after it one by one."""
+    """`(B, H_s, P·T, S)` bool: the keys whose codes equal a query's (`(B, H_s, R, P·T)` codes) in
+    some table: through the index, then the keys appended after it one by one."""
     if store.index is None:
         return (q_codes[..., :, None] == store.codes[..., None, :]).any(2)
     N, S = store.index.indexed, store.length
@@ -187,19 +192,17 @@ def _colliding(store: SimHashStore, q_codes: Tensor) -> Tensor:
 
 def _native_step(
     store: SimHashStore | None, method: SimHash, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None,
-    scale: float, generator: torch.Generator | Callable[[], torch.Generator] | None, groups: int,
+    scale: float, generator: torch.Generator | Callable[[], torch.Generator] | None, groups: int, shared: int,
 ) -> Step:  # fmt: skip
     """``simhash_step`` in one native call (``lshattn.kernels.simhash_decode``): the index of the
     cached keys kept up to date here, the new keys hashed into the store and the step done there."""
-    _, H, T, D = q.shape
-    S = k.shape[2]
+    T, S = q.shape[2], k.shape[2]
     cached = S - T
-    if continues(store, k, T, H):
-        store.buffer = with_room(store.buffer, cached, S).contiguous()  # the kernel writes the new codes in it
-    else:
-        planes = method.planes(H, D, drawn_from(generator), k.device)
-        codes = _simhash_codes(method, planes, per_query_head(k[:, :, :cached], groups))
-        store = SimHashStore(method, planes, with_room(codes, cached, S), cached, k[:, :, cached - 1])
+
+    def hash_keys(planes: Tensor, keys: Tensor) -> Tensor:
+        return _simhash_codes(method, planes, keys)
+
+    store = native_store(store, method, k, T, groups, shared, generator, hash_keys, SimHashStore)
     store.length = cached
     store = _indexed(store, method.num_bits)
     if store.packed is None:
@@ -208,7 +211,7 @@ def _native_step(
     out, scored, empty = kernels.simhash_decode(
         q, k, v, store.packed, store.buffer, store.index.keys, store.index.starts, visible, last_key,
         bits=method.num_bits, sinks=method.sinks, window=method.window, importance=method.mode == "importance",
-        scale=scale,
+        scale=scale, shared=shared,
     )  # fmt: skip
     store.length, store.last_key = S, last_key
     return Step(out, store, scored, empty)
@@ -216,13 +219,15 @@ def _native_step(
 
 def simhash_step(
     store: SimHashStore | None, method: SimHash, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, scale: float,
-    generator: torch.Generator | Callable[[], torch.Generator] | None,
+    generator: torch.Generator | Callable[[], torch.Generator] | None, per_kv_head: bool = False,
 ) -> Step:  # fmt: skip
     """Each query attends the visible keys its codes collide with, as ``SimHash`` does causally in
     the prefill: sparse softmax over them, importance-weighted by 1 / P(collide | θ) in
     ``mode="importance"``, or, in faithful mode, every other visible key at logit 0. The keys
     ``sinks`` and ``window`` cover are attended with their own score, once. ``visible`` None: no
-    padding (query t sees the keys up to position S − T + t).
+    padding (query t sees the keys up to position S − T + t). ``per_kv_head``: the store and
+    its projections a key head, shared by its query heads (as the prefill with GQA inputs draws
+    them), else a query head.
 
     Sparse and importance modes with a bucket index run natively on the CPU (``_native_step``:
     hashing and attending in one call, no tensor of S entries per query); otherwise, and where
@@ -230,18 +235,19 @@ def simhash_step(
     B, H, T, D = q.shape
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     groups = H // H_kv
+    shared = shared_by(groups, per_kv_head)
     bits = method.num_bits if method.rule == "any" else method.num_bits * method.num_hashes  # of a table's codes
     differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     native = method.mode != "faithful" and method.rule == "any" and bits <= MAX_INDEX_BITS and S > T
     if native and not differentiable and kernels.decodes_natively(q, k, v, visible):
-        return _native_step(store, method, q, k, v, visible, scale, generator, groups)
-    store, q_codes = _hashed(store, method, q, k, generator, groups)
+        return _native_step(store, method, q, k, v, visible, scale, generator, groups, shared)
+    store, q_codes = _hashed(store, method, fold_heads(q, shared), k, generator, groups, shared)
     q_codes = q_codes.long()
     store = _indexed(store, bits)
     if visible is None:
         visible = causal_visible(B, T, S, q.device)
     with torch.no_grad():
-        collide = _colliding(store, q_codes) & visible  # (B, H, T, S)
+        collide = _colliding(store, q_codes).view(B, H, T, S) & visible
     covered = covered_keys(visible, method.sinks, method.window)
     entries = collide | covered  # colliding or covered, each once
     order, taken, count = listed(entries)  # (B, H, T, C)

@@ -128,6 +128,8 @@ class LongCtxConfig:
             prompts (and the prefill of the decoded texts) run exact attention, the methods only
             the cached decoding steps (``hf.use(..., prefill="exact")``: the dense prefill of LLM
             decoding systems such as MagicPIG); the prefill columns are then exact's.
+        gqa: ``hf.use``'s ``gqa``: ``"per-query-head"`` projections and decoding stores, or
+            ``"shared"`` by the query heads of a key head (SmolLM2: 3 of them), a store a key head.
     """
 
     seed: int = 0
@@ -149,6 +151,7 @@ class LongCtxConfig:
     speed_budget: float = 1 / 16
     chunk: int = 512
     prefill: str = "method"
+    gqa: str = "per-query-head"
 
     def exact_prefill(self) -> LongCtxConfig:
         """The methods in the cached decoding steps only, every prefill exact (``prefill``). What
@@ -286,7 +289,7 @@ def _decoded_hidden(model: Any, ids: Tensor, n: int, cache: Any) -> Tensor:
 
 def perplexity_cell(
     model: Any, ids: Tensor, method: Method, seed: int, decode_tokens: int, exact: Tensor | None, chunk: int,
-    exact_prefill: Callable[[], Any] | None = None,
+    exact_prefill: Callable[[], Any] | None = None, gqa: str = "per-query-head",
 ) -> dict:  # fmt: skip
     """Perplexity, KL to exact and the budget spent, in the prefill and in decoding, of one method.
 
@@ -300,6 +303,7 @@ def perplexity_cell(
             the last N + 1 before decoding). Otherwise a function returning a fresh copy of exact
             attention's cache of all but the last N + 1 tokens: the method only decodes from it
             (``hf.use(..., prefill="exact")``), and the prefill's numbers are exact's (``exact``).
+        gqa: ``hf.use``'s.
     """
     from lshattn import hf
 
@@ -309,7 +313,7 @@ def perplexity_cell(
         raise ValueError("an exact prefill takes its prefill numbers from exact: pass exact's hidden states")
     started = time.perf_counter()
     shared = None if exact_prefill is None else exact_prefill()  # before use(): it sets exact attention
-    hf.use(model, method, seed=seed, prefill="method" if exact_prefill is None else "exact")
+    hf.use(model, method, seed=seed, prefill="method" if exact_prefill is None else "exact", gqa=gqa)
     try:
         if exact_prefill is None:
             with hf.count(model) as prefill_tally:
@@ -506,14 +510,17 @@ def _stores(model: Any) -> list[Any]:
     return [getattr(layer.module.__dict__.get("_lshattn_state"), "store", None) for layer in hf.attention_layers(model)]
 
 
-def speed_row(model: Any, ids: Tensor, prefill: Any, method: Method, seed: int, steps: int) -> dict:
+def speed_row(
+    model: Any, ids: Tensor, prefill: Any, method: Method, seed: int, steps: int, gqa: str = "per-query-head"
+) -> dict:
     """Decode ``steps + 1`` tokens of `(1, context + steps + 1)` ``ids`` with ``method`` from a copy
-    of the exact ``prefill`` cache; time the steps after the first (which may hash the cache)."""
+    of the exact ``prefill`` cache (``hf.use(..., gqa=gqa)``); time the steps after the first
+    (which may hash the cache)."""
     from lshattn import hf
 
     context = ids.shape[1] - steps - 1
     cache = copy.deepcopy(prefill)
-    hf.use(model, method, seed=seed)
+    hf.use(model, method, seed=seed, gqa=gqa)
     try:
         with torch.no_grad():
             started = time.perf_counter()
@@ -666,6 +673,8 @@ def run(
     started = time.perf_counter()
     if config.prefill not in lshattn.hf.PREFILLS:
         raise ValueError(f"prefill must be one of {lshattn.hf.PREFILLS}, got {config.prefill!r}")
+    if config.gqa not in lshattn.hf.GQA_MODES:
+        raise ValueError(f"gqa must be one of {lshattn.hf.GQA_MODES}, got {config.gqa!r}")
     for text in (*config.methods, *config.references, *config.passkey_methods):
         parse(text)  # a bad string fails before the model loads
     if model is None:
@@ -693,7 +702,7 @@ def run(
     # 1. Perplexity: exact first at each length (the KL's reference), then each method and budget.
     for length in config.lengths:
         ids = corpus[None, :length]
-        base = f"perplexity|{model_id}|{config.corpus}|seed={seed}|T={length}|N={config.decode_tokens}{_prefill_key(config)}"
+        base = f"perplexity|{model_id}|{config.corpus}|seed={seed}|T={length}|N={config.decode_tokens}{_setting_key(config)}"
         reference = _exact_reference(model, ids)
         shared = _exact_prefill(model, ids, config.decode_tokens) if config.prefill == "exact" else None
         jobs = [(EXACT, None)] + [(t, f) for f in config.budgets for t in config.methods]
@@ -711,7 +720,7 @@ def run(
             built = [passkey_prompt(tokenizer, filler, length, d, k) for d, k in zip(config.passkey_depths, keys)]
             base = f"passkey|{model_id}|{config.corpus}|seed={seed}|T={length}|trial={trial}"
             base += f"|depths={','.join(map(str, config.passkey_depths))}|new={config.passkey_new_tokens}"
-            base += _prefill_key(config)
+            base += _setting_key(config)
             prompts = torch.tensor([ids for ids, _ in built])
             shared = _exact_prefill(model, prompts, 0) if config.prefill == "exact" else None
             for text in (EXACT, *config.passkey_methods):
@@ -722,7 +731,7 @@ def run(
                 tick(f"passkey {length}: {text}")
     # 3. Speed: every method in one run per context, from one exact prefill.
     for context in config.speed_contexts:
-        key = f"speed|{model_id}|{config.corpus}|seed={seed}|T={context}|steps={config.speed_steps}"
+        key = f"speed|{model_id}|{config.corpus}|seed={seed}|T={context}|steps={config.speed_steps}{_gqa_key(config)}"
         key += f"|budget={_budget_key(config.speed_budget)}|{','.join((EXACT, *config.methods))}"
         journal.cell("speed", key, partial(_speed_rows, config, model, corpus, context, D))
         tick(f"speed {context}")
@@ -736,8 +745,9 @@ def run(
 
 def command(config: LongCtxConfig) -> str:
     """The command that runs ``config``, where one does."""
-    default = LongCtxConfig(seed=config.seed, corpus=config.corpus)
+    default = LongCtxConfig(seed=config.seed, corpus=config.corpus, gqa=config.gqa)
     corpus = "" if config.corpus == "wikipedia" else f" --corpus {config.corpus}"
+    corpus += "" if config.gqa == "per-query-head" else f" --gqa {config.gqa}"
     for flags, known in (("", default), (" --quick", default.quick())):
         if config == known.exact_prefill():
             return f"`lshattn longctx{flags} --prefill exact --seed {config.seed}{corpus} --out DIR`"
@@ -780,9 +790,13 @@ def _exact_prefill(model: Any, ids: Tensor, n: int) -> Callable[[], Any]:
     return lambda: copy.deepcopy(prefilled())
 
 
-def _prefill_key(config: LongCtxConfig) -> str:
-    """The prefill's part of a cell's key: none for the methods' own (the keys of earlier reports)."""
-    return "" if config.prefill == "method" else f"|prefill={config.prefill}"
+def _setting_key(config: LongCtxConfig) -> str:
+    """The prefill's and GQA's part of a cell's key: none for the defaults (the keys of earlier reports)."""
+    return ("" if config.prefill == "method" else f"|prefill={config.prefill}") + _gqa_key(config)
+
+
+def _gqa_key(config: LongCtxConfig) -> str:
+    return "" if config.gqa == "per-query-head" else f"|gqa={config.gqa}"
 
 
 def _cell_count(config: LongCtxConfig) -> int:
@@ -823,7 +837,9 @@ def _perplexity_row(
     if method is None:
         return row
     exact = reference()
-    cell = perplexity_cell(model, ids, method, config.seed, config.decode_tokens, exact, config.chunk, exact_prefill)
+    cell = perplexity_cell(
+        model, ids, method, config.seed, config.decode_tokens, exact, config.chunk, exact_prefill, config.gqa
+    )
     return {**row, **cell}
 
 
@@ -839,7 +855,7 @@ def _passkey_row(
         return row
     started = time.perf_counter()
     cache = None if exact_prefill is None else exact_prefill()  # before use(): it sets exact attention
-    lshattn.hf.use(model, method, seed=config.seed, prefill=config.prefill)
+    lshattn.hf.use(model, method, seed=config.seed, prefill=config.prefill, gqa=config.gqa)
     try:
         prompts = [ids for ids, _ in built]
         cell = passkey_cell(model, tokenizer, prompts, keys, config.passkey_new_tokens, cache)
@@ -860,7 +876,8 @@ def _speed_rows(config: LongCtxConfig, model: Any, corpus: Tensor, context: int,
         for i in order:
             method = resolved[i][0]
             if method is not None:
-                passes.setdefault(i, []).append(speed_row(model, ids, prefill, method, config.seed, config.speed_steps))
+                row = speed_row(model, ids, prefill, method, config.seed, config.speed_steps, config.gqa)
+                passes.setdefault(i, []).append(row)
     rows = []
     for i, (_, row) in enumerate(resolved):
         if i in passes:

@@ -130,12 +130,12 @@ SIGNATURES = {
     "lshattn_bucket_sums_f64": [_PTR] * 4 + [_I64] * 10 + [_INT] * 2,
     "lshattn_collision_grads_f32": [_PTR] * 8 + [_I64] * 10 + [_INT, _I64, ctypes.c_double],
     "lshattn_collision_grads_f64": [_PTR] * 8 + [_I64] * 10 + [_INT, _I64, ctypes.c_double],
-    "lshattn_simhash_decode_f32": [_PTR] * 12 + [_I64] * 12 + [_INT, ctypes.c_double, _I64, _I64],
-    "lshattn_simhash_decode_f64": [_PTR] * 12 + [_I64] * 12 + [_INT, ctypes.c_double, _I64, _I64],
-    "lshattn_yoso_decode_f32": [_PTR] * 11 + [_I64] * 11 + [_INT, _I64, _I64],
-    "lshattn_yoso_decode_f64": [_PTR] * 11 + [_I64] * 11 + [_INT, _I64, _I64],
-    "lshattn_sketch_decode_f32": [_PTR] * 11 + [_I64] * 10 + [ctypes.c_double, _I64, _I64],
-    "lshattn_sketch_decode_f64": [_PTR] * 11 + [_I64] * 10 + [ctypes.c_double, _I64, _I64],
+    "lshattn_simhash_decode_f32": [_PTR] * 12 + [_I64] * 13 + [_INT, ctypes.c_double, _I64, _I64],
+    "lshattn_simhash_decode_f64": [_PTR] * 12 + [_I64] * 13 + [_INT, ctypes.c_double, _I64, _I64],
+    "lshattn_yoso_decode_f32": [_PTR] * 11 + [_I64] * 12 + [_INT, _I64, _I64],
+    "lshattn_yoso_decode_f64": [_PTR] * 11 + [_I64] * 12 + [_INT, _I64, _I64],
+    "lshattn_sketch_decode_f32": [_PTR] * 11 + [_I64] * 11 + [ctypes.c_double, _I64, _I64],
+    "lshattn_sketch_decode_f64": [_PTR] * 11 + [_I64] * 11 + [ctypes.c_double, _I64, _I64],
     "lshattn_project_signs_i32": [_PTR] * 3 + [_I64] * 7,
     "lshattn_project_signs_i64": [_PTR] * 3 + [_I64] * 7,
 }
@@ -333,12 +333,12 @@ class _Counts:
 
 def _decode_step(
     name: str, q: Tensor, k: Tensor, v: Tensor, store: tuple[Tensor, ...], visible: Tensor | None, last_key: Tensor,
-    sizes: tuple, flags: tuple, threaded: bool,
+    sizes: tuple, flags: tuple, threaded: bool, shared: int,
 ) -> tuple[Tensor, int, int]:  # fmt: skip
     """Run the decoding kernel ``lshattn_<name>`` as ``kernel(q, k, v, *store, visible, out, scored,
-    empty, last_key, H, H_kv, T, S, D, Dv, *sizes, *flags, unit_begin, unit_end)`` over the B·H
-    batch-heads (on several threads if ``threaded``): `(B, H, T, Dv)` out, the pairs scored, the
-    queries left empty."""
+    empty, last_key, H, H_kv, shared, T, S, D, Dv, *sizes, *flags, unit_begin, unit_end)`` over the
+    B·H / ``shared`` store heads, each serving ``shared`` query heads (on several threads if
+    ``threaded``): `(B, H, T, Dv)` out, the pairs scored, the queries left empty."""
     B, H, T, D = q.shape
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -346,8 +346,10 @@ def _decode_step(
     # written (B, T, H, Dv), the layout the model's attention returns: its transpose is then no copy
     out, counts = q.new_empty(B, T, H, Dv), _Counts(B * H * T)
     pointers = [None if x is None else x.data_ptr() for x in (q, k, v, *store, seen, out)]
-    head = (*pointers, *counts.pointers, last_key.data_ptr(), H, H_kv, T, S, D, Dv, *sizes, *flags)
-    units = B * H
+    if shared < 1 or (H // H_kv) % shared:
+        raise ValueError(f"a store head serves shared={shared} query heads: it must divide G = H / H_kv = {H // H_kv}")
+    head = (*pointers, *counts.pointers, last_key.data_ptr(), H, H_kv, shared, T, S, D, Dv, *sizes, *flags)
+    units = B * H // shared
     _run_spans(_kernel(name, q), head, units, min(units, torch.get_num_threads()) if threaded else 1)
     return out.transpose(1, 2), *counts.totals()
 
@@ -355,7 +357,7 @@ def _decode_step(
 def simhash_decode(
     q: Tensor, k: Tensor, v: Tensor, planes: Tensor, buffer: Tensor, index_keys: Tensor, starts: Tensor,
     visible: Tensor | None, last_key: Tensor, *, bits: int, sinks: int, window: int | None, importance: bool,
-    scale: float,
+    scale: float, shared: int = 1,
 ) -> tuple[Tensor, int, int]:  # fmt: skip
     """SimHash's decoding step (``lshattn.decode.simhash``, sparse and importance modes, codes of
     at most 15 bits), natively: hashes the T new keys into ``buffer`` and the T new queries (as
@@ -366,10 +368,11 @@ def simhash_decode(
     Args:
         q: `(B, H, T, D)`; k: `(B, H_kv, S, D)`; v: `(B, H_kv, S, Dv)` (GQA: read per key head), of
             one dtype, float32 or float64.
-        planes: `(H, D·R·bits)` the projections, packed (``packed_planes``).
-        buffer: `(B, H, R, capacity)` int16, contiguous, capacity >= S: the cached keys' codes in
-            the first S − T slots; the new keys' are written after them.
-        index_keys: `(B, H, R, N)` int32, the first N keys sorted by code; starts: `(B, H, R,
+        planes: `(H_s, D·R·bits)` the projections, packed (``packed_planes``), H_s = H / ``shared``
+            store heads, each read by ``shared`` consecutive query heads (1, or G: a key head's).
+        buffer: `(B, H_s, R, capacity)` int16, contiguous, capacity >= S: the cached keys' codes in
+            the first S − T slots; the new keys' are written after them (once a store head).
+        index_keys: `(B, H_s, R, N)` int32, the first N keys sorted by code; starts: `(B, H_s, R,
             2^bits + 1)` int32, where each code's run begins (``decode.simhash.BucketIndex``); the
             keys after the first N are compared one by one.
         visible: `(B, 1, T, S)` bool, or None: query t sees the keys up to position S − T + t.
@@ -386,12 +389,13 @@ def simhash_decode(
     # a decoding step of one sequence lists a few thousand keys: less work than handing it to threads
     threaded = B * H * T * k.shape[2] >= THREADED_DECODE_KEYS
     store = (planes, buffer, index_keys.contiguous(), starts.contiguous())
-    return _decode_step("simhash_decode", q, k, v, store, visible, last_key, sizes, (int(importance), scale), threaded)
+    flags = (int(importance), scale)
+    return _decode_step("simhash_decode", q, k, v, store, visible, last_key, sizes, flags, threaded, shared)
 
 
 def yoso_decode(
     q: Tensor, k: Tensor, v: Tensor, planes: Tensor, buffer: Tensor, tables: Tensor, visible: Tensor | None,
-    last_key: Tensor, *, bits: int, sinks: int, window: int | None, normalize: bool,
+    last_key: Tensor, *, bits: int, sinks: int, window: int | None, normalize: bool, shared: int = 1,
 ) -> tuple[Tensor, int, int]:  # fmt: skip
     """YOSO-m's decoding step (``lshattn.decode.yoso``, with bucket tables), natively: hashes the
     T new keys into ``buffer`` and the T new queries (as ``project_signs``: the prefill's codes),
@@ -403,11 +407,13 @@ def yoso_decode(
     Args:
         q: `(B, H, T, D)`; k: `(B, H_kv, S, D)`; v: `(B, H_kv, S, Dv)` (GQA: read per key head), of
             one dtype, float32 or float64.
-        planes: `(H, D·m·bits)` the projections, packed (``packed_planes``).
-        buffer: `(B, H, capacity, m)` int32, contiguous, capacity >= S: the cached keys' codes in
+        planes: `(H_s, D·m·bits)` the projections, packed (``packed_planes``), H_s = H / ``shared``
+            store heads, each read by ``shared`` consecutive query heads (1, or G: a key head's).
+        buffer: `(B, H_s, capacity, m)` int32, contiguous, capacity >= S: the cached keys' codes in
             the first S − T slots; the new keys' are written after them.
-        tables: `(B, H·m·2^bits, Dv)` of q's dtype, contiguous: the value sums of the cached real
-            keys by bucket (``decode.yoso.YOSOStore``), grown in place by the new real keys'.
+        tables: `(B, H_s·m·2^bits, Dv)` of q's dtype, contiguous: the value sums of the cached real
+            keys by bucket (``decode.yoso.YOSOStore``), grown in place by the new real keys' once a
+            store head, after its query heads read them.
         visible: `(B, 1, T, S)` bool, or None: query t sees the keys up to position S − T + t.
         last_key: `(B, H_kv, D)` of q's dtype, contiguous: receives each key head's last key.
 
@@ -420,13 +426,13 @@ def yoso_decode(
     sizes = (m, bits, buffer.shape[2], sinks, -1 if window is None else window)
     threaded = B * H * T * m * (D * bits + v.shape[-1]) >= THREADED_YOSO_WORK
     return _decode_step(
-        "yoso_decode", q, k, v, (planes, buffer, tables), visible, last_key, sizes, (int(normalize),), threaded
+        "yoso_decode", q, k, v, (planes, buffer, tables), visible, last_key, sizes, (int(normalize),), threaded, shared
     )
 
 
 def sketch_decode(
     q: Tensor, k: Tensor, v: Tensor, planes: Tensor, buffer: Tensor, keep: Tensor, visible: Tensor | None,
-    last_key: Tensor, *, sinks: int, window: int | None, scale: float,
+    last_key: Tensor, *, sinks: int, window: int | None, scale: float, shared: int = 1,
 ) -> tuple[Tensor, int, int]:  # fmt: skip
     """SketchTopK's decoding step (``lshattn.decode.sketch``), natively: sketches the T new keys
     into ``buffer`` (as ``project_signs``: the prefill's sketches), ranks every visible key not
@@ -438,8 +444,9 @@ def sketch_decode(
     Args:
         q: `(B, H, T, D)`; k: `(B, H_kv, S, D)`; v: `(B, H_kv, S, Dv)` (GQA: read per key head), of
             one dtype, float32 or float64.
-        planes: `(H, D·R·8)` the projections, packed (``packed_planes``).
-        buffer: `(B, H, R, capacity)` uint8, contiguous, capacity >= S: the cached keys' sketches
+        planes: `(H_s, D·R·8)` the projections, packed (``packed_planes``), H_s = H / ``shared``
+            store heads, each read by ``shared`` consecutive query heads (1, or G: a key head's).
+        buffer: `(B, H_s, R, capacity)` uint8, contiguous, capacity >= S: the cached keys' sketches
             in the first S − T slots; the new keys' are written after them.
         keep: `(S + 1,)` int64: the keys kept of n ranked (``methods.topk.kept_counts``).
         visible: `(B, 1, T, S)` bool, or None: query t sees the keys up to position S − T + t.
@@ -458,7 +465,7 @@ def sketch_decode(
     sizes = (R, capacity, sinks, -1 if window is None else window)
     threaded = B * H * T * k.shape[2] * R >= THREADED_SKETCH_LOOKUPS
     store = (planes, buffer, keep.contiguous())
-    return _decode_step("sketch_decode", q, k, v, store, visible, last_key, sizes, (scale,), threaded)
+    return _decode_step("sketch_decode", q, k, v, store, visible, last_key, sizes, (scale,), threaded, shared)
 
 
 def decodes_natively(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None) -> bool:

@@ -692,25 +692,21 @@ struct KeyList {
     }
 };
 
-// The codes of a batch-head's T new keys (rows S − T .. S of kb, written to key_codes[position ·
-// key_stride + table · table_stride]) and of its T queries (qb, written to query_codes[t·tables +
-// table]), PROJECT_ROWS rows at a time.
+// The codes of n consecutive rows of x (D values each): row i's table r into dest[i·row_stride +
+// r·table_stride], PROJECT_ROWS rows at a time. A decoding step hashes its new keys once per
+// store head, and the queries of every query head that reads the store.
 template <typename scalar_t, typename code_t>
-void hash_step(const scalar_t* qb, const scalar_t* kb, const float* planes, code_t* key_codes, int64_t key_stride,
-               int64_t table_stride, code_t* query_codes, int64_t T, int64_t S, int64_t D, int64_t tables,
-               int64_t bits, std::vector<float>& scratch, std::vector<float>& proj, std::vector<uint64_t>& words) {
-    for (int64_t first = 0; first < 2 * T; first += PROJECT_ROWS) {
-        const int64_t rows = std::min(PROJECT_ROWS, 2 * T - first);
+void hash_consecutive(const scalar_t* x, int64_t n, const float* planes, code_t* dest, int64_t row_stride,
+                      int64_t table_stride, int64_t D, int64_t tables, int64_t bits, std::vector<float>& scratch,
+                      std::vector<float>& proj, std::vector<uint64_t>& words) {
+    for (int64_t first = 0; first < n; first += PROJECT_ROWS) {
+        const int64_t rows = std::min(PROJECT_ROWS, n - first);
         const scalar_t* row[PROJECT_ROWS];
-        code_t* dest[PROJECT_ROWS];
+        code_t* out[PROJECT_ROWS];
         int64_t stride[PROJECT_ROWS];
-        for (int64_t i = 0, n = first; i < rows; ++i, ++n) {
-            const bool is_key = n < T;
-            row[i] = is_key ? kb + (S - T + n) * D : qb + (n - T) * D;
-            dest[i] = is_key ? key_codes + (S - T + n) * key_stride : query_codes + (n - T) * tables;
-            stride[i] = is_key ? table_stride : 1;
-        }
-        hash_rows(row, rows, planes, D, tables, bits, dest, stride, scratch, proj, words);
+        for (int64_t i = 0; i < rows; ++i)
+            row[i] = x + (first + i) * D, out[i] = dest + (first + i) * row_stride, stride[i] = table_stride;
+        hash_rows(row, rows, planes, D, tables, bits, out, stride, scratch, proj, words);
     }
 }
 
@@ -718,29 +714,35 @@ template <typename scalar_t>
 void simhash_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes,
                           int16_t* buffer, const int32_t* index_keys, const int32_t* starts, const uint8_t* visible,
                           scalar_t* out, int64_t* scored, int64_t* empty, scalar_t* last_key, int64_t H, int64_t H_kv,
-                          int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t R, int64_t indexed, int64_t bits, int64_t capacity, int64_t sinks,
-                          int64_t window, int importance, double scale, int64_t unit_begin, int64_t unit_end) {
+                          int64_t shared, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t R, int64_t indexed,
+                          int64_t bits, int64_t capacity, int64_t sinks, int64_t window, int importance, double scale,
+                          int64_t unit_begin, int64_t unit_end) {
     KeyList list(S);
     std::vector<scalar_t> logits;
-    std::vector<int16_t> q_codes(T * R);
+    std::vector<int16_t> q_codes(shared * T * R);
     std::vector<float> scratch, proj;
     std::vector<uint64_t> words;
-    const int64_t groups = H / H_kv, codes_per_table = (int64_t(1) << bits) + 1, K = R * bits;
-    for (int64_t bh = unit_begin; bh < unit_end; ++bh) {
-        const int64_t b = bh / H, h = bh % H, kv = b * H_kv + h / groups;
+    const int64_t groups = H / H_kv, H_s = H / shared, codes_per_table = (int64_t(1) << bits) + 1, K = R * bits;
+    for (int64_t bs = unit_begin; bs < unit_end; ++bs) {  // a store head: `shared` query heads, one key head
+        const int64_t b = bs / H_s, first_head = bs % H_s * shared, kv = b * H_kv + first_head / groups;
         const scalar_t* kb = k + kv * S * D;
         const scalar_t* vb = v + kv * S * Dv;
-        int16_t* head_codes = buffer + bh * R * capacity;
-        if (h % groups == 0) std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
-        hash_step(q + bh * T * D, kb, planes + h * D * K, head_codes, 1, capacity, q_codes.data(), T, S, D, R, bits,
-                  scratch, proj, words);
-        for (int64_t t = 0; t < T; ++t) {
-            const int64_t unit = bh * T + t, position = S - T + t;
+        const float* head_planes = planes + bs % H_s * D * K;
+        int16_t* head_codes = buffer + bs * R * capacity;
+        if (first_head % groups == 0)
+            std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
+        hash_consecutive(kb + (S - T) * D, T, head_planes, head_codes + (S - T), 1, capacity, D, R, bits, scratch,
+                         proj, words);
+        hash_consecutive(q + (b * H + first_head) * T * D, shared * T, head_planes, q_codes.data(), R, 1, D, R, bits,
+                         scratch, proj, words);
+        for (int64_t i = 0; i < shared * T; ++i) {  // the store's queries: query head first_head + i / T
+            const int64_t h = first_head + i / T, t = i % T;
+            const int64_t unit = (b * H + h) * T + t, position = S - T + t;
             const uint8_t* real = visible ? visible + (b * T + T - 1) * S : nullptr;  // the last query sees every real key
             list.start(visible ? visible + (b * T + t) * S : nullptr, position);
             list.add_covered(real, S, sinks, window);
             for (int64_t r = 0; r < R; ++r) {
-                const int64_t table = bh * R + r, code = q_codes[t * R + r];
+                const int64_t table = bs * R + r, code = q_codes[i * R + r];
                 const int32_t* run = index_keys + table * indexed;
                 const int32_t* start = starts + table * codes_per_table + code;
                 for (int32_t a = start[0]; a < start[1]; ++a) list.add(run[a], 0);
@@ -826,29 +828,34 @@ scalar_t power(scalar_t x, int64_t n) {
 template <typename scalar_t>
 void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int32_t* buffer,
                        scalar_t* tables, const uint8_t* visible, scalar_t* out, int64_t* scored, int64_t* empty,
-                       scalar_t* last_key, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t m, int64_t bits,
-                       int64_t capacity, int64_t sinks, int64_t window, int normalize, int64_t unit_begin,
-                       int64_t unit_end) {
+                       scalar_t* last_key, int64_t H, int64_t H_kv, int64_t shared, int64_t T, int64_t S, int64_t D,
+                       int64_t Dv, int64_t m, int64_t bits, int64_t capacity, int64_t sinks, int64_t window,
+                       int normalize, int64_t unit_begin, int64_t unit_end) {
     KeyList list(S);
-    std::vector<int32_t> q_codes(T * m);
+    std::vector<int32_t> q_codes(shared * T * m);
     std::vector<float> scratch, proj;
     std::vector<uint64_t> words;
     std::vector<scalar_t> q_unit(D);
-    const int64_t groups = H / H_kv, buckets = int64_t(1) << bits, K = m * bits;
+    const int64_t groups = H / H_kv, H_s = H / shared, buckets = int64_t(1) << bits, K = m * bits;
     const scalar_t pi = scalar_t(3.14159265358979323846);
-    for (int64_t bh = unit_begin; bh < unit_end; ++bh) {
-        const int64_t b = bh / H, h = bh % H, kv = b * H_kv + h / groups;
+    for (int64_t bs = unit_begin; bs < unit_end; ++bs) {  // a store head: `shared` query heads, one key head
+        const int64_t b = bs / H_s, first_head = bs % H_s * shared, kv = b * H_kv + first_head / groups;
         const scalar_t* kb = k + kv * S * D;
         const scalar_t* vb = v + kv * S * Dv;
-        int32_t* head_codes = buffer + bh * capacity * m;  // (capacity, m)
-        if (h % groups == 0) std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
-        scalar_t* head_tables = tables + bh * m * buckets * Dv;  // (m, 2^τ, Dv)
+        const float* head_planes = planes + bs % H_s * D * K;
+        int32_t* head_codes = buffer + bs * capacity * m;  // (capacity, m)
+        if (first_head % groups == 0)
+            std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
+        scalar_t* head_tables = tables + bs * m * buckets * Dv;  // (m, 2^τ, Dv)
         const uint8_t* real = visible ? visible + (b * T + T - 1) * S : nullptr;  // the last query sees every real key
-        hash_step(q + bh * T * D, kb, planes + h * D * K, head_codes, m, 1, q_codes.data(), T, S, D, m, bits, scratch,
-                  proj, words);
-        for (int64_t t = 0; t < T; ++t) {
-            const int64_t unit = bh * T + t, position = S - T + t;
-            const int32_t* codes = q_codes.data() + t * m;
+        hash_consecutive(kb + (S - T) * D, T, head_planes, head_codes + (S - T) * m, m, 1, D, m, bits, scratch, proj,
+                         words);
+        hash_consecutive(q + (b * H + first_head) * T * D, shared * T, head_planes, q_codes.data(), m, 1, D, m, bits,
+                         scratch, proj, words);
+        for (int64_t i = 0; i < shared * T; ++i) {  // the store's queries: query head first_head + i / T
+            const int64_t h = first_head + i / T, t = i % T;
+            const int64_t unit = (b * H + h) * T + t, position = S - T + t;
+            const int32_t* codes = q_codes.data() + i * m;
             const uint8_t* sees = visible ? visible + (b * T + t) * S : nullptr;
             scalar_t* o = out + ((b * T + t) * H + h) * Dv;  // (B, T, H, Dv): the model's layout
             std::fill(o, o + Dv, scalar_t(0));
@@ -971,31 +978,32 @@ int64_t kth_largest(const int64_t* values, int64_t n, int64_t k, std::vector<int
 template <typename scalar_t>
 void sketch_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes,
                          uint8_t* buffer, const int64_t* keep, const uint8_t* visible, scalar_t* out, int64_t* scored,
-                         int64_t* empty, scalar_t* last_key, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D,
-                         int64_t Dv, int64_t R, int64_t capacity, int64_t sinks, int64_t window, double scale,
-                         int64_t unit_begin, int64_t unit_end) {
+                         int64_t* empty, scalar_t* last_key, int64_t H, int64_t H_kv, int64_t shared, int64_t T,
+                         int64_t S, int64_t D, int64_t Dv, int64_t R, int64_t capacity, int64_t sinks, int64_t window,
+                         double scale, int64_t unit_begin, int64_t unit_end) {
     KeyList list(S);
     std::vector<scalar_t> logits;
-    std::vector<uint8_t> q_codes(T * R);  // the queries' own sketches: hashed with the keys, not used
     std::vector<float> scratch, proj;
     std::vector<uint64_t> words;
     std::vector<double> z;
     std::vector<int32_t> lut;
     std::vector<int64_t> estimate(S), bucket_counts, in_bucket;
     const int64_t unranked = -R * 8 * (int64_t(1) << 20) - 1;  // below any estimate: R·8 weights of at most 2^20
-    const int64_t groups = H / H_kv;
-    for (int64_t bh = unit_begin; bh < unit_end; ++bh) {
-        const int64_t b = bh / H, h = bh % H, kv = b * H_kv + h / groups;
+    const int64_t groups = H / H_kv, H_s = H / shared;
+    for (int64_t bs = unit_begin; bs < unit_end; ++bs) {  // a store head: `shared` query heads, one key head
+        const int64_t b = bs / H_s, first_head = bs % H_s * shared, kv = b * H_kv + first_head / groups;
         const scalar_t* kb = k + kv * S * D;
         const scalar_t* vb = v + kv * S * Dv;
-        const float* head_planes = planes + h * D * R * 8;
-        uint8_t* head_sketches = buffer + bh * R * capacity;  // (R, capacity)
-        if (h % groups == 0) std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
-        hash_step(q + bh * T * D, kb, head_planes, head_sketches, 1, capacity, q_codes.data(), T, S, D, R, int64_t(8),
-                  scratch, proj, words);
+        const float* head_planes = planes + bs % H_s * D * R * 8;
+        uint8_t* head_sketches = buffer + bs * R * capacity;  // (R, capacity)
+        if (first_head % groups == 0)
+            std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
+        hash_consecutive(kb + (S - T) * D, T, head_planes, head_sketches + (S - T), 1, capacity, D, R, int64_t(8),
+                         scratch, proj, words);  // the keys only: a query's weights are its float64 projections
         const uint8_t* real = visible ? visible + (b * T + T - 1) * S : nullptr;  // the last query sees every real key
-        for (int64_t t = 0; t < T; ++t) {
-            const int64_t unit = bh * T + t, position = S - T + t;
+        for (int64_t i = 0; i < shared * T; ++i) {  // the store's queries: query head first_head + i / T
+            const int64_t h = first_head + i / T, t = i % T;
+            const int64_t unit = (b * H + h) * T + t, position = S - T + t;
             const uint8_t* sees = visible ? visible + (b * T + t) * S : nullptr;
             const scalar_t* qv = q + unit * D;
             list.start(sees, position);
@@ -1088,55 +1096,59 @@ void lshattn_collision_grads_f64(const double* q, const double* k, const double*
                                   unit_begin, unit_end, causal, exact_bits, clamp);
 }
 
-// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H, D·R·bits) float32, packed; buffer
-// (B·H, R, capacity) int16 codes, the new keys' written at S − T .. S; index_keys (B·H, R, indexed)
-// and starts (B·H, R, 2^bits + 1); visible (B, T, S) or null; out (B, T, H, Dv); scored (B·H·T)
+// A store head serves `shared` consecutive query heads (1, or the G of a key head), H_s = H / shared.
+// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H_s, D·R·bits) float32, packed; buffer
+// (B·H_s, R, capacity) int16 codes, the new keys' written at S − T .. S; index_keys (B·H_s, R,
+// indexed) and starts (B·H_s, R, 2^bits + 1); visible (B, T, S) or null; out (B, T, H, Dv); scored (B·H·T)
 // the keys each query scored; empty (B·H·T) whether its output is all zeros; last_key (B·H_kv, D)
-// receives each key head's last key. Units are batch-heads.
+// receives each key head's last key. Units are store heads (B·H_s).
 #define LSHATTN_SIMHASH_DECODE(suffix, scalar_t)                                                                   \
     void lshattn_simhash_decode_##suffix(                                                                          \
         const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int16_t* buffer,             \
         const int32_t* index_keys, const int32_t* starts, const uint8_t* visible, scalar_t* out, int64_t* scored,  \
-        int64_t* empty, scalar_t* last_key, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv,  \
-        int64_t R, int64_t indexed, int64_t bits, int64_t capacity, int64_t sinks, int64_t window, int importance, \
-        double scale, int64_t unit_begin, int64_t unit_end) {                                                      \
+        int64_t* empty, scalar_t* last_key, int64_t H, int64_t H_kv, int64_t shared, int64_t T, int64_t S,         \
+        int64_t D, int64_t Dv, int64_t R, int64_t indexed, int64_t bits, int64_t capacity, int64_t sinks,          \
+        int64_t window, int importance, double scale, int64_t unit_begin, int64_t unit_end) {                      \
         simhash_decode_units<scalar_t>(q, k, v, planes, buffer, index_keys, starts, visible, out, scored, empty,   \
-                                       last_key, H, H_kv, T, S, D, Dv, R, indexed, bits, capacity, sinks, window,  \
-                                       importance, scale, unit_begin, unit_end);                                   \
+                                       last_key, H, H_kv, shared, T, S, D, Dv, R, indexed, bits, capacity, sinks,  \
+                                       window, importance, scale, unit_begin, unit_end);                           \
     }
 LSHATTN_SIMHASH_DECODE(f32, float)
 LSHATTN_SIMHASH_DECODE(f64, double)
 
-// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H, D·m·bits) float32, packed; buffer
-// (B·H, capacity, m) int32 codes, the new keys' written at S − T .. S; tables (B·H, m, 2^bits, Dv)
+// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H_s, D·m·bits) float32, packed; buffer
+// (B·H_s, capacity, m) int32 codes, the new keys' written at S − T .. S; tables (B·H_s, m, 2^bits, Dv)
 // of the cached real keys' value sums, the new real keys' added; visible (B, T, S) or null; out
 // (B, T, H, Dv); scored (B·H·T) the covered keys; empty (B·H·T) whether an output is all zeros;
-// last_key (B·H_kv, D) receives each key head's last key. Units are batch-heads.
+// last_key (B·H_kv, D) receives each key head's last key. Units are store heads (B·H_s).
 #define LSHATTN_YOSO_DECODE(suffix, scalar_t)                                                                         \
     void lshattn_yoso_decode_##suffix(                                                                                \
         const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int32_t* buffer,                \
         scalar_t* tables, const uint8_t* visible, scalar_t* out, int64_t* scored, int64_t* empty, scalar_t* last_key, \
-        int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t m, int64_t bits,                \
-        int64_t capacity, int64_t sinks, int64_t window, int normalize, int64_t unit_begin, int64_t unit_end) {       \
+        int64_t H, int64_t H_kv, int64_t shared, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t m,              \
+        int64_t bits, int64_t capacity, int64_t sinks, int64_t window, int normalize, int64_t unit_begin,             \
+        int64_t unit_end) {                                                                                           \
         yoso_decode_units<scalar_t>(q, k, v, planes, buffer, tables, visible, out, scored, empty, last_key, H, H_kv,  \
-                                    T, S, D, Dv, m, bits, capacity, sinks, window, normalize, unit_begin, unit_end);  \
+                                    shared, T, S, D, Dv, m, bits, capacity, sinks, window, normalize, unit_begin,     \
+                                    unit_end);                                                                        \
     }
 LSHATTN_YOSO_DECODE(f32, float)
 LSHATTN_YOSO_DECODE(f64, double)
 
-// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H, D·R·8) float32, packed; buffer
-// (B·H, R, capacity) the keys' sketches, the new keys' written at S − T .. S; keep (S + 1,) the
+// q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H_s, D·R·8) float32, packed; buffer
+// (B·H_s, R, capacity) the keys' sketches, the new keys' written at S − T .. S; keep (S + 1,) the
 // keys kept of n candidates; visible (B, T, S) or null; out (B, T, H, Dv); scored (B·H·T) the keys
 // each query scored; empty (B·H·T) whether its output is all zeros; last_key (B·H_kv, D) receives
-// each key head's last key. Units are batch-heads.
+// each key head's last key. Units are store heads (B·H_s).
 #define LSHATTN_SKETCH_DECODE(suffix, scalar_t)                                                                        \
     void lshattn_sketch_decode_##suffix(                                                                               \
         const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, uint8_t* buffer,                 \
         const int64_t* keep, const uint8_t* visible, scalar_t* out, int64_t* scored, int64_t* empty,                  \
-        scalar_t* last_key, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t R,           \
-        int64_t capacity, int64_t sinks, int64_t window, double scale, int64_t unit_begin, int64_t unit_end) {         \
-        sketch_decode_units<scalar_t>(q, k, v, planes, buffer, keep, visible, out, scored, empty, last_key, H, H_kv, T, \
-                                      S, D, Dv, R, capacity, sinks, window, scale, unit_begin, unit_end);              \
+        scalar_t* last_key, int64_t H, int64_t H_kv, int64_t shared, int64_t T, int64_t S, int64_t D, int64_t Dv,      \
+        int64_t R, int64_t capacity, int64_t sinks, int64_t window, double scale, int64_t unit_begin,                  \
+        int64_t unit_end) {                                                                                            \
+        sketch_decode_units<scalar_t>(q, k, v, planes, buffer, keep, visible, out, scored, empty, last_key, H, H_kv,    \
+                                      shared, T, S, D, Dv, R, capacity, sinks, window, scale, unit_begin, unit_end);   \
     }
 LSHATTN_SKETCH_DECODE(f32, float)
 LSHATTN_SKETCH_DECODE(f64, double)

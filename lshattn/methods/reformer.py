@@ -29,7 +29,7 @@ from lshattn.hashing import (
     MAX_BUCKETS_PER_FACTOR,
     angular_buckets,
     angular_factors,
-    draw_normal,
+    draw_per_group,
     inverse_order,
     sort_order,
 )
@@ -207,7 +207,9 @@ class Reformer(SparseMethod):
         same_tokens = self.shared_qk and _same_mask(inputs.query_padding_mask, inputs.key_padding_mask)
 
         factors = angular_factors(self.num_buckets)
-        rotations = draw_normal((H, D, self.num_hashes, sum(factors) // 2), inputs.generator, q.device)
+        rotations = draw_per_group(
+            (H, D, self.num_hashes, sum(factors) // 2), inputs.kv_groups, inputs.generator, q.device
+        )
         with torch.no_grad():
             q_buckets = angular_buckets(q_pad, rotations, factors)
             q_order = sort_order(q_buckets, q_valid)
@@ -265,7 +267,9 @@ class Reformer(SparseMethod):
         B, H, T, D = q.shape
         dtype = compute_dtype(q.dtype)
         factors = angular_factors(self.num_buckets)
-        rotations = draw_normal((H, D, self.num_hashes, sum(factors) // 2), inputs.generator, q.device)
+        rotations = draw_per_group(
+            (H, D, self.num_hashes, sum(factors) // 2), inputs.kv_groups, inputs.generator, q.device
+        )
         with torch.no_grad():
             q_buckets, k_buckets = angular_buckets(q, rotations, factors), angular_buckets(k, rotations, factors)
             collisions = build_collisions(

@@ -23,7 +23,7 @@ from torch import Tensor
 from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output, pad_length
 from lshattn.cost import Cost
-from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, simhash_codes, simhash_flops
+from lshattn.hashing import MAX_SIMHASH_BITS, draw_per_group, simhash_codes, simhash_flops
 from lshattn.local import CoverRule, cover_rule, local_pairs, local_scores, merge_local, with_local_cost
 
 __all__ = [
@@ -164,7 +164,7 @@ class SimHash(SparseMethod):
         _, H, T, D = q.shape
         dtype = compute_dtype(q.dtype)
 
-        planes = self.planes(H, D, inputs.generator, q.device)
+        planes = self.planes(H, D, inputs.generator, q.device, inputs.kv_groups)
         importance = self.mode == "importance"
         with torch.no_grad():
             q_codes, k_codes = simhash_codes(q, planes), simhash_codes(k, planes)
@@ -215,10 +215,13 @@ class SimHash(SparseMethod):
         aux = SimHashAux(q_codes, k_codes, dot_products, collisions.scores_computed)
         return out, aux
 
-    def planes(self, H: int, D: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """`(H, D, num_hashes, num_bits)` projections, drawn from ``generator``: a call and the
-        decoding steps after it (``lshattn.decode``) hash alike with the same generator state."""
-        return draw_normal((H, D, self.num_hashes, self.num_bits), generator, device)
+    def planes(
+        self, H: int, D: int, generator: torch.Generator | None, device: torch.device, groups: int = 1
+    ) -> Tensor:
+        """`(H, D, num_hashes, num_bits)` projections, drawn from ``generator``, one a ``groups``
+        heads (``hashing.draw_per_group``): a call and the decoding steps after it
+        (``lshattn.decode``) hash alike with the same generator state."""
+        return draw_per_group((H, D, self.num_hashes, self.num_bits), groups, generator, device)
 
     def table_codes(self, codes: Tensor) -> tuple[Tensor, int]:
         """The codes pairs collide on, from `(B, H, num_hashes, L)` SimHash codes, and their bits:

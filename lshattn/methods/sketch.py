@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lshattn.api import Inputs, SparseMethod
 from lshattn.cost import Cost
-from lshattn.hashing import draw_normal, simhash_codes
+from lshattn.hashing import draw_per_group, simhash_codes
 from lshattn.local import local_cost
 from lshattn.methods.topk import attend_top_keys
 
@@ -87,16 +87,19 @@ class SketchTopK(SparseMethod):
                 f"{self.num_bits}; 256 bits retrieve where 64 lose a passkey in two"
             )
 
-    def planes(self, H: int, D: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """`(H, D, num_bits / 8, 8)` projections, a byte's worth per table, drawn from ``generator``:
-        a call and the decoding steps after it sketch alike with the same generator state."""
-        return draw_normal((H, D, self.num_bits // 8, 8), generator, device)
+    def planes(
+        self, H: int, D: int, generator: torch.Generator | None, device: torch.device, groups: int = 1
+    ) -> Tensor:
+        """`(H, D, num_bits / 8, 8)` projections, a byte's worth per table, drawn from ``generator``,
+        one a ``groups`` heads (``hashing.draw_per_group``): a call and the decoding steps after it
+        sketch alike with the same generator state."""
+        return draw_per_group((H, D, self.num_bits // 8, 8), groups, generator, device)
 
     def _attend(self, inputs: Inputs) -> tuple[Tensor, SketchTopKAux]:
         q, k = inputs.q, inputs.k
         B, H, T, D = q.shape
         S = k.shape[2]
-        planes = self.planes(H, D, inputs.generator, q.device)
+        planes = self.planes(H, D, inputs.generator, q.device, inputs.kv_groups)
         with torch.no_grad():
             ranking = sketch_estimates(query_weights(q, planes), key_sketches(k, planes))
         out, selected = attend_top_keys(inputs, ranking, self.fraction, self.sinks, self.window)

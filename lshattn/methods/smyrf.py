@@ -22,7 +22,7 @@ from lshattn.blocks import (
     sorted_block_attention,
 )
 from lshattn.cost import Cost, sorted_blocks_cost
-from lshattn.hashing import draw_normal, e2lsh_projection, inverse_order, sort_order, xbox_plus
+from lshattn.hashing import draw_per_group, e2lsh_projection, inverse_order, sort_order, xbox_plus
 from lshattn.local import local_pairs, merge_counted, with_local_cost
 
 __all__ = ["RandomClusters", "SMYRF", "SMYRFAux"]
@@ -114,7 +114,7 @@ class SMYRF(SparseMethod):
         q_pad, k_pad, v_pad = pad_tokens(q.to(dtype), t_pad), pad_tokens(k.to(dtype), s_pad), pad_tokens(v.to(dtype), s_pad)
 
         with torch.no_grad():
-            q_proj, k_proj = self._projections(q_pad, k_pad, q_valid, k_valid, inputs.generator)
+            q_proj, k_proj = self._projections(q_pad, k_pad, q_valid, k_valid, inputs.generator, inputs.kv_groups)
             q_order, k_order = sort_order(q_proj, q_valid), sort_order(k_proj, k_valid)
             key_blocks = matched_key_blocks(q_valid, k_valid, layout)
 
@@ -148,16 +148,17 @@ class SMYRF(SparseMethod):
         return out, aux
 
     def _projections(
-        self, q: Tensor, k: Tensor, q_valid: Tensor, k_valid: Tensor, generator: torch.Generator | None
+        self, q: Tensor, k: Tensor, q_valid: Tensor, k_valid: Tensor, generator: torch.Generator | None, groups: int
     ) -> tuple[Tensor, Tensor]:
         """`(B, H, R, Tp)`, `(B, H, R, Sp)`: the values queries and keys are sorted by in each round,
-        XBOX+ then one shared Gaussian direction per round and head.
+        XBOX+ then one shared Gaussian direction per round and head (per key head under GQA:
+        ``groups`` query heads share it).
 
         Args:
             q: `(B, H, Tp, D)`, k: `(B, H, Sp, D)`, padded; q_valid `(B, Tp)`, k_valid `(B, Sp)`.
         """
         H, D = q.shape[1], q.shape[-1]
-        directions = draw_normal((H, self.num_hashes, D + 2), generator, q.device)
+        directions = draw_per_group((H, self.num_hashes, D + 2), groups, generator, q.device)
         q_aug, k_aug = xbox_plus(q, k, q_valid, k_valid)
         return e2lsh_projection(q_aug, directions), e2lsh_projection(k_aug, directions)
 
@@ -198,9 +199,10 @@ class RandomClusters(SMYRF):
     name: ClassVar[str] = "random"
 
     def _projections(
-        self, q: Tensor, k: Tensor, q_valid: Tensor, k_valid: Tensor, generator: torch.Generator | None
+        self, q: Tensor, k: Tensor, q_valid: Tensor, k_valid: Tensor, generator: torch.Generator | None, groups: int
     ) -> tuple[Tensor, Tensor]:
-        """One independent Gaussian direction for queries and one for keys, per round and head."""
+        """One independent Gaussian direction for queries and one for keys, per round and head
+        (per key head under GQA)."""
         H, D = q.shape[1], q.shape[-1]
-        directions = draw_normal((2, H, self.num_hashes, D), generator, q.device)
+        directions = draw_per_group((2, H, self.num_hashes, D), groups, generator, q.device, head_dim=1)
         return e2lsh_projection(q, directions[0]), e2lsh_projection(k, directions[1])

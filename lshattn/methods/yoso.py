@@ -21,7 +21,7 @@ from lshattn import kernels
 from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output
 from lshattn.cost import Cost
-from lshattn.hashing import MAX_SIMHASH_BITS, draw_normal, simhash_codes, simhash_flops
+from lshattn.hashing import MAX_SIMHASH_BITS, draw_per_group, simhash_codes, simhash_flops
 from lshattn.local import LocalPairs, local_pairs, with_local_cost
 from lshattn.methods.simhash import Collisions, build_collisions
 
@@ -163,7 +163,8 @@ class YOSO(SparseMethod):
             out = ExpectationCumulation.apply(q_hat, k_hat, v.to(dtype), visible, self.num_bits, self.backward)
             aux = YOSOAux(None, None, B * H * T * S)
         else:
-            planes = draw_normal((H, D, self.num_hashes, self.num_bits), inputs.generator, q.device)
+            shape = (H, D, self.num_hashes, self.num_bits)
+            planes = draw_per_group(shape, inputs.kv_groups, inputs.generator, q.device)
             code_dtype = torch.int32 if self.num_bits <= 31 else torch.long  # half the memory traffic
             with torch.no_grad():
                 q_codes = simhash_codes(q, planes, tables_last=True, dtype=code_dtype)  # (B, H, T, m)
