@@ -471,3 +471,30 @@ def test_cli_prefill_flag(tmp_path, monkeypatch):
     monkeypatch.setattr(longctx_report, "targets", lambda results: [])
     assert cli.main(["longctx", "--prefill", "exact", "--out", str(tmp_path), "--no-progress"]) == 0
     assert calls[0] == longctx.LongCtxConfig().exact_prefill()
+
+
+def test_a_shared_projection_run_keeps_a_store_a_key_head(tiny_report, tmp_path, monkeypatch):
+    """``gqa="shared"`` (``--gqa shared``): its cells are keyed apart from the default's (none is
+    reused), SimHash's stores hold a key head's codes (half the default's at 4 query heads over
+    2 key heads), the command names the flag; a bad mode is refused before running."""
+    results, out = tiny_report
+    (tmp_path / "report.json").write_text((out / "report.json").read_text())
+    config = dataclasses.replace(
+        TINY, lengths=(96,), budgets=(0.25,), methods=(SIMHASH,), references=(), passkey_lengths=(), gqa="shared"
+    )
+    shared = longctx.run(config, tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(),
+                         progress=False)  # fmt: skip
+    assert shared["reused_cells"] == 0
+    store = {r["text"]: r["store_bytes"] for r in shared["speed"]["rows"][0]["methods"] if "text" in r}
+    default = {r["text"]: r["store_bytes"] for r in results["speed"]["rows"][0]["methods"] if "text" in r}
+    assert 0 < store[SIMHASH] < default[SIMHASH]
+    assert rows(shared, 96)[(0.25, SIMHASH)]["decode_ppl"] != rows(results, 96)[(0.25, SIMHASH)]["decode_ppl"]
+    assert longctx.command(longctx.LongCtxConfig(gqa="shared")) == "`lshattn longctx --seed 0 --gqa shared --out DIR`"
+    with pytest.raises(ValueError, match="gqa must be one of"):
+        longctx.run(dataclasses.replace(config, gqa="kv"), tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(),
+                    corpus=corpus(), progress=False)  # fmt: skip
+    calls = []
+    monkeypatch.setattr(longctx, "run", lambda config, out, **kw: calls.append(config) or {"seconds": 0.0})
+    monkeypatch.setattr(longctx_report, "targets", lambda results: [])
+    assert cli.main(["longctx", "--gqa", "shared", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert calls[0] == longctx.LongCtxConfig(gqa="shared")
