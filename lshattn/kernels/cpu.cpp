@@ -692,21 +692,27 @@ struct KeyList {
     }
 };
 
-// The codes of n consecutive rows of x (D values each): row i's table r into dest[i·row_stride +
-// r·table_stride], PROJECT_ROWS rows at a time. A decoding step hashes its new keys once per
-// store head, and the queries of every query head that reads the store.
+// The codes of a store head's T new keys (`keys`, T rows of D values: row i's table r into
+// key_codes[i·key_stride + r·table_stride]) and of `queries` rows (query i's into
+// query_codes[i·tables + r]; none for SketchTopK), PROJECT_ROWS rows at a time: a decoding step's
+// key and the queries of the query heads that read the store go through one projection.
 template <typename scalar_t, typename code_t>
-void hash_consecutive(const scalar_t* x, int64_t n, const float* planes, code_t* dest, int64_t row_stride,
-                      int64_t table_stride, int64_t D, int64_t tables, int64_t bits, std::vector<float>& scratch,
-                      std::vector<float>& proj, std::vector<uint64_t>& words) {
-    for (int64_t first = 0; first < n; first += PROJECT_ROWS) {
-        const int64_t rows = std::min(PROJECT_ROWS, n - first);
+void hash_step(const scalar_t* keys, int64_t T, code_t* key_codes, int64_t key_stride, int64_t table_stride,
+               const scalar_t* q, int64_t queries, code_t* query_codes, const float* planes, int64_t D,
+               int64_t tables, int64_t bits, std::vector<float>& scratch, std::vector<float>& proj,
+               std::vector<uint64_t>& words) {
+    for (int64_t first = 0; first < T + queries; first += PROJECT_ROWS) {
+        const int64_t rows = std::min(PROJECT_ROWS, T + queries - first);
         const scalar_t* row[PROJECT_ROWS];
-        code_t* out[PROJECT_ROWS];
+        code_t* dest[PROJECT_ROWS];
         int64_t stride[PROJECT_ROWS];
-        for (int64_t i = 0; i < rows; ++i)
-            row[i] = x + (first + i) * D, out[i] = dest + (first + i) * row_stride, stride[i] = table_stride;
-        hash_rows(row, rows, planes, D, tables, bits, out, stride, scratch, proj, words);
+        for (int64_t i = 0, n = first; i < rows; ++i, ++n) {
+            const bool is_key = n < T;
+            row[i] = is_key ? keys + n * D : q + (n - T) * D;
+            dest[i] = is_key ? key_codes + n * key_stride : query_codes + (n - T) * tables;
+            stride[i] = is_key ? table_stride : 1;
+        }
+        hash_rows(row, rows, planes, D, tables, bits, dest, stride, scratch, proj, words);
     }
 }
 
@@ -731,10 +737,8 @@ void simhash_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* 
         int16_t* head_codes = buffer + bs * R * capacity;
         if (first_head % groups == 0)
             std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
-        hash_consecutive(kb + (S - T) * D, T, head_planes, head_codes + (S - T), 1, capacity, D, R, bits, scratch,
-                         proj, words);
-        hash_consecutive(q + (b * H + first_head) * T * D, shared * T, head_planes, q_codes.data(), R, 1, D, R, bits,
-                         scratch, proj, words);
+        hash_step(kb + (S - T) * D, T, head_codes + (S - T), 1, capacity, q + (b * H + first_head) * T * D,
+                  shared * T, q_codes.data(), head_planes, D, R, bits, scratch, proj, words);
         for (int64_t i = 0; i < shared * T; ++i) {  // the store's queries: query head first_head + i / T
             const int64_t h = first_head + i / T, t = i % T;
             const int64_t unit = (b * H + h) * T + t, position = S - T + t;
@@ -848,10 +852,8 @@ void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
             std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
         scalar_t* head_tables = tables + bs * m * buckets * Dv;  // (m, 2^τ, Dv)
         const uint8_t* real = visible ? visible + (b * T + T - 1) * S : nullptr;  // the last query sees every real key
-        hash_consecutive(kb + (S - T) * D, T, head_planes, head_codes + (S - T) * m, m, 1, D, m, bits, scratch, proj,
-                         words);
-        hash_consecutive(q + (b * H + first_head) * T * D, shared * T, head_planes, q_codes.data(), m, 1, D, m, bits,
-                         scratch, proj, words);
+        hash_step(kb + (S - T) * D, T, head_codes + (S - T) * m, m, 1, q + (b * H + first_head) * T * D, shared * T,
+                  q_codes.data(), head_planes, D, m, bits, scratch, proj, words);
         for (int64_t i = 0; i < shared * T; ++i) {  // the store's queries: query head first_head + i / T
             const int64_t h = first_head + i / T, t = i % T;
             const int64_t unit = (b * H + h) * T + t, position = S - T + t;
@@ -998,8 +1000,9 @@ void sketch_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v
         uint8_t* head_sketches = buffer + bs * R * capacity;  // (R, capacity)
         if (first_head % groups == 0)
             std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
-        hash_consecutive(kb + (S - T) * D, T, head_planes, head_sketches + (S - T), 1, capacity, D, R, int64_t(8),
-                         scratch, proj, words);  // the keys only: a query's weights are its float64 projections
+        // the keys only: a query's weights are its float64 projections
+        hash_step(kb + (S - T) * D, T, head_sketches + (S - T), 1, capacity, q, int64_t(0), head_sketches, head_planes,
+                  D, R, int64_t(8), scratch, proj, words);
         const uint8_t* real = visible ? visible + (b * T + T - 1) * S : nullptr;  // the last query sees every real key
         for (int64_t i = 0; i < shared * T; ++i) {  // the store's queries: query head first_head + i / T
             const int64_t h = first_head + i / T, t = i % T;
