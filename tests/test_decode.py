@@ -669,3 +669,19 @@ def test_a_fixed_size_cache_is_refused_with_the_fix():
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static"), expected)
     hf.use(model, None)
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static"), expected)
+
+
+def test_store_buffers_grow_by_a_quarter_and_keep_their_slots():
+    """``with_room``: the buffer itself while it has room; else one a quarter longer (64 slots at
+    least), its first ``length`` slots copied: a decoding step after a long prompt leaves a fifth
+    of the store empty, not half, and growing stays amortised O(1) (a copy every L/4 slots)."""
+    from lshattn.decode.common import with_room
+
+    buffer = torch.arange(2 * 3 * 800).view(2, 3, 800)
+    assert with_room(buffer, 700, 800) is buffer
+    grown = with_room(buffer, 800, 801)
+    assert grown.shape == (2, 3, 1000) and torch.equal(grown[..., :800], buffer)
+    assert with_room(buffer[..., :10].contiguous(), 10, 11).shape[-1] == 74  # 64 slots more at least
+    assert with_room(buffer, 800, 5000).shape[-1] == 5000  # what is needed, when more than a quarter
+    grown = with_room(buffer, 3, 900, dim=1)  # any dim; only the first `length` slots are kept
+    assert grown.shape == (2, 900, 800) and torch.equal(grown[:, :3], buffer)

@@ -19,6 +19,7 @@ from lshattn.blocks import compute_dtype
 from lshattn.decode.common import (
     Step,
     appended,
+    code_dtype,
     continues,
     covered_keys,
     drawn_from,
@@ -50,8 +51,8 @@ class YOSOStore:
         planes: `(H_s, D, m, τ)` its projections: H_s = H query heads, or H_kv key heads when
             the store is kept per key head (``decode.step(..., per_kv_head=True)``: the tables of a
             key head then serve its G query heads, one add per new key).
-        buffer: `(B, H_s, capacity, m)` the bucket of each cached key in each hash (int32, int64
-            above 31 bits) in its first ``length`` slots (``codes``).
+        buffer: `(B, H_s, capacity, m)` the bucket of each cached key in each hash (``code_dtype``:
+            int16 up to 15 bits, half of int32's memory) in its first ``length`` slots (``codes``).
         length: S, the keys hashed.
         tables: `(B, H_s·m·2^τ, Dv)`: row ``((b·H_s + h)·m + i)·2^τ + c`` of its flat view sums the
             values of the real cached keys of bucket c in hash i; None when 2^τ was above the keys
@@ -76,9 +77,11 @@ class YOSOStore:
 
 
 def _yoso_codes(planes: Tensor, x: Tensor, num_bits: int) -> Tensor:
-    """`(B, H, L, m)` bucket codes of `(B, H, L, D)` ``x``."""
+    """`(B, H, L, m)` bucket codes of `(B, H, L, D)` ``x``, in the smallest type that holds them
+    (``code_dtype``; hashed as int32 or int64, which the hashing packs into)."""
     with torch.no_grad():
-        return simhash_codes(x, planes, tables_last=True, dtype=torch.int32 if num_bits <= 31 else torch.long)
+        codes = simhash_codes(x, planes, tables_last=True, dtype=torch.int32 if num_bits <= 31 else torch.long)
+        return codes.to(code_dtype(num_bits))
 
 
 def _table_rows(codes: Tensor, B: int, H: int, num_bits: int) -> Tensor:
@@ -163,6 +166,7 @@ def yoso_step(
     if (
         store.tables is not None
         and store.tables.dtype == q.dtype
+        and store.buffer.dtype == torch.int16  # the kernel's codes: up to 15 bits
         and not differentiable
         and kernels.decodes_natively(q, k, v, visible)
     ):

@@ -409,8 +409,8 @@ def yoso_decode(
             one dtype, float32 or float64.
         planes: `(H_s, D·m·bits)` the projections, packed (``packed_planes``), H_s = H / ``shared``
             store heads, each read by ``shared`` consecutive query heads (1, or G: a key head's).
-        buffer: `(B, H_s, capacity, m)` int32, contiguous, capacity >= S: the cached keys' codes in
-            the first S − T slots; the new keys' are written after them.
+        buffer: `(B, H_s, capacity, m)` int16 (codes of at most 15 bits), contiguous, capacity >= S:
+            the cached keys' codes in the first S − T slots; the new keys' are written after them.
         tables: `(B, H_s·m·2^bits, Dv)` of q's dtype, contiguous: the value sums of the cached real
             keys by bucket (``decode.yoso.YOSOStore``), grown in place by the new real keys' once a
             store head, after its query heads read them.
@@ -423,6 +423,8 @@ def yoso_decode(
     """
     B, H, T, D = q.shape
     m = buffer.shape[-1]
+    if buffer.dtype != torch.int16 or bits > 15:
+        raise ValueError(f"yoso_decode takes int16 codes of at most 15 bits, got {buffer.dtype} and bits={bits}")
     sizes = (m, bits, buffer.shape[2], sinks, -1 if window is None else window)
     threaded = B * H * T * m * (D * bits + v.shape[-1]) >= THREADED_YOSO_WORK
     return _decode_step(

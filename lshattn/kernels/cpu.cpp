@@ -830,13 +830,13 @@ scalar_t power(scalar_t x, int64_t n) {
 }
 
 template <typename scalar_t>
-void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int32_t* buffer,
+void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int16_t* buffer,
                        scalar_t* tables, const uint8_t* visible, scalar_t* out, int64_t* scored, int64_t* empty,
                        scalar_t* last_key, int64_t H, int64_t H_kv, int64_t shared, int64_t T, int64_t S, int64_t D,
                        int64_t Dv, int64_t m, int64_t bits, int64_t capacity, int64_t sinks, int64_t window,
                        int normalize, int64_t unit_begin, int64_t unit_end) {
     KeyList list(S);
-    std::vector<int32_t> q_codes(shared * T * m);
+    std::vector<int16_t> q_codes(shared * T * m);
     std::vector<float> scratch, proj;
     std::vector<uint64_t> words;
     std::vector<scalar_t> q_unit(D);
@@ -847,7 +847,7 @@ void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
         const scalar_t* kb = k + kv * S * D;
         const scalar_t* vb = v + kv * S * Dv;
         const float* head_planes = planes + bs % H_s * D * K;
-        int32_t* head_codes = buffer + bs * capacity * m;  // (capacity, m)
+        int16_t* head_codes = buffer + bs * capacity * m;  // (capacity, m)
         if (first_head % groups == 0)
             std::copy(kb + (S - 1) * D, kb + S * D, last_key + kv * D);  // the store's check of its cache
         scalar_t* head_tables = tables + bs * m * buckets * Dv;  // (m, 2^τ, Dv)
@@ -857,7 +857,7 @@ void yoso_decode_units(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
         for (int64_t i = 0; i < shared * T; ++i) {  // the store's queries: query head first_head + i / T
             const int64_t h = first_head + i / T, t = i % T;
             const int64_t unit = (b * H + h) * T + t, position = S - T + t;
-            const int32_t* codes = q_codes.data() + i * m;
+            const int16_t* codes = q_codes.data() + i * m;
             const uint8_t* sees = visible ? visible + (b * T + t) * S : nullptr;
             scalar_t* o = out + ((b * T + t) * H + h) * Dv;  // (B, T, H, Dv): the model's layout
             std::fill(o, o + Dv, scalar_t(0));
@@ -1120,13 +1120,13 @@ LSHATTN_SIMHASH_DECODE(f32, float)
 LSHATTN_SIMHASH_DECODE(f64, double)
 
 // q (B·H, T, D), k (B·H_kv, S, D), v (B·H_kv, S, Dv); planes (H_s, D·m·bits) float32, packed; buffer
-// (B·H_s, capacity, m) int32 codes, the new keys' written at S − T .. S; tables (B·H_s, m, 2^bits, Dv)
+// (B·H_s, capacity, m) int16 codes, the new keys' written at S − T .. S; tables (B·H_s, m, 2^bits, Dv)
 // of the cached real keys' value sums, the new real keys' added; visible (B, T, S) or null; out
 // (B, T, H, Dv); scored (B·H·T) the covered keys; empty (B·H·T) whether an output is all zeros;
 // last_key (B·H_kv, D) receives each key head's last key. Units are store heads (B·H_s).
 #define LSHATTN_YOSO_DECODE(suffix, scalar_t)                                                                         \
     void lshattn_yoso_decode_##suffix(                                                                                \
-        const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int32_t* buffer,                \
+        const scalar_t* q, const scalar_t* k, const scalar_t* v, const float* planes, int16_t* buffer,                \
         scalar_t* tables, const uint8_t* visible, scalar_t* out, int64_t* scored, int64_t* empty, scalar_t* last_key, \
         int64_t H, int64_t H_kv, int64_t shared, int64_t T, int64_t S, int64_t D, int64_t Dv, int64_t m,              \
         int64_t bits, int64_t capacity, int64_t sinks, int64_t window, int normalize, int64_t unit_begin,             \
