@@ -34,7 +34,7 @@ Decisions a user should know:
   query heads of a group into the query length would change the method (queries of different
   heads would share clusters or buckets, and causal masks and SMYRF's cluster counts break).
 * **Cached decoding** (causal, fewer queries than keys, e.g. ``generate`` after the prompt):
-  every method but ``Dense`` and YOSO-E runs its own decoding step (``lshattn.decode``), with a
+  every method but ``Dense`` runs its own decoding step (``lshattn.decode``), with a
   store in each layer that grows with the cache: only the new keys are hashed. ``SimHash``,
   ``YOSO`` (bucket tables of the cached values), ``SketchTopK`` (the keys' sketches), ``TopK``
   and ``Local`` are strictly causal, so

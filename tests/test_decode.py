@@ -70,6 +70,8 @@ SETTINGS = {
     "yoso-tables": lshattn.YOSO(num_hashes=4, num_bits=2),  # 4 buckets, 9 cached keys: tables
     "yoso-codes": lshattn.YOSO(num_hashes=3, num_bits=6),  # 64 buckets: codes compared
     "yoso-unnormalised-sinks-window": lshattn.YOSO(num_hashes=4, num_bits=3, normalize_output=False, sinks=2, window=3),
+    "yoso-e": lshattn.YOSO(num_bits=3, expectation=True),
+    "yoso-e-unnormalised": lshattn.YOSO(num_bits=5, expectation=True, normalize_output=False),
     "topk": lshattn.TopK(fraction=0.3),
     "topk-tail-sinks-window": lshattn.TopK(fraction=0.2, tail=True, sinks=1, window=2),
     "sketchtopk": lshattn.SketchTopK(fraction=0.3, num_bits=16),

@@ -21,6 +21,8 @@ store in place. What each method keeps (one module each):
   (when the 2^τ buckets are fewer than the keys; otherwise the codes are compared, O(S·m)), plus
   the keys' codes for the sinks and window. The causal prefill sums the same keys, so decoding
   reproduces it.
+* YOSO-E (``YOSO(expectation=True)``, ``yoso.py``): no store; the exact kernel
+  ``(1 − θ/π)^τ`` over every visible cached key, as its prefill (O(S) a query, as exact attention).
 * ``Reformer``, ``SMYRF`` (``rounds.py``): each cached key's bucket, or projection, per round; a
   new query attends its bucket, or its ``k_cluster_size`` nearest keys in projection, in each
   round. That is ``Reformer(whole_buckets=True)``'s causal prefill, which decoding reproduces;
@@ -52,7 +54,7 @@ from lshattn.decode.rounds import RoundsStore, rounds_step
 from lshattn.decode.selection import selection_step
 from lshattn.decode.simhash import SimHashStore, simhash_step
 from lshattn.decode.sketch import SketchStore, sketch_step
-from lshattn.decode.yoso import TABLE_ADD_ROWS, YOSOStore, yoso_step
+from lshattn.decode.yoso import TABLE_ADD_ROWS, YOSOStore, expectation_step, yoso_step
 from lshattn.methods import SMYRF, YOSO, Local, RandomClusters, Reformer, SimHash, SketchTopK, TopK
 
 __all__ = [
@@ -87,8 +89,8 @@ def reordered(store: Store, beam_idx: Tensor) -> Store:
 
 def decodes(method: Method | None) -> bool:
     """Whether ``method`` has a decoding step here (``lshattn.hf`` runs exact attention over the
-    cache for those that do not: ``Dense``, YOSO-E, the ``RandomClusters`` control)."""
-    if type(method) is RandomClusters or (isinstance(method, YOSO) and method.expectation):
+    cache for those that do not: ``Dense``, the ``RandomClusters`` control)."""
+    if type(method) is RandomClusters:
         return False
     return isinstance(method, (SimHash, SketchTopK, YOSO, Reformer, SMYRF, TopK, Local))
 
@@ -135,6 +137,8 @@ def step(
             "outputs, while shared-QK attention uses the queries as keys. Generate with use_cache=False (every "
             "step a full forward), or use Reformer(shared_qk=False)"
         )
+    if isinstance(method, YOSO) and method.expectation:
+        return expectation_step(method, q, k, v, visible)
     if isinstance(method, YOSO):  # YOSO's tables need no S-long pass when nothing is padded
         return yoso_step(store, method, q, k, v, visible, generator, per_kv_head)
     if isinstance(method, SimHash):  # SimHash's native step reads positions when nothing is padded

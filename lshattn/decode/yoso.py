@@ -19,6 +19,7 @@ from lshattn.blocks import compute_dtype
 from lshattn.decode.common import (
     Step,
     appended,
+    causal_visible,
     code_dtype,
     continues,
     covered_keys,
@@ -33,9 +34,9 @@ from lshattn.decode.common import (
 )
 from lshattn.hashing import draw_normal, simhash_codes
 from lshattn.methods import YOSO
-from lshattn.methods.yoso import angle
+from lshattn.methods.yoso import angle, expectation_kernel
 
-__all__ = ["TABLE_ADD_ROWS", "YOSOStore", "yoso_step"]
+__all__ = ["TABLE_ADD_ROWS", "YOSOStore", "expectation_step", "yoso_step"]
 
 # Up to this many (key, hash) rows are added to YOSO's tables in one call (a copy of their values
 # per hash); more, as when a whole prompt is stored, one hash at a time.
@@ -260,3 +261,30 @@ def _yoso_local_correction(
     kernel = (1 - theta / math.pi) ** method.num_bits
     weight = kernel - hits / m
     return torch.where(valid[..., None], weight[..., None] * picked, 0.0).sum(-2)
+
+
+def expectation_step(method: YOSO, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None) -> Step:
+    """YOSO-E's decoding step: ``Y_i = Σ_j (1 − θ_ij/π)^τ v_j`` over the visible keys (the
+    expectation YOSO-m samples, computed exactly), L2-normalised with ``normalize_output``: the
+    prefill's kernel (``methods.yoso.expectation_kernel``) for the T new queries, no store; it
+    scores every visible key, as exact attention does. ``visible`` None: no padding.
+
+    Args:
+        q: `(B, H, T, D)`; k, v: `(B, H_kv, S, ·)` (GQA: a key head's G query heads as G·T
+            queries of it); visible: `(B, 1 or H, T, S)` bool or None.
+    """
+    B, H, T, _ = q.shape
+    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups = H // H_kv
+    if visible is None:
+        visible = causal_visible(B, T, S, q.device)
+    dtype = compute_dtype(q.dtype)
+    per_kv_head = (
+        visible.reshape(B, H_kv, groups * T, S) if visible.shape[1] == H else visible.repeat(1, H_kv, groups, 1)
+    )
+    q_hat = F.normalize(fold_heads(q.to(dtype), groups), dim=-1)  # (B, H_kv, G·T, D)
+    kernel = expectation_kernel(q_hat, F.normalize(k.to(dtype), dim=-1), per_kv_head, method.num_bits)[1]
+    out = (kernel @ v.to(dtype)).view(B, H, T, Dv)
+    if method.normalize_output:
+        out = out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)
+    return Step(out.to(q.dtype), None, int(visible.sum()) * (H // visible.shape[1]))

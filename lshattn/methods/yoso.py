@@ -297,7 +297,7 @@ class ExpectationCumulation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_hat: Tensor, k_hat: Tensor, v: Tensor, visible: Tensor | None, num_bits: int, rule: str):
-        kernel = _expectation_kernel(q_hat, k_hat, visible, num_bits)[1]
+        kernel = expectation_kernel(q_hat, k_hat, visible, num_bits)[1]
         ctx.save_for_backward(q_hat, k_hat, v, visible)
         ctx.num_bits, ctx.rule = num_bits, rule
         return kernel @ v
@@ -305,7 +305,7 @@ class ExpectationCumulation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q_hat, k_hat, v, visible = ctx.saved_tensors
-        cosine, kernel = _expectation_kernel(q_hat, k_hat, visible, ctx.num_bits)
+        cosine, kernel = expectation_kernel(q_hat, k_hat, visible, ctx.num_bits)
         grad_v = kernel.transpose(-1, -2) @ grad
         if ctx.rule == "approx":
             weight = kernel.mul_(ctx.num_bits / 2)
@@ -317,7 +317,10 @@ class ExpectationCumulation(torch.autograd.Function):
         return weight @ k_hat, weight.transpose(-1, -2) @ q_hat, grad_v, None, None, None
 
 
-def _expectation_kernel(q_hat: Tensor, k_hat: Tensor, visible: Tensor | None, num_bits: int) -> tuple[Tensor, Tensor]:
+def expectation_kernel(q_hat: Tensor, k_hat: Tensor, visible: Tensor | None, num_bits: int) -> tuple[Tensor, Tensor]:
+    """The cosines `(B, H, T, S)` of unit queries and keys, and YOSO-E's kernel
+    ``(1 − arccos(cos)/π)^τ`` on the visible pairs (``visible`` broadcast; None: all); the
+    decoding step (``lshattn.decode.yoso.expectation_step``) computes it alike."""
     cosine = (q_hat @ k_hat.transpose(-1, -2)).clamp_(-1, 1)
     kernel = (1 - torch.acos(cosine) / math.pi) ** num_bits
     if visible is not None:
