@@ -513,13 +513,14 @@ def test_reformer_and_smyrf_decoding_steps_match_a_brute_force_loop(case):
     + [lshattn.YOSO(num_hashes=3, num_bits=2), lshattn.SimHash(num_hashes=2, num_bits=2, mode="importance", window=2)],
     ids=str,
 )
-def test_beam_search_reorders_the_stores_with_the_cache(method):
+@pytest.mark.parametrize("gqa", hf.GQA_MODES)
+def test_beam_search_reorders_the_stores_with_the_cache(method, gqa):
     """Beam search reorders the cache between steps; the stores follow (``hf`` gives the model a
-    ``_reorder_cache``). For a strictly causal method, decoding through the cache then chooses
-    the beams that full forwards without a cache choose."""
+    ``_reorder_cache``), kept a query head or a key head. For a strictly causal method, decoding
+    through the cache then chooses the beams that full forwards without a cache choose."""
     model = tiny_llama()
     ids, mask = prompt()
-    hf.use(model, method)
+    hf.use(model, method, gqa=gqa)
     settings = {"max_new_tokens": 5, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         cached = model.generate(input_ids=ids, attention_mask=mask, **settings)
