@@ -20,6 +20,7 @@ from lshattn import kernels
 __all__ = [
     "draw_normal",
     "draw_per_group",
+    "hashed_once_a_group",
     "angular_factors",
     "angular_buckets",
     "xbox_plus",
@@ -59,6 +60,16 @@ def draw_per_group(
     drawn = list(shape)
     drawn[head_dim] //= groups
     return draw_normal(tuple(drawn), generator, device).repeat_interleave(groups, head_dim)
+
+
+def hashed_once_a_group(hash_keys, keys: Tensor, planes: Tensor, groups: int) -> Tensor:
+    """``hash_keys(keys, planes)`` for `(B, H, S, D)` keys repeated for ``groups`` consecutive
+    heads (grouped-query inputs, ``Inputs.kv_groups``) and projections drawn a group
+    (``draw_per_group``): hashed on the first head of each group, the result (heads in dim 1)
+    repeated. The same values for 1/``groups`` of the work."""
+    if groups == 1:
+        return hash_keys(keys, planes)
+    return hash_keys(keys[:, ::groups], planes[::groups]).repeat_interleave(groups, dim=1)
 
 
 def angular_factors(num_buckets: int) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -30,6 +31,7 @@ from lshattn.hashing import (
     angular_buckets,
     angular_factors,
     draw_per_group,
+    hashed_once_a_group,
     inverse_order,
     sort_order,
 )
@@ -216,7 +218,9 @@ class Reformer(SparseMethod):
             if same_tokens:
                 k_buckets, k_order = q_buckets, q_order
             else:
-                k_buckets = angular_buckets(k_raw, rotations, factors)
+                k_buckets = hashed_once_a_group(
+                    partial(angular_buckets, factors=factors), k_raw, rotations, inputs.kv_groups
+                )
                 k_order = sort_order(k_buckets, k_valid)
             key_blocks = matched_key_blocks(q_valid, k_valid, layout)
 
@@ -271,7 +275,8 @@ class Reformer(SparseMethod):
             (H, D, self.num_hashes, sum(factors) // 2), inputs.kv_groups, inputs.generator, q.device
         )
         with torch.no_grad():
-            q_buckets, k_buckets = angular_buckets(q, rotations, factors), angular_buckets(k, rotations, factors)
+            q_buckets = angular_buckets(q, rotations, factors)
+            k_buckets = hashed_once_a_group(partial(angular_buckets, factors=factors), k, rotations, inputs.kv_groups)
             collisions = build_collisions(
                 q_buckets, k_buckets, inputs.query_padding_mask, inputs.key_padding_mask,
                 int(self.num_buckets - 1).bit_length(), causal=inputs.causal, dedup=self.correct_duplicates,

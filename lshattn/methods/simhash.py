@@ -23,7 +23,7 @@ from torch import Tensor
 from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output, pad_length
 from lshattn.cost import Cost
-from lshattn.hashing import MAX_SIMHASH_BITS, draw_per_group, simhash_codes, simhash_flops
+from lshattn.hashing import MAX_SIMHASH_BITS, draw_per_group, hashed_once_a_group, simhash_codes, simhash_flops
 from lshattn.local import CoverRule, cover_rule, local_pairs, local_scores, merge_local, with_local_cost
 
 __all__ = [
@@ -167,7 +167,8 @@ class SimHash(SparseMethod):
         planes = self.planes(H, D, inputs.generator, q.device, inputs.kv_groups)
         importance = self.mode == "importance"
         with torch.no_grad():
-            q_codes, k_codes = simhash_codes(q, planes), simhash_codes(k, planes)
+            q_codes = simhash_codes(q, planes)
+            k_codes = hashed_once_a_group(simhash_codes, k, planes, inputs.kv_groups)
             q_tables, table_bits = self.table_codes(q_codes)
             k_tables, _ = self.table_codes(k_codes)
             # Importance weights stand for the keys not found; the covered ones are attended

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lshattn.api import Inputs, SparseMethod
 from lshattn.cost import Cost
-from lshattn.hashing import draw_per_group, simhash_codes
+from lshattn.hashing import draw_per_group, hashed_once_a_group, simhash_codes
 from lshattn.local import local_cost
 from lshattn.methods.topk import attend_top_keys
 
@@ -101,7 +101,8 @@ class SketchTopK(SparseMethod):
         S = k.shape[2]
         planes = self.planes(H, D, inputs.generator, q.device, inputs.kv_groups)
         with torch.no_grad():
-            ranking = sketch_estimates(query_weights(q, planes), key_sketches(k, planes))
+            sketches = hashed_once_a_group(key_sketches, k, planes, inputs.kv_groups)
+            ranking = sketch_estimates(query_weights(q, planes), sketches)
         out, selected = attend_top_keys(inputs, ranking, self.fraction, self.sinks, self.window)
         return out, SketchTopKAux(selected=selected, dot_products=int(selected.sum()), estimates=B * H * T * S)
 

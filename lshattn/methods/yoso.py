@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
@@ -21,7 +22,7 @@ from lshattn import kernels
 from lshattn.api import Inputs, SparseMethod
 from lshattn.blocks import compute_dtype, finish_output
 from lshattn.cost import Cost
-from lshattn.hashing import MAX_SIMHASH_BITS, draw_per_group, simhash_codes, simhash_flops
+from lshattn.hashing import MAX_SIMHASH_BITS, draw_per_group, hashed_once_a_group, simhash_codes, simhash_flops
 from lshattn.local import LocalPairs, local_pairs, with_local_cost
 from lshattn.methods.simhash import Collisions, build_collisions
 
@@ -168,7 +169,9 @@ class YOSO(SparseMethod):
             code_dtype = torch.int32 if self.num_bits <= 31 else torch.long  # half the memory traffic
             with torch.no_grad():
                 q_codes = simhash_codes(q, planes, tables_last=True, dtype=code_dtype)  # (B, H, T, m)
-                k_codes = simhash_codes(k, planes, tables_last=True, dtype=code_dtype)
+                k_codes = hashed_once_a_group(
+                    partial(simhash_codes, tables_last=True, dtype=code_dtype), k, planes, inputs.kv_groups
+                )
             out = LSHCumulation.apply(
                 q_hat, k_hat, v.to(dtype), q_codes, k_codes, inputs.query_padding_mask, inputs.key_padding_mask,
                 self.num_bits, inputs.causal, self.backward,
