@@ -36,6 +36,12 @@ store in place. What each method keeps (one module each):
 
 Sinks and windows are ranked among the real keys, as in the prefill (``lshattn.local``).
 
+Under grouped-query attention K and V are read per key head, never repeated. The stores of
+SimHash, YOSO and SketchTopK are kept a query head (each query head's own projections, as the
+prefill given repeated keys), or, with ``per_kv_head=True``, a key head: its G query heads share
+its projections (as the prefill given the key heads, ``Inputs.kv_groups``), so each new key is
+hashed once and the store is 1/G as large (``lshattn.hf.use(..., gqa="shared")``).
+
 Shape legend: B batch, H query heads, H_kv key heads (H = G·H_kv, GQA), T new queries, S keys
 (cached and new), R tables, m hashes, C the most keys any query lists in the step.
 """
