@@ -12,8 +12,8 @@ cache), where a model's 30 layers are not::
 
     python benchmarks/decode_step.py --context 2048 8000
 
-``--gqa per-query-head shared`` times both kinds of store: a query head's (the default), and a
-key head's shared by its 3 query heads (``hf.use(..., gqa="shared")``: each new key hashed once).
+``--gqa per-query-head shared`` times both kinds of store: a query head's, and a key head's
+shared by its 3 query heads (the default, ``hf.use(..., gqa="shared")``: each new key hashed once).
 
 Results are in docs/longctx.md with the command that made them.
 """
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, nargs="+", default=[2048, 8000])
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--gqa", nargs="+", choices=["per-query-head", "shared"], default=["per-query-head"])
+    parser.add_argument("--gqa", nargs="+", choices=["per-query-head", "shared"], default=["shared"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(

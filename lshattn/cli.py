@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     longctx_parser.add_argument("--corpus", choices=["wikipedia", "bible"], help="the text (default: wikipedia)")
     longctx_parser.add_argument("--passkey-trials", type=int, help="passkey trials per depth and length (default: 2)")
     longctx_parser.add_argument("--decode-tokens", type=int, help="the last tokens decoded through the cache (256)")
-    longctx_parser.add_argument("--passkey-lengths", nargs="+", type=int, help="passkey prompt lengths (1k to 8k)")
+    longctx_parser.add_argument("--passkey-lengths", nargs="+", type=int, help="passkey prompt lengths (1k to 4k; to 8k with --prefill exact)")
     longctx_parser.add_argument("--passkey-depths", nargs="+", type=float, help="passkey depths, 0 to 1 (5 of them)")
     longctx_parser.add_argument("--speed-contexts", nargs="*", type=int, help="decoding speed contexts (2k, 4k, 8k)")
     longctx_parser.add_argument(
@@ -215,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         "setting; nothing excluded, the oracle joins the passkey)",
     )  # fmt: skip
     longctx_parser.add_argument(
-        "--gqa", choices=["per-query-head", "shared"], default="per-query-head",
-        help="shared: the hashing methods draw projections a key head, shared by its query heads, and "
-        "decoding stores each key head once (hf.use(..., gqa=))",
+        "--gqa", choices=["shared", "per-query-head"], default="shared",
+        help="shared (the default): the hashing methods draw projections a key head, shared by its query heads, "
+        "and decoding stores each key head once; per-query-head: a projection and a store a query head, G times "
+        "the state (hf.use(..., gqa=))",
     )  # fmt: skip
     longctx_parser.add_argument(
         "--fresh", action="store_true",

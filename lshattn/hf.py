@@ -25,14 +25,15 @@ once per forward). This module registers one name, ``"lshattn"``, in both:
 
 Decisions a user should know:
 
-* **Grouped-query attention** (Llama with fewer K/V heads): by default (``gqa="per-query-head"``)
-  K and V are repeated per query head (``repeat_interleave``) before the method runs, and each
-  query head hashes the keys with its own projections; decoding steps read K and V per key
-  head but keep a store (codes, tables, sketches) a query head. ``gqa="shared"`` draws the
-  projections a key head, shared by its query heads, so decoding hashes and stores each key
-  head once (1/G of the store). Either way a query head attends on its own: folding the G
-  query heads of a group into the query length would change the method (queries of different
-  heads would share clusters or buckets, and causal masks and SMYRF's cluster counts break).
+* **Grouped-query attention** (Llama with fewer K/V heads): by default (``gqa="shared"``) the
+  G query heads of a key head share its projections: the methods take the key heads unrepeated
+  (``Inputs.kv_groups``), and decoding hashes and stores each key head once (codes, tables,
+  sketches: 1/G of the state). ``gqa="per-query-head"`` repeats K and V per query head
+  (``repeat_interleave``) and each query head draws its own projections, G times the store
+  (the setting of lshattn before 2026-12-01, and of models saved then). Either way a query head
+  attends on its own: folding the G query heads of a group into the query length would change
+  the method (queries of different heads would share clusters or buckets, and causal masks and
+  SMYRF's cluster counts break).
 * **Cached decoding** (causal, fewer queries than keys, e.g. ``generate`` after the prompt):
   every method but ``Dense`` runs its own decoding step (``lshattn.decode``), with a
   store in each layer that grows with the cache: only the new keys are hashed. ``SimHash``,
@@ -252,7 +253,7 @@ def use(
     redraw_in_training: bool = True,
     allow_shared_qk: bool = False,
     prefill: str = "method",
-    gqa: str = "per-query-head",
+    gqa: str = "shared",
 ) -> PreTrainedModel:
     """Run ``method`` as the attention of ``model`` (in place), or restore exact attention.
 
@@ -280,13 +281,13 @@ def use(
         prefill: ``"method"``: the method in every call; ``"exact"``: exact attention over whole
             sequences (the prompt) and the method in cached decoding steps only.
         gqa: on grouped-query models (Llama with fewer key heads than query heads): with
-            ``"per-query-head"`` each query head draws its own projections (K and V repeated per
-            query head), so the decoding stores hold a query head's codes, tables or sketches:
-            G times the state. ``"shared"`` draws them a key head, shared by its G query heads
-            (the methods take the key heads unrepeated: ``Inputs.kv_groups``), and decoding
-            hashes and stores each key head once (``lshattn.decode.step(..., per_kv_head=True)``):
-            1/G of the store's memory and of its hashing. The two draw different projections, so
-            their outputs differ; no difference on models without GQA.
+            ``"shared"`` the G query heads of a key head share its projections (the methods take
+            the key heads unrepeated: ``Inputs.kv_groups``), and decoding hashes and stores each
+            key head once (``lshattn.decode.step(..., per_kv_head=True)``). ``"per-query-head"``
+            draws projections a query head (K and V repeated per query head), so the decoding
+            stores hold a query head's codes, tables or sketches: G times the state and its
+            hashing, for no better quality (docs/longctx.md, "A store a key head"). The two draw
+            different projections, so their outputs differ; no difference on models without GQA.
 
     Returns:
         ``model``, changed in place. Its training step counter (see ``set_step``) starts at 0 on
@@ -402,7 +403,7 @@ def use_saved(model: PreTrainedModel) -> PreTrainedModel:
         redraw_in_training=record.get("redraw_in_training", True),
         allow_shared_qk=record.get("allow_shared_qk", False),
         prefill=record.get("prefill", "method"),
-        gqa=record.get("gqa", "per-query-head"),
+        gqa=record.get("gqa", "per-query-head"),  # saved before the option: a projection a query head
     )
 
 
@@ -694,7 +695,9 @@ def _dispatch(
                 f"{type(module).__name__} is cross-attention, but Reformer(shared_qk=True) takes its keys "
                 f"from the queries; use Reformer(shared_qk=False) in this layer"
             )
-        key = query  # the method normalises them; the model's key projection goes unused
+        # the method normalises them; the model's key projection goes unused. Keys a query head:
+        # the values a query head too (under GQA with gqa="shared" they come unrepeated)
+        key, value = query, repeat_kv(value, query.shape[1] // value.shape[1])
     counting = state is not None and state.tally is not None
     if state is not None:
         state.store = None  # a forward over whole sequences (a new prompt): decoding starts afresh

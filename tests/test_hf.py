@@ -472,7 +472,7 @@ def test_string_methods_and_layer_listing():
         "redraw_in_training": True,
         "allow_shared_qk": False,
         "prefill": "method",
-        "gqa": "per-query-head",
+        "gqa": "shared",
     }
 
 
@@ -863,6 +863,23 @@ def test_reformer_shared_qk_runs_when_allowed_and_ignores_the_key_projection(tmp
     loaded = hf.use_saved(type(model).from_pretrained(tmp_path).eval())
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).last_hidden_state, out, atol=1e-6, rtol=1e-6)
+
+
+def test_reformer_shared_qk_on_grouped_query_heads_is_the_same_in_both_gqa_modes():
+    """Shared-QK keys are the queries, a query head each: the values follow them per query head
+    (with ``gqa="shared"`` they arrive a key head each), and the projections are a query head's in
+    both modes, so both give the same outputs."""
+    family = FAMILIES["llama"]
+    _, model = build(family)
+    batch = inputs(family)
+    method = lshattn.Reformer(num_hashes=2, bucket_size=4, num_buckets=4, shared_qk=True)
+    outs = {}
+    with torch.no_grad():
+        for gqa in hf.GQA_MODES:
+            hf.use(model, method, allow_shared_qk=True, gqa=gqa)
+            outs[gqa] = hidden(model, batch)
+    assert torch.isfinite(outs["shared"]).all()
+    torch.testing.assert_close(outs["shared"], outs["per-query-head"], atol=0, rtol=0)
 
 
 def test_albert_shared_layers_refuse_layers_but_take_all():

@@ -421,6 +421,16 @@ def test_command_names_the_flags_of_a_known_config():
     assert "LongCtxConfig(**config)" in longctx.command(TINY)
 
 
+def test_the_passkey_reaches_8k_with_an_exact_prefill_only_by_default():
+    """The methods' prefills of ten 8k prompts a cell take hours on 2 cores: the default grid's
+    passkey stops at 4k, the exact prefill's reaches 8k; lengths a user chose stay."""
+    config = longctx.LongCtxConfig()
+    assert config.passkey_lengths == (1024, 2048, 4096)
+    assert config.exact_prefill().passkey_lengths == (1024, 2048, 4096, 8000)
+    chosen = dataclasses.replace(config, passkey_lengths=(2048,))
+    assert chosen.exact_prefill().passkey_lengths == (2048,)
+
+
 def test_exclusions_by_length_and_budget_leave_decoding_speed_alone():
     config = dataclasses.replace(TINY, exclude=(("simhash", 4096, 0.25, "slow"),))
     assert longctx.excluded(config, SIMHASH, 4096, 0.25) == "slow"
@@ -473,28 +483,32 @@ def test_cli_prefill_flag(tmp_path, monkeypatch):
     assert calls[0] == longctx.LongCtxConfig().exact_prefill()
 
 
-def test_a_shared_projection_run_keeps_a_store_a_key_head(tiny_report, tmp_path, monkeypatch):
-    """``gqa="shared"`` (``--gqa shared``): its cells are keyed apart from the default's (none is
-    reused), SimHash's stores hold a key head's codes (half the default's at 4 query heads over
-    2 key heads), the command names the flag; a bad mode is refused before running."""
+def test_a_projection_a_query_head_keeps_a_larger_store_keyed_apart(tiny_report, tmp_path, monkeypatch):
+    """``gqa="per-query-head"`` (``--gqa per-query-head``) against the default ``"shared"``: its
+    cells are keyed apart (none is reused), SimHash's stores hold a query head's codes (twice the
+    default's at 4 query heads over 2 key heads), the command names the flag; a bad mode is
+    refused before running."""
     results, out = tiny_report
+    assert results["config"]["gqa"] == "shared"
     (tmp_path / "report.json").write_text((out / "report.json").read_text())
     config = dataclasses.replace(
-        TINY, lengths=(96,), budgets=(0.25,), methods=(SIMHASH,), references=(), passkey_lengths=(), gqa="shared"
-    )
-    shared = longctx.run(config, tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(),
-                         progress=False)  # fmt: skip
-    assert shared["reused_cells"] == 0
-    store = {r["text"]: r["store_bytes"] for r in shared["speed"]["rows"][0]["methods"] if "text" in r}
-    default = {r["text"]: r["store_bytes"] for r in results["speed"]["rows"][0]["methods"] if "text" in r}
-    assert 0 < store[SIMHASH] < default[SIMHASH]
-    assert rows(shared, 96)[(0.25, SIMHASH)]["decode_ppl"] != rows(results, 96)[(0.25, SIMHASH)]["decode_ppl"]
-    assert longctx.command(longctx.LongCtxConfig(gqa="shared")) == "`lshattn longctx --seed 0 --gqa shared --out DIR`"
+        TINY, lengths=(96,), budgets=(0.25,), methods=(SIMHASH,), references=(), passkey_lengths=(),
+        gqa="per-query-head",
+    )  # fmt: skip
+    own = longctx.run(config, tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(),
+                      progress=False)  # fmt: skip
+    assert own["reused_cells"] == 0
+    store = {r["text"]: r["store_bytes"] for r in own["speed"]["rows"][0]["methods"] if "text" in r}
+    shared = {r["text"]: r["store_bytes"] for r in results["speed"]["rows"][0]["methods"] if "text" in r}
+    assert 0 < shared[SIMHASH] < store[SIMHASH]
+    assert rows(own, 96)[(0.25, SIMHASH)]["decode_ppl"] != rows(results, 96)[(0.25, SIMHASH)]["decode_ppl"]
+    expected = "`lshattn longctx --seed 0 --gqa per-query-head --out DIR`"
+    assert longctx.command(longctx.LongCtxConfig(gqa="per-query-head")) == expected
     with pytest.raises(ValueError, match="gqa must be one of"):
         longctx.run(dataclasses.replace(config, gqa="kv"), tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(),
                     corpus=corpus(), progress=False)  # fmt: skip
     calls = []
     monkeypatch.setattr(longctx, "run", lambda config, out, **kw: calls.append(config) or {"seconds": 0.0})
     monkeypatch.setattr(longctx_report, "targets", lambda results: [])
-    assert cli.main(["longctx", "--gqa", "shared", "--out", str(tmp_path), "--no-progress"]) == 0
-    assert calls[0] == longctx.LongCtxConfig(gqa="shared")
+    assert cli.main(["longctx", "--gqa", "per-query-head", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert calls[0] == longctx.LongCtxConfig(gqa="per-query-head")

@@ -98,6 +98,11 @@ EXCLUDED: tuple[tuple[str, int, float, str], ...] = (
 # The passkey grid leaves the oracle and SketchTopK out: their prefills rank every pair, 3 min a
 # forward at 4k on 2 cores, and a passkey cell runs ten (5 depths, 2 trials).
 PASSKEY_METHODS = (SIMHASH, YOSO, REFORMER, REFORMER_WHOLE, SMYRF, BASELINE)
+# With the methods' prefill the passkey stops at 4k: at 8k SimHash's prefill took 19.5 min for two
+# prompts on 2 cores (2026-11-30), so the ten prompts of each method's cell would take hours. The
+# exact prefill (``exact_prefill``) reaches 8k, where the decoding steps are what differs.
+PASSKEY_LENGTHS = (1024, 2048, 4096)
+EXACT_PASSKEY_LENGTHS = (*PASSKEY_LENGTHS, 8000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +133,9 @@ class LongCtxConfig:
             prompts (and the prefill of the decoded texts) run exact attention, the methods only
             the cached decoding steps (``hf.use(..., prefill="exact")``: the dense prefill of LLM
             decoding systems such as MagicPIG); the prefill columns are then exact's.
-        gqa: ``hf.use``'s ``gqa``: ``"per-query-head"`` projections and decoding stores, or
-            ``"shared"`` by the query heads of a key head (SmolLM2: 3 of them), a store a key head.
+        gqa: ``hf.use``'s ``gqa``: projections ``"shared"`` by the query heads of a key head
+            (SmolLM2: 3 of them), a store a key head; or ``"per-query-head"``, a store a query
+            head (the committed reports of 2026-11-30 and 2026-12-01 ran so).
     """
 
     seed: int = 0
@@ -141,7 +147,7 @@ class LongCtxConfig:
     decode_tokens: int = 256
     exclude: tuple[tuple[str, int, float, str], ...] = EXCLUDED
     passkey_methods: tuple[str, ...] = PASSKEY_METHODS
-    passkey_lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
+    passkey_lengths: tuple[int, ...] = PASSKEY_LENGTHS
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     passkey_trials: int = 2
     passkey_budget: float = 1 / 16
@@ -151,14 +157,18 @@ class LongCtxConfig:
     speed_budget: float = 1 / 16
     chunk: int = 512
     prefill: str = "method"
-    gqa: str = "per-query-head"
+    gqa: str = "shared"
 
     def exact_prefill(self) -> LongCtxConfig:
         """The methods in the cached decoding steps only, every prefill exact (``prefill``). What
         left cells out of the grid was the prefill's cost (the oracle's and SimHash's at 8k, the
-        baseline's wide windows), so nothing is excluded; the oracle joins the passkey methods (a
-        decoding step scores one query against the cache)."""
-        return dataclasses.replace(self, prefill="exact", exclude=(), passkey_methods=self.methods)
+        baseline's wide windows, the passkey at 8k), so nothing is excluded and the default
+        passkey lengths reach 8k; the oracle joins the passkey methods (a decoding step scores
+        one query against the cache)."""
+        lengths = EXACT_PASSKEY_LENGTHS if self.passkey_lengths == PASSKEY_LENGTHS else self.passkey_lengths
+        return dataclasses.replace(
+            self, prefill="exact", exclude=(), passkey_methods=self.methods, passkey_lengths=lengths
+        )
 
     def quick(self) -> LongCtxConfig:
         """A first look in under 5 minutes on 2 CPU cores: 1,024 tokens at 1/4, 32 decoded
@@ -289,7 +299,7 @@ def _decoded_hidden(model: Any, ids: Tensor, n: int, cache: Any) -> Tensor:
 
 def perplexity_cell(
     model: Any, ids: Tensor, method: Method, seed: int, decode_tokens: int, exact: Tensor | None, chunk: int,
-    exact_prefill: Callable[[], Any] | None = None, gqa: str = "per-query-head",
+    exact_prefill: Callable[[], Any] | None = None, gqa: str = "shared",
 ) -> dict:  # fmt: skip
     """Perplexity, KL to exact and the budget spent, in the prefill and in decoding, of one method.
 
@@ -511,7 +521,7 @@ def _stores(model: Any) -> list[Any]:
 
 
 def speed_row(
-    model: Any, ids: Tensor, prefill: Any, method: Method, seed: int, steps: int, gqa: str = "per-query-head"
+    model: Any, ids: Tensor, prefill: Any, method: Method, seed: int, steps: int, gqa: str = "shared"
 ) -> dict:
     """Decode ``steps + 1`` tokens of `(1, context + steps + 1)` ``ids`` with ``method`` from a copy
     of the exact ``prefill`` cache (``hf.use(..., gqa=gqa)``); time the steps after the first
@@ -747,7 +757,7 @@ def command(config: LongCtxConfig) -> str:
     """The command that runs ``config``, where one does."""
     default = LongCtxConfig(seed=config.seed, corpus=config.corpus, gqa=config.gqa)
     corpus = "" if config.corpus == "wikipedia" else f" --corpus {config.corpus}"
-    corpus += "" if config.gqa == "per-query-head" else f" --gqa {config.gqa}"
+    corpus += "" if config.gqa == LongCtxConfig.gqa else f" --gqa {config.gqa}"
     for flags, known in (("", default), (" --quick", default.quick())):
         if config == known.exact_prefill():
             return f"`lshattn longctx{flags} --prefill exact --seed {config.seed}{corpus} --out DIR`"
@@ -791,11 +801,14 @@ def _exact_prefill(model: Any, ids: Tensor, n: int) -> Callable[[], Any]:
 
 
 def _setting_key(config: LongCtxConfig) -> str:
-    """The prefill's and GQA's part of a cell's key: none for the defaults (the keys of earlier reports)."""
+    """The prefill's and GQA's part of a cell's key: none for the methods' prefill and a projection
+    a query head (the keys of the earlier reports)."""
     return ("" if config.prefill == "method" else f"|prefill={config.prefill}") + _gqa_key(config)
 
 
 def _gqa_key(config: LongCtxConfig) -> str:
+    """The GQA part of a cell's key: none for a projection a query head (the cells measured before
+    ``gqa`` existed keep their keys)."""
     return "" if config.gqa == "per-query-head" else f"|gqa={config.gqa}"
 
 
