@@ -197,6 +197,20 @@ def test_a_run_over_part_of_the_grid_keeps_the_other_cells_for_the_next(tiny_rep
     assert not again["unvisited"]
 
 
+def test_a_run_of_the_decoding_speed_alone_writes_its_report(tiny_report, tmp_path, monkeypatch):
+    """No perplexity lengths and no passkey lengths: the speed section alone (reused here from the
+    full run), and a report that says the other targets were not measured."""
+    results, out = tiny_report
+    (tmp_path / "report.json").write_text((out / "report.json").read_text())
+    monkeypatch.setattr(longctx, "_speed_rows", lambda *a, **k: pytest.fail("measured again"))
+    speed_only = dataclasses.replace(TINY, lengths=(), passkey_lengths=())
+    again = longctx.run(speed_only, tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(), progress=False)
+    assert not again["perplexity"]["rows"] and not again["passkey"]["rows"]
+    assert again["speed"]["rows"] == results["speed"]["rows"]
+    report = (tmp_path / "report.md").read_text()
+    assert "Decoding speed" in report and "no perplexity measured" in report and "no passkey measured" in report
+
+
 def test_a_length_past_the_model_positions_is_refused_before_running(tmp_path):
     config = dataclasses.replace(TINY, lengths=(600,))
     with pytest.raises(ValueError, match="has 512 positions, the run asks for 600 tokens"):
@@ -419,6 +433,23 @@ def test_command_names_the_flags_of_a_known_config():
     assert longctx.command(config.exact_prefill()) == "`lshattn longctx --prefill exact --seed 2 --out DIR`"
     assert longctx.command(config.quick().exact_prefill()).startswith("`lshattn longctx --quick --prefill exact")
     assert "LongCtxConfig(**config)" in longctx.command(TINY)
+    speed_only = dataclasses.replace(config.exact_prefill(), lengths=(), passkey_lengths=())
+    assert longctx.command(speed_only) == (
+        "`lshattn longctx --prefill exact --seed 2 --lengths --passkey-lengths --out DIR`"
+    )
+
+
+def test_cli_sections_given_no_lengths_are_left_out(tmp_path, monkeypatch):
+    """``--lengths`` and ``--passkey-lengths`` with no values leave their sections out (a run of
+    the decoding speed alone)."""
+    calls = []
+    monkeypatch.setattr(longctx, "run", lambda config, out, **kw: calls.append(config) or {"seconds": 0.0})
+    monkeypatch.setattr(longctx_report, "targets", lambda results: [])
+    argv = ["longctx", "--prefill", "exact", "--lengths", "--passkey-lengths", "--speed-contexts", "8000"]
+    assert cli.main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    config = calls[0]
+    assert config.lengths == () and config.passkey_lengths == () and config.speed_contexts == (8000,)
+    assert config.methods == longctx.LongCtxConfig().methods and config.prefill == "exact"
 
 
 def test_the_passkey_reaches_8k_with_an_exact_prefill_only_by_default():

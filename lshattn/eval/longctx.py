@@ -753,16 +753,23 @@ def run(
     return results
 
 
+# The sections a run can leave out, by the flag that, given no values, leaves it out.
+_SECTION_FLAGS = {"lengths": "--lengths", "passkey_lengths": "--passkey-lengths", "speed_contexts": "--speed-contexts"}
+
+
 def command(config: LongCtxConfig) -> str:
-    """The command that runs ``config``, where one does."""
+    """The command that runs ``config``, where one does: a known config (the default, ``--quick``,
+    ``--prefill exact``) with some sections left out (``--speed-contexts`` with no values, say)."""
     default = LongCtxConfig(seed=config.seed, corpus=config.corpus, gqa=config.gqa)
-    corpus = "" if config.corpus == "wikipedia" else f" --corpus {config.corpus}"
-    corpus += "" if config.gqa == LongCtxConfig.gqa else f" --gqa {config.gqa}"
+    left_out = {field: () for field in _SECTION_FLAGS if getattr(config, field) == ()}
+    rest = "".join(f" {_SECTION_FLAGS[field]}" for field in left_out)
+    rest += "" if config.corpus == "wikipedia" else f" --corpus {config.corpus}"
+    rest += "" if config.gqa == LongCtxConfig.gqa else f" --gqa {config.gqa}"
     for flags, known in (("", default), (" --quick", default.quick())):
-        if config == known.exact_prefill():
-            return f"`lshattn longctx{flags} --prefill exact --seed {config.seed}{corpus} --out DIR`"
-        if config == known:
-            return f"`lshattn longctx{flags} --seed {config.seed}{corpus} --out DIR`"
+        if config == dataclasses.replace(known.exact_prefill(), **left_out):
+            return f"`lshattn longctx{flags} --prefill exact --seed {config.seed}{rest} --out DIR`"
+        if config == dataclasses.replace(known, **left_out):
+            return f"`lshattn longctx{flags} --seed {config.seed}{rest} --out DIR`"
     return "`lshattn.eval.longctx.run(LongCtxConfig(**config), DIR)`"
 
 
