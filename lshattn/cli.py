@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     longctx_parser.add_argument("--out", default="longctx-report", help="directory for the report")
     longctx_parser.add_argument("--seed", type=int, default=0)
     longctx_parser.add_argument("--quick", action="store_true", help="a small run (a few minutes) for a first look")
-    longctx_parser.add_argument("--lengths", nargs="*", type=int, help="tokens per text for the perplexity (none: no perplexity section)")
+    longctx_parser.add_argument(
+        "--lengths", nargs="*", type=int, help="tokens per text for the perplexity (no values: no perplexity section)"
+    )
     longctx_parser.add_argument("--budgets", nargs="+", type=float, help="shares of exact attention's work")
     longctx_parser.add_argument(
         "--methods", nargs="+", help="method strings for lshattn.parse, for every section (the budget turns each "
@@ -206,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     longctx_parser.add_argument("--corpus", choices=["wikipedia", "bible"], help="the text (default: wikipedia)")
     longctx_parser.add_argument("--passkey-trials", type=int, help="passkey trials per depth and length (default: 2)")
     longctx_parser.add_argument("--decode-tokens", type=int, help="the last tokens decoded through the cache (256)")
-    longctx_parser.add_argument("--passkey-lengths", nargs="*", type=int, help="passkey prompt lengths (1k to 4k; to 8k with --prefill exact; none: no passkey section)")
+    longctx_parser.add_argument(
+        "--passkey-lengths", nargs="*", type=int,
+        help="passkey prompt lengths (1k to 4k; to 8k with --prefill exact; no values: no passkey section)",
+    )  # fmt: skip
     longctx_parser.add_argument("--passkey-depths", nargs="+", type=float, help="passkey depths, 0 to 1 (5 of them)")
     longctx_parser.add_argument("--speed-contexts", nargs="*", type=int, help="decoding speed contexts (2k, 4k, 8k)")
     longctx_parser.add_argument(

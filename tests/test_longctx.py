@@ -204,7 +204,9 @@ def test_a_run_of_the_decoding_speed_alone_writes_its_report(tiny_report, tmp_pa
     (tmp_path / "report.json").write_text((out / "report.json").read_text())
     monkeypatch.setattr(longctx, "_speed_rows", lambda *a, **k: pytest.fail("measured again"))
     speed_only = dataclasses.replace(TINY, lengths=(), passkey_lengths=())
-    again = longctx.run(speed_only, tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(), progress=False)
+    again = longctx.run(
+        speed_only, tmp_path, model=tiny_llama(), tokenizer=CharTokenizer(), corpus=corpus(), progress=False
+    )
     assert not again["perplexity"]["rows"] and not again["passkey"]["rows"]
     assert again["speed"]["rows"] == results["speed"]["rows"]
     report = (tmp_path / "report.md").read_text()
