@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -164,6 +165,30 @@ def test_speed_rows(tiny_report):
     assert exact["cache_bytes"] == 2 * 2 * 2 * (96 + 3) * 8 * 4
     assert simhash["store_bytes"] > 0 and simhash["decode_budget"] < 1
     assert all(r["ms_per_step"] > 0 and r["attention_ms"] > 0 for r in cell["methods"] if r["status"] == "ok")
+    # the peak holds the copied cache and, at each step, the concatenated one beside it; SimHash's stores besides
+    assert exact["peak_bytes"] > exact["cache_bytes"] and simhash["peak_bytes"] > exact["peak_bytes"]
+
+
+def test_allocation_peak_counts_what_is_held_at_once():
+    """A cache grown by concatenation: 12 MB copied, then three steps each holding the old cache, the
+    new token's 1 MB and the new cache at once: 12 + 1 + 13 → … → 14 + 1 + 15 = 30 MB at the last."""
+    x = torch.empty(3_000_000)
+
+    def grow() -> None:
+        cache = x.clone()
+        for _ in range(3):
+            cache = torch.cat([cache, torch.empty(250_000)])
+
+    assert 30_000_000 <= longctx.allocation_peak(grow, torch.device("cpu")) < 30_000_000 + 2**16
+
+
+def test_allocation_peak_keeps_stderr_but_the_profilers_lines(capfd):
+    def write() -> None:
+        os.write(2, b"a line of the run\n")
+
+    longctx.allocation_peak(write, torch.device("cpu"))
+    err = capfd.readouterr().err
+    assert "a line of the run" in err and "ActivityProfilerHandler" not in err
 
 
 def test_resume_reuses_cells_and_measures_only_new_ones(tiny_report, tmp_path, monkeypatch):

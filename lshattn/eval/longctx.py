@@ -19,8 +19,8 @@ Bible); every attention layer runs the method (``lshattn.hf.use``):
    the answer (``passkey_prompt``, ``passkey_correct``).
 3. **Decoding speed.** A context prefilled once with exact attention; each method then decodes a
    few tokens from a copy of that cache, in one run: whole-model time per step, attention time per
-   step (``Tally.seconds``), and the bytes of the state decoding keeps (the KV cache and each
-   layer's store of key codes).
+   step (``Tally.seconds``), the bytes of the state decoding keeps (the KV cache and each
+   layer's store of key codes) and the peak of what it holds during its first steps.
 
 Nothing here assumes SmolLM2: any Hugging Face causal LM whose logits are its output embeddings
 applied to the last hidden state works (the tests use a tiny random Llama). ``report.json`` is
@@ -30,15 +30,19 @@ the same settings (each cell's key names them), so a long run can be stopped and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
 import json
 import math
+import os
 import re
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,8 +56,8 @@ from lshattn.budget import work_share
 from lshattn.eval.longctx_report import family
 
 __all__ = [
-    "LongCtxConfig", "kl_divergence", "passkey_correct", "passkey_prompt", "run", "setting", "state_bytes",
-    "token_scores",
+    "LongCtxConfig", "allocation_peak", "kl_divergence", "passkey_correct", "passkey_prompt", "run", "setting",
+    "state_bytes", "token_scores",
 ]  # fmt: skip
 
 # The methods, each with 4 sinks and a 64-token window (SmolLM2 leans on its first tokens and
@@ -513,6 +517,59 @@ def state_bytes(*objects: Any) -> int:
     return total
 
 
+def allocation_peak(run: Callable[[], Any], device: torch.device) -> int:
+    """The high-water mark of the bytes torch's allocator held on ``device`` while ``run()`` ran,
+    over what it held when it began. On a GPU, the allocator's peak statistics; on the CPU, which
+    keeps none, the running sum of the allocator's own events, through torch's profiler, which
+    sees the allocations of the caller's thread and the frees of what they allocated only: let
+    ``run`` allocate what it frees (a copy of a cache it then grows by concatenation, say, whose
+    every step then counts the moment both copies are held)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with _without_profiler_lines(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    changes = sorted(
+        (
+            (event.start_ns(), event.nbytes())
+            for event in prof.profiler.kineto_results.events()
+            if event.name() == "[memory]" and event.device_type() == torch._C._autograd.DeviceType.CPU
+        ),
+        key=lambda change: change[0],
+    )
+    held = peak = 0
+    for _, nbytes in changes:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+@contextlib.contextmanager
+def _without_profiler_lines() -> Iterator[None]:
+    """Kineto, the profiler's backend, prints a line to the process's stderr when a profile starts
+    and one when it stops, which no setting silences (torch 2.13); meanwhile stderr goes to a
+    file, and what else was written there comes back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if "ActivityProfilerHandler" not in line))
+
+
 def _stores(model: Any) -> list[Any]:
     """Each attention layer's decoding store (``lshattn.decode``), where it has one."""
     from lshattn import hf
@@ -525,14 +582,17 @@ def speed_row(
 ) -> dict:
     """Decode ``steps + 1`` tokens of `(1, context + steps + 1)` ``ids`` with ``method`` from a copy
     of the exact ``prefill`` cache (``hf.use(..., gqa=gqa)``); time the steps after the first
-    (which may hash the cache)."""
+    (which may hash the cache). Before, untimed, the first two steps from another copy, for the
+    peak of the memory decoding holds (``_decoding_peak``; the first step builds the stores)."""
     from lshattn import hf
 
     context = ids.shape[1] - steps - 1
-    cache = copy.deepcopy(prefill)
     hf.use(model, method, seed=seed, gqa=gqa)
     try:
         with torch.no_grad():
+            peak = _decoding_peak(model, ids[:, context : context + 2], prefill)
+            hf.use(model, method, seed=seed, gqa=gqa)  # no stores: the first step below builds them again
+            cache = copy.deepcopy(prefill)
             started = time.perf_counter()
             cache = model(input_ids=ids[:, context : context + 1], cache=cache, use_cache=True).past_key_values
             first = time.perf_counter() - started
@@ -551,7 +611,21 @@ def speed_row(
         "first_step_ms": first * 1e3, "ms_per_step": step * 1e3, "tokens_per_s": 1 / step,
         "attention_ms": tally.seconds / steps * 1e3, "decode_budget": tally.budget,
         "cache_bytes": cache_size, "store_bytes": store, "state_bytes": cache_size + store,
+        "peak_bytes": peak,
     }  # fmt: skip
+
+
+def _decoding_peak(model: Any, ids: Tensor, prefill: Any) -> int:
+    """The most bytes decoding `(1, n)` ``ids`` one token a step from a copy of the ``prefill``
+    cache holds, the copy included (made inside ``allocation_peak``: on the CPU it sees the frees
+    only of what was allocated while it ran)."""
+
+    def decode() -> None:
+        cache = copy.deepcopy(prefill)
+        for t in range(ids.shape[1]):
+            cache = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).past_key_values
+
+    return allocation_peak(decode, ids.device)
 
 
 # --- the run -------------------------------------------------------------------------------------

@@ -312,22 +312,25 @@ def _speed_section(results: dict) -> list[str]:
         f"MLPs included), median of the {c['speed_steps']} steps after the first; *first step*: the first, where a "
         f"method with a store of key codes hashes the whole cache; *attention*: the time inside the attention calls "
         f"alone (`Tally.seconds`) per step, and its ratio to exact's. *State*: the bytes decoding keeps after the last "
-        f"step, the KV cache plus each layer's store of key codes (counted tensor by tensor, each storage once). It is "
-        f"not peak memory: this CPU run has no allocator statistics, and the transient buffers of a step are left "
-         f"out. Methods at budget {_fraction(c['speed_budget'])}."), "",
+        f"step, the KV cache plus each layer's store of key codes (counted tensor by tensor, each storage once). "
+        f"*Peak*: the most memory decoding held in its first two steps (a copy of the prefilled cache, the stores "
+        f"the first step builds, each step's buffers and the cache's concatenation), from the allocator's events "
+        f"(`allocation_peak`); the model's weights are left out of both. "
+        f"Methods at budget {_fraction(c['speed_budget'])}."), "",
         ("| context | method | ms / step | tokens / s | first step (ms) | attention ms / step | attention ÷ exact | "
-         "scored (decode) | state (MB) |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         "scored (decode) | state (MB) | peak (MB) |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for cell in contexts:
         for r in cell["methods"]:
             if r.get("status") != "ok":
-                lines.append(f"| {cell['context']:,} | `{r['method']}` | {r['status']}: {r['reason']} ||||||| ")
+                lines.append(f"| {cell['context']:,} | `{r['method']}` | {r['status']}: {r['reason']} |||||||| ")
                 continue
+            peak = f"{r['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in r else "—"  # cells measured before it
             lines.append(
                 f"| {cell['context']:,} | `{r['method']}` | {r['ms_per_step']:.0f} | {r['tokens_per_s']:.1f} | "
                 f"{r['first_step_ms']:.0f} | {r['attention_ms']:.1f} | {r['attention_ratio']:.2f}× | "
-                f"{r['decode_budget']:.1%} | {r['state_bytes'] / 2**20:.1f} |"
+                f"{r['decode_budget']:.1%} | {r['state_bytes'] / 2**20:.1f} | {peak} |"
             )
     return lines
 
