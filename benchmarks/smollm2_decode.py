@@ -63,12 +63,12 @@ def main() -> None:
         with torch.no_grad():
             prefill = model(input_ids=ids).logits[0, start - 1 : -1]
             out = model(input_ids=ids[:, :start], use_cache=True)
-            cache, steps = out.past_key_values, [out.logits[0, -1]]
+            cache, steps = out.cache, [out.logits[0, -1]]
             with hf.count(model) as tally:
                 begin = time.perf_counter()
                 for t in range(start, args.tokens - 1):
                     out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
-                    cache = out.past_key_values
+                    cache = out.cache
                     steps.append(out.logits[0, -1])
                 per_step = (time.perf_counter() - begin) / (args.tokens - 1 - start)
         decoded = torch.stack(steps)

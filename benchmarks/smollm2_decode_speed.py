@@ -49,7 +49,7 @@ def main() -> None:
     for context in args.context:
         hf.use(model, lshattn.Dense())
         with torch.no_grad():
-            prefill = model(input_ids=ids[:, :context], use_cache=True).past_key_values
+            prefill = model(input_ids=ids[:, :context], use_cache=True).cache
         for name, method in METHODS.items():
             hf.use(model, method)
             cache, times, attention = copy.deepcopy(prefill), [], []
@@ -59,7 +59,7 @@ def main() -> None:
                     out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
                     times.append(time.perf_counter() - start)
                     attention.append(tally.seconds - inside)
-                    cache = out.past_key_values
+                    cache = out.cache
             print(
                 f"| {context} | {name} | {times[0] * 1e3:.0f} | {statistics.median(times[1:]) * 1e3:.0f} | "
                 f"{statistics.median(attention[1:]) * 1e3:.1f} | "

@@ -44,7 +44,7 @@ def main() -> None:
         hf.use(model, method or "dense", prefill="exact", gqa="shared")
         started = time.perf_counter()
         with torch.no_grad():  # the cache of every prompt token but the last
-            cache = model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True).past_key_values
+            cache = model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True).cache
         # greedy answer from the cache; `scored`: the share of the cached keys the decoding steps scored
         cell = longctx.passkey_cell(model, tokenizer, [prompt], [key], 8, cache)
         print(

@@ -114,11 +114,20 @@ from lshattn.api import Method, parse
 from lshattn.methods import Dense, Reformer, SimHash
 
 try:
+    import transformers
+    from packaging.version import Version
     from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
     from transformers import masking_utils
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 except ImportError as _err:  # pragma: no cover - depends on the environment
-    raise ImportError("lshattn.hf needs transformers >= 5: pip install 'lshattn[hf]'") from _err
+    raise ImportError("lshattn.hf needs transformers >= 5.24: pip install 'lshattn[hf]'") from _err
+# 5.24 named a model's cache argument and output ``cache``; earlier 5.x releases take
+# ``past_key_values`` and ignore ``cache=`` without a word (measured on 5.23: a decoding step
+# then runs without its cache), so lshattn's decoding code would be silently wrong there.
+if Version(transformers.__version__) < Version("5.24"):  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"lshattn.hf needs transformers >= 5.24, found {transformers.__version__}: pip install -U 'transformers>=5.24'"
+    )
 
 __all__ = [
     "NAME", "PREFILLS", "GQA_MODES", "use", "use_saved", "set_step", "attention_layers", "AttentionLayer",

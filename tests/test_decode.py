@@ -50,10 +50,10 @@ def decoded_logits(model, ids, mask, start: int) -> torch.Tensor:
     a step through the cache (teacher forcing)."""
     with torch.no_grad():
         out = model(input_ids=ids[:, :start], attention_mask=mask[:, :start], use_cache=True)
-        past, steps = out.past_key_values, []
+        past, steps = out.cache, []
         for t in range(start, ids.shape[1]):
             out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=past, use_cache=True)
-            past = out.past_key_values
+            past = out.cache
             steps.append(out.logits[:, -1])
     return torch.stack(steps, 1)
 
@@ -244,7 +244,7 @@ def test_every_method_generates_through_its_decoding_step(method, family):
         prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
         with hf.count(model) as tally:
             step = model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
-                         cache=prefill.past_key_values, use_cache=True)  # fmt: skip
+                         cache=prefill.cache, use_cache=True)  # fmt: skip
     assert torch.isfinite(step.logits).all()
     assert tally.calls == 2
     expected = 1.0 if isinstance(method, lshattn.TopK) else None

@@ -286,7 +286,7 @@ def _prefilled(model: Any, ids: Tensor, n: int) -> Any:
     """The cache of all but the last ``n + 1`` tokens of `(1, T)` ``ids``, filled by a forward
     with the model's attention as it is set."""
     with torch.no_grad():
-        return model.base_model(input_ids=ids[:, : ids.shape[1] - n - 1], use_cache=True).past_key_values
+        return model.base_model(input_ids=ids[:, : ids.shape[1] - n - 1], use_cache=True).cache
 
 
 def _decoded_hidden(model: Any, ids: Tensor, n: int, cache: Any) -> Tensor:
@@ -296,7 +296,7 @@ def _decoded_hidden(model: Any, ids: Tensor, n: int, cache: Any) -> Tensor:
     with torch.no_grad():
         for t in range(T - n - 1, T - 1):
             out = model.base_model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = out.cache
             steps.append(out.last_hidden_state[0, -1])
     return torch.stack(steps)
 
@@ -594,13 +594,13 @@ def speed_row(
             hf.use(model, method, seed=seed, gqa=gqa)  # no stores: the first step below builds them again
             cache = copy.deepcopy(prefill)
             started = time.perf_counter()
-            cache = model(input_ids=ids[:, context : context + 1], cache=cache, use_cache=True).past_key_values
+            cache = model(input_ids=ids[:, context : context + 1], cache=cache, use_cache=True).cache
             first = time.perf_counter() - started
             times = []
             with hf.count(model) as tally:
                 for t in range(context + 1, context + steps + 1):
                     started = time.perf_counter()
-                    cache = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).past_key_values
+                    cache = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).cache
                     times.append(time.perf_counter() - started)
         store = state_bytes(_stores(model))
         cache_size = state_bytes(cache)
@@ -623,7 +623,7 @@ def _decoding_peak(model: Any, ids: Tensor, prefill: Any) -> int:
     def decode() -> None:
         cache = copy.deepcopy(prefill)
         for t in range(ids.shape[1]):
-            cache = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).past_key_values
+            cache = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).cache
 
     return allocation_peak(decode, ids.device)
 

@@ -41,7 +41,7 @@ from lshattn.train import common, tasks
 try:
     from transformers import Trainer, TrainerCallback
 except ImportError as _err:  # pragma: no cover - depends on the environment
-    raise ImportError("lshattn.train needs transformers >= 5 and accelerate: pip install 'lshattn[train]'") from _err
+    raise ImportError("lshattn.train needs transformers >= 5.24 and accelerate: pip install 'lshattn[train]'") from _err
 
 __all__ = [
     "AdaptConfig",

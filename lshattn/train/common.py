@@ -24,7 +24,7 @@ from lshattn.api import Method, parse
 try:
     from transformers import TrainerCallback
 except ImportError as _err:  # pragma: no cover - depends on the environment
-    raise ImportError("lshattn.train needs transformers >= 5 and accelerate: pip install 'lshattn[train]'") from _err
+    raise ImportError("lshattn.train needs transformers >= 5.24 and accelerate: pip install 'lshattn[train]'") from _err
 
 __all__ = [
     "RecipeConfig",

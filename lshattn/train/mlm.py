@@ -62,7 +62,7 @@ try:
     from transformers.modeling_outputs import MaskedLMOutput
     from transformers.utils import can_return_tuple
 except ImportError as _err:  # pragma: no cover - depends on the environment
-    raise ImportError("lshattn.train needs transformers >= 5 and accelerate: pip install 'lshattn[train]'") from _err
+    raise ImportError("lshattn.train needs transformers >= 5.24 and accelerate: pip install 'lshattn[train]'") from _err
 
 __all__ = [
     "MLMConfig",
