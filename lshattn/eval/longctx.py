@@ -556,7 +556,11 @@ def _without_profiler_lines() -> Iterator[None]:
     and one when it stops, which no setting silences (torch 2.13); meanwhile stderr goes to a
     file, and what else was written there comes back."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr (a process started without one): nothing to keep clean
+        yield
+        return
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
         try:
